@@ -1,0 +1,129 @@
+//! Command line: run from a file, from an upstream URL alone, or check a file.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{AuthMethod, Config, ConfigError, PoolMode, UpstreamConfig, UserConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgsidecar",
+    version,
+    about = "PostgreSQL sidecar proxy: pooling, health, metrics"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Configuration file (proxy.yaml).
+    #[arg(long, short = 'c', env = "PGSIDECAR_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Upstream URL, postgres://USER[:PASS]@HOST[:PORT]/DB; enough to run without a file.
+    #[arg(long, env = "PGSIDECAR_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Client listen address (default 127.0.0.1:6432).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Admin HTTP listen address (default 127.0.0.1:9930).
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// session or transaction (default transaction).
+    #[arg(long)]
+    pub pool_mode: Option<PoolMode>,
+    /// Server connections per (database, user) pool.
+    #[arg(long)]
+    pub pool_size: Option<u32>,
+    /// Log format: text or json.
+    #[arg(long, env = "PGSIDECAR_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and exit (non-zero with a message when invalid).
+    Check,
+}
+
+impl Cli {
+    /// Builds the effective configuration: file (if any), then flags on top.
+    pub fn build_config(&self) -> Result<Config, ConfigError> {
+        let mut config = match (&self.config, &self.upstream) {
+            (Some(path), _) => Config::load(path)?,
+            (None, Some(url)) => config_from_url(url)?,
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "give --config proxy.yaml or --upstream postgres://user@host:port/db".into(),
+                ))
+            }
+        };
+        if let (Some(_), Some(url)) = (&self.config, &self.upstream) {
+            let from_url = config_from_url(url)?;
+            config.upstream.host = from_url.upstream.host;
+            config.upstream.port = from_url.upstream.port;
+            if from_url.upstream.user.is_some() {
+                config.upstream.user = from_url.upstream.user;
+                config.upstream.password = from_url.upstream.password;
+            }
+        }
+        if let Some(l) = &self.listen {
+            config.listen = l.clone();
+        }
+        if let Some(l) = &self.admin_listen {
+            config.admin_listen = l.clone();
+        }
+        if let Some(m) = self.pool_mode {
+            config.pool_mode = m;
+        }
+        if let Some(n) = self.pool_size {
+            config.pool.size = n;
+            config.pool.min_size = config.pool.min_size.min(n);
+        }
+        if let Some(f) = &self.log_format {
+            config.logging.format = f.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `--upstream` alone: backend connections log in as the URL's user with its password;
+/// clients must connect as that same user (with that password when the URL has one,
+/// else without one) and may ask for any database.
+pub fn config_from_url(url: &str) -> Result<Config, ConfigError> {
+    let pg = tokio_postgres::Config::from_str(url)
+        .map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(_) => {
+            return Err(ConfigError::Invalid(
+                "--upstream: Unix sockets are not supported; use a TCP host".into(),
+            ))
+        }
+        None => "127.0.0.1".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let mut upstream = UpstreamConfig::new(host, port);
+    let user = pg.get_user().map(str::to_string);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    upstream.user = user.clone();
+    upstream.password = password.clone();
+    let mut config = Config::with_upstream(upstream);
+    let user = user.unwrap_or_else(|| "postgres".into());
+    config.auth.method = if password.is_some() {
+        AuthMethod::ScramSha256
+    } else {
+        AuthMethod::Trust
+    };
+    config.users.push(UserConfig {
+        name: user,
+        password,
+        server_user: None,
+        server_password: None,
+        pool_mode: None,
+        admin: false,
+    });
+    Ok(config)
+}

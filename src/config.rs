@@ -1,0 +1,584 @@
+//! `proxy.yaml`: typed configuration with documented defaults, `${VAR}` expansion,
+//! unknown-key rejection and semantic validation before any socket is bound.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid YAML: {0}")]
+    Yaml(String),
+    #[error("environment variable {0} is not set (use ${{{0}:-default}} to give a default)")]
+    MissingEnv(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// How server connections are shared between clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is bound to a client for its whole session.
+    Session,
+    /// A server connection is bound only for the duration of a transaction.
+    #[default]
+    Transaction,
+}
+
+impl std::str::FromStr for PoolMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "session" => Ok(PoolMode::Session),
+            "transaction" => Ok(PoolMode::Transaction),
+            _ => Err(format!(
+                "pool mode must be session or transaction, not {s:?}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+        })
+    }
+}
+
+/// How clients prove who they are to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum AuthMethod {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to. Default `127.0.0.1:6432`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Address of the HTTP admin port (metrics, probes, control). Default `127.0.0.1:9930`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// Default pool mode for all users. Default `transaction`.
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Users allowed to connect. Empty with `auth.method: trust` admits any user name and
+    /// connects upstream with `upstream.user` (or the client's name).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Databases clients may ask for. Empty admits any database name.
+    #[serde(default)]
+    pub databases: Vec<DatabaseConfig>,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name or IP of the PostgreSQL server. Default `127.0.0.1`.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Default `5432`.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Role the proxy logs in as upstream, unless a user entry sets `server_user`.
+    /// Unset: the client's user name.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password for `user` (plaintext; `${ENV}` recommended). Unset: the client's
+    /// configured plaintext password, else none (trust upstream).
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    /// Time allowed for TCP connect plus authentication. Default `5s`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `trust`, `md5` or `scram-sha-256` (default).
+    #[serde(default)]
+    pub method: AuthMethod,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plaintext, `md5<hex>` or a `SCRAM-SHA-256$...` verifier as in pg_authid.
+    #[serde(default, skip_serializing)]
+    pub password: Option<String>,
+    /// Role used upstream for this user (default: `upstream.user`, else `name`).
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Password used upstream for this user (default: `upstream.password`, else the
+    /// plaintext `password`).
+    #[serde(default, skip_serializing)]
+    pub server_password: Option<String>,
+    /// Pool mode for this user's pools (default: the global `pool_mode`).
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// May connect to the virtual `pgsidecar` admin database.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub name: String,
+    /// Real database name upstream (default: `name`).
+    #[serde(default)]
+    pub server_database: Option<String>,
+    /// Pool size for this database's pools (default: `pool.size`).
+    #[serde(default)]
+    pub pool_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Most server connections per (database, user) pool. Default `20`.
+    #[serde(default = "default_pool_size")]
+    pub size: u32,
+    /// Connections kept open even when idle. Default `0`.
+    #[serde(default)]
+    pub min_size: u32,
+    /// How long a client waits for a server connection before it gets an error
+    /// (SQLSTATE 53300). Default `30s`.
+    #[serde(default = "default_query_wait_timeout", with = "humantime_serde")]
+    pub query_wait_timeout: Duration,
+    /// Run when a session-mode server is released, if the session changed state.
+    /// Empty disables it. Default `DISCARD ALL`.
+    #[serde(default = "default_reset_query")]
+    pub reset_query: String,
+    /// Statements cached per server connection in transaction mode (LRU). Default `256`.
+    #[serde(default = "default_max_prepared")]
+    pub max_prepared_statements: usize,
+    /// Close server connections idle longer than this (jittered). Default `10m`.
+    #[serde(default = "default_server_idle_timeout", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Close server connections older than this when released (jittered). Default `1h`.
+    #[serde(default = "default_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most client connections at once; more get FATAL 53300. Default `10000`.
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
+    /// Largest Query/Parse/Bind/CopyData/FunctionCall message, in bytes. Default 1 GiB - 1
+    /// (PostgreSQL's own limit).
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Time a client has to complete startup and authentication. Default `60s`.
+    #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token required by mutating admin endpoints (`${ENV}` recommended).
+    #[serde(default, skip_serializing)]
+    pub token: Option<String>,
+    /// Whether an open circuit breaker makes `/readyz` fail. Default `false`.
+    #[serde(default)]
+    pub unready_when_breaker_open: bool,
+    /// Grace period after which `/startupz` succeeds even without an upstream connection.
+    /// Default `60s`.
+    #[serde(default = "default_startup_grace", with = "humantime_serde")]
+    pub startup_grace: Duration,
+    /// After SIGTERM, keep accepting for this long so endpoints can be removed. Default `5s`.
+    #[serde(default = "default_shutdown_delay", with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+    /// After the delay, wait this long for transactions to finish. Default `30s`.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `text` (default) or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `pgsidecar=debug`. Default `info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9930".into()
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_pool_size() -> u32 {
+    20
+}
+fn default_query_wait_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_reset_query() -> String {
+    "DISCARD ALL".into()
+}
+fn default_max_prepared() -> usize {
+    256
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_client_conn() -> usize {
+    10_000
+}
+fn default_max_message_size() -> usize {
+    0x3fff_ffff
+}
+fn default_client_login_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_startup_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_shutdown_delay() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: default_pool_size(),
+            min_size: 0,
+            query_wait_timeout: default_query_wait_timeout(),
+            reset_query: default_reset_query(),
+            max_prepared_statements: default_max_prepared(),
+            server_idle_timeout: default_server_idle_timeout(),
+            server_lifetime: default_server_lifetime(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_conn: default_max_client_conn(),
+            max_message_size: default_max_message_size(),
+            client_login_timeout: default_client_login_timeout(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            unready_when_breaker_open: false,
+            startup_grace: default_startup_grace(),
+            shutdown_delay: default_shutdown_delay(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn new(host: String, port: u16) -> Self {
+        UpstreamConfig {
+            host,
+            port,
+            user: None,
+            password: None,
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration with defaults everywhere and the given upstream.
+    pub fn with_upstream(upstream: UpstreamConfig) -> Self {
+        Config {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            pool_mode: PoolMode::default(),
+            upstream,
+            auth: AuthConfig::default(),
+            users: Vec::new(),
+            databases: Vec::new(),
+            pool: PoolConfig::default(),
+            limits: LimitsConfig::default(),
+            admin: AdminConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+
+    /// Reads, expands and parses a file (not yet validated).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &|k| std::env::var(k).ok())
+    }
+
+    /// Parses YAML text, expanding `${VAR}` / `${VAR:-default}` in string values with
+    /// `env`. Expansion happens after YAML parsing so a secret's characters can never
+    /// change the document's structure.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        expand_value(&mut value, env)?;
+        serde_yaml::from_value(value).map_err(|e| ConfigError::Yaml(e.to_string()))
+    }
+
+    pub fn find_user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn find_database(&self, name: &str) -> Option<&DatabaseConfig> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// Semantic checks that serde cannot express. Run before binding any socket.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "listen: {:?} is not an IP:port address",
+                self.listen
+            ));
+        }
+        if self.admin_listen.parse::<SocketAddr>().is_err() {
+            return bad(format!(
+                "admin_listen: {:?} is not an IP:port address",
+                self.admin_listen
+            ));
+        }
+        if self.upstream.host.is_empty() {
+            return bad("upstream.host must not be empty".into());
+        }
+        if self.upstream.port == 0 {
+            return bad("upstream.port must not be 0".into());
+        }
+        if self.pool.size == 0 {
+            return bad("pool.size must be at least 1".into());
+        }
+        if self.pool.min_size > self.pool.size {
+            return bad(format!(
+                "pool.min_size ({}) is larger than pool.size ({})",
+                self.pool.min_size, self.pool.size
+            ));
+        }
+        for (name, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("pool.query_wait_timeout", self.pool.query_wait_timeout),
+            (
+                "limits.client_login_timeout",
+                self.limits.client_login_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.limits.max_client_conn == 0 {
+            return bad("limits.max_client_conn must be at least 1".into());
+        }
+        if self.limits.max_message_size < 1024 || self.limits.max_message_size > 0x3fff_ffff {
+            return bad("limits.max_message_size must be between 1024 and 1073741823".into());
+        }
+        if !matches!(self.logging.format.as_str(), "text" | "json") {
+            return bad(format!(
+                "logging.format must be text or json, not {:?}",
+                self.logging.format
+            ));
+        }
+        let mut seen = HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() {
+                return bad("users: a user has an empty name".into());
+            }
+            if !seen.insert(u.name.as_str()) {
+                return bad(format!("users: {:?} is listed twice", u.name));
+            }
+            if self.auth.method != AuthMethod::Trust && u.password.is_none() {
+                return bad(format!(
+                    "users: {:?} has no password but auth.method is {:?}; set a password or use auth.method: trust",
+                    u.name, self.auth.method
+                ));
+            }
+            if self.auth.method == AuthMethod::Md5 {
+                if let Some(Secret::Scram(_)) = u.password.as_deref().map(Secret::parse) {
+                    return bad(format!(
+                        "users: {:?} has a SCRAM verifier, which cannot check md5 logins; use auth.method: scram-sha-256",
+                        u.name
+                    ));
+                }
+            }
+        }
+        if self.auth.method != AuthMethod::Trust && self.users.is_empty() {
+            return bad("auth.method requires passwords but no users are configured".into());
+        }
+        let mut seen = HashSet::new();
+        for d in &self.databases {
+            if !seen.insert(d.name.as_str()) {
+                return bad(format!("databases: {:?} is listed twice", d.name));
+            }
+            if d.pool_size == Some(0) {
+                return bad(format!("databases: {:?} has pool_size 0", d.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in every string of the document. A string that
+/// is exactly one expression is re-read as a YAML scalar so `port: ${PGPORT}` stays a number.
+fn expand_value(
+    v: &mut serde_yaml::Value,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match v {
+        serde_yaml::Value::String(s) => {
+            if !s.contains("${") {
+                return Ok(());
+            }
+            let whole = s.starts_with("${") && s.ends_with('}') && s.matches("${").count() == 1;
+            let expanded = expand_str(s, env)?;
+            if whole {
+                if let Ok(scalar @ (serde_yaml::Value::Number(_) | serde_yaml::Value::Bool(_))) =
+                    serde_yaml::from_str::<serde_yaml::Value>(&expanded)
+                {
+                    *v = scalar;
+                    return Ok(());
+                }
+            }
+            *v = serde_yaml::Value::String(expanded);
+        }
+        serde_yaml::Value::Sequence(seq) => {
+            for item in seq {
+                expand_value(item, env)?;
+            }
+        }
+        serde_yaml::Value::Mapping(map) => {
+            for (_, item) in map.iter_mut() {
+                expand_value(item, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expands one string; `$${` is a literal `${`.
+pub fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if let Some(stripped) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = stripped;
+        } else if let Some(inner) = after.strip_prefix("${") {
+            let Some(end) = inner.find('}') else {
+                return Err(ConfigError::Invalid(format!(
+                    "unterminated ${{ in {:?}",
+                    redact_hint(s)
+                )));
+            };
+            let expr = &inner[..end];
+            let (name, default) = match expr.find(":-") {
+                Some(j) => (&expr[..j], Some(&expr[j + 2..])),
+                None => (expr, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid variable name {name:?}"
+                )));
+            }
+            match (env(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => return Err(ConfigError::MissingEnv(name.to_string())),
+            }
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+// Strings with unterminated expressions may hold secrets; show only their start.
+fn redact_hint(s: &str) -> String {
+    let prefix: String = s.chars().take(8).collect();
+    format!("{prefix}...")
+}
+
+#[cfg(test)]
+mod tests;

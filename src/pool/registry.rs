@@ -1,0 +1,108 @@
+//! All pools, keyed by (database, user), created on first use from the current config.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{Pool, PoolKey, PoolSettings};
+use crate::auth::Secret;
+use crate::config::Config;
+use crate::server::ServerIdentity;
+
+pub struct Registry {
+    config: RwLock<Arc<Config>>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Registry {
+    pub fn new(config: Arc<Config>) -> Arc<Registry> {
+        Arc::new(Registry {
+            config: RwLock::new(config),
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+
+    /// The pool for `key`, created with settings from the current config.
+    pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
+        let mut pools = self.pools.lock();
+        if let Some(p) = pools.get(key) {
+            return p.clone();
+        }
+        let settings = settings_for(&self.config(), key);
+        let pool = Pool::new(key.clone(), settings);
+        pools.insert(key.clone(), pool.clone());
+        pool
+    }
+
+    pub fn find(&self, key: &PoolKey) -> Option<Arc<Pool>> {
+        self.pools.lock().get(key).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.pools.lock().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Swaps in a validated config and re-derives every pool's settings in place, so
+    /// connected clients and open server connections carry on.
+    pub fn apply(&self, config: Arc<Config>) {
+        *self.config.write() = config.clone();
+        for pool in self.all() {
+            pool.update_settings(settings_for(&config, &pool.key));
+        }
+    }
+
+    pub fn close_all(&self) {
+        for p in self.all() {
+            p.close();
+        }
+    }
+}
+
+/// Derives one pool's settings: per-database and per-user overrides over the globals.
+pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
+    let user = config.find_user(&key.user);
+    let db = config.find_database(&key.database);
+    let server_user = user
+        .and_then(|u| u.server_user.clone())
+        .or_else(|| config.upstream.user.clone())
+        .unwrap_or_else(|| key.user.clone());
+    let client_plain =
+        user.and_then(|u| u.password.as_deref())
+            .and_then(|p| match Secret::parse(p) {
+                Secret::Plain(p) => Some(p),
+                _ => None,
+            });
+    let password = user
+        .and_then(|u| u.server_password.clone())
+        .or_else(|| config.upstream.password.clone())
+        .or(client_plain);
+    let database = db
+        .and_then(|d| d.server_database.clone())
+        .unwrap_or_else(|| key.database.clone());
+    let max_size = db.and_then(|d| d.pool_size).unwrap_or(config.pool.size) as usize;
+    PoolSettings {
+        mode: user.and_then(|u| u.pool_mode).unwrap_or(config.pool_mode),
+        max_size,
+        min_size: (config.pool.min_size as usize).min(max_size),
+        query_wait_timeout: config.pool.query_wait_timeout,
+        reset_query: config.pool.reset_query.clone(),
+        max_prepared: config.pool.max_prepared_statements,
+        server_idle_timeout: config.pool.server_idle_timeout,
+        server_lifetime: config.pool.server_lifetime,
+        identity: ServerIdentity {
+            host: config.upstream.host.clone(),
+            port: config.upstream.port,
+            user: server_user,
+            password,
+            database,
+            connect_timeout: config.upstream.connect_timeout,
+        },
+    }
+}

@@ -1,0 +1,123 @@
+//! The listener: accepts clients, enforces the client cap and spawns one task per client.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::error::{sqlstate, ClientError};
+use crate::pool::registry::Registry;
+
+/// State every session shares.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub cancels: Arc<CancelRegistry>,
+    /// Clients connected now (all states).
+    pub clients: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>) -> Arc<Shared> {
+        Arc::new(Shared {
+            registry: Registry::new(config),
+            cancels: CancelRegistry::new(),
+            clients: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// A running proxy (used by the binary and by in-process tests).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds the client listener and starts accepting.
+    pub async fn start(config: Config) -> std::io::Result<Proxy> {
+        let listener = TcpListener::bind(&config.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(Arc::new(config));
+        let (stop, stop_rx) = watch::channel(false);
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+        tracing::info!(%addr, "accepting PostgreSQL clients");
+        Ok(Proxy {
+            addr,
+            shared,
+            stop,
+            accept_task,
+        })
+    }
+
+    /// Stops accepting new clients; connected ones carry on.
+    pub fn stop_accepting(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops accepting and closes idle server connections.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.accept_task.await;
+        self.shared.registry.close_all();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                spawn_client(stream, peer, shared.clone());
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Decrements the client count however the session ends.
+struct ClientCount(Arc<Shared>);
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn spawn_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    crate::server::set_keepalive(&stream);
+    let max = shared.registry.config().limits.max_client_conn;
+    let n = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let count = ClientCount(shared.clone());
+    tokio::spawn(async move {
+        let _count = count;
+        if n > max {
+            let e = ClientError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("sorry, too many clients already (limits.max_client_conn = {max})"),
+            );
+            let _ = stream.write_all(&e.to_bytes()).await;
+            return;
+        }
+        crate::session::serve(stream, shared, peer.to_string()).await;
+    });
+}

@@ -1,0 +1,203 @@
+//! Session parameters carried across server connections.
+//!
+//! In transaction mode a client's transactions land on whichever server is free, so the
+//! client-visible settings it chose (startup parameters, `options=-c ...`, and anything it
+//! later changed that the server reports via ParameterStatus) are applied to the server at
+//! checkout, and settings a previous client left behind are put back to the defaults.
+
+use std::collections::HashMap;
+
+/// Reported by the server but not settable (or not ours to carry between sessions).
+const READ_ONLY: &[&str] = &[
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "session_authorization",
+    "in_hot_standby",
+];
+
+/// Startup keys that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+/// Whether a parameter may be tracked and re-applied for a client.
+pub fn is_carried(name: &str) -> bool {
+    !READ_ONLY.contains(&name) && !NOT_SETTINGS.contains(&name) && valid_name(name)
+}
+
+/// GUC names are identifiers, optionally dotted (extension settings).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        && !name.starts_with("_pq_.")
+}
+
+/// The settings a client's startup packet asks for, including `options` (`-c k=v`,
+/// `--k=v`), as PostgreSQL would apply them.
+pub fn startup_settings(params: &[(String, String)]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for (k, v) in params {
+        if k == "options" {
+            for (ok, ov) in parse_options(v) {
+                if is_carried(&ok) {
+                    out.insert(ok, ov);
+                }
+            }
+        } else if is_carried(k) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Parses libpq's `options` string: whitespace-separated, backslash escapes a character.
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            w.strip_prefix("--").map(|s| s.to_string())
+        };
+        if let Some(s) = setting {
+            if let Some((k, v)) = s.split_once('=') {
+                out.push((k.replace('-', "_"), v.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// A setting to apply (`Some`) or reset to the server default (`None`).
+pub type Change = (String, Option<String>);
+
+/// SQL that makes `current` match what the client `wanted`, given the server's own
+/// defaults `original`; None when nothing differs.
+pub fn sync_sql(
+    wanted: &HashMap<String, String>,
+    current: &HashMap<String, String>,
+    original: &HashMap<String, String>,
+) -> Option<(String, Vec<Change>)> {
+    let mut sql = String::new();
+    let mut changes = Vec::new();
+    for (k, v) in wanted {
+        if current.get(k) != Some(v) {
+            sql.push_str(&format!("SET {} TO {};", quote_ident(k), quote_literal(v)));
+            changes.push((k.clone(), Some(v.clone())));
+        }
+    }
+    for (k, v) in current {
+        if wanted.contains_key(k) || !is_carried(k) {
+            continue;
+        }
+        match original.get(k) {
+            Some(orig) if orig == v => {}
+            _ => {
+                sql.push_str(&format!("RESET {};", quote_ident(k)));
+                changes.push((k.clone(), None));
+            }
+        }
+    }
+    if sql.is_empty() {
+        None
+    } else {
+        Some((sql, changes))
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    // Names were validated as [A-Za-z0-9_.]; dotted names must stay unquoted as a whole.
+    name.to_string()
+}
+
+pub fn quote_literal(v: &str) -> String {
+    let mut s = String::with_capacity(v.len() + 2);
+    s.push('\'');
+    for c in v.chars() {
+        if c == '\'' {
+            s.push('\'');
+        }
+        if c != '\0' {
+            s.push(c);
+        }
+    }
+    s.push('\'');
+    if v.contains('\\') {
+        format!("E{}", s.replace('\\', "\\\\"))
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn options_are_parsed_like_libpq() {
+        assert_eq!(
+            parse_options("-c search_path=a,b --statement-timeout=5s -cTimeZone=UTC"),
+            vec![
+                ("search_path".into(), "a,b".into()),
+                ("statement_timeout".into(), "5s".into()),
+                ("TimeZone".into(), "UTC".into())
+            ]
+        );
+        assert_eq!(
+            parse_options("-c application_name=my\\ app"),
+            vec![("application_name".into(), "my app".into())]
+        );
+    }
+
+    #[test]
+    fn sync_sets_differences_and_resets_leftovers() {
+        let original = map(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
+        let current = map(&[("TimeZone", "Europe/Paris"), ("DateStyle", "ISO, MDY")]);
+        let wanted = map(&[("DateStyle", "ISO, MDY")]);
+        let (sql, _) = sync_sql(&wanted, &current, &original).expect("differs");
+        assert_eq!(sql, "RESET TimeZone;");
+        let wanted = map(&[("TimeZone", "Europe/Paris"), ("DateStyle", "ISO, MDY")]);
+        assert!(sync_sql(&wanted, &current, &original).is_none());
+    }
+
+    #[test]
+    fn literals_cannot_break_out() {
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+        assert_eq!(quote_literal("a\\b"), "E'a\\\\b'");
+        assert!(!valid_name("x; drop table y"));
+        assert!(startup_settings(&[("bad name".into(), "v".into())]).is_empty());
+    }
+}

@@ -1,0 +1,410 @@
+//! Client messages: which ones need a server, what each one owes in answers, and the
+//! rewriting of named prepared statements in transaction mode.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::relay::BodyMode;
+use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
+use super::{Session, Step};
+use crate::config::PoolMode;
+use crate::error::{sqlstate, ClientError};
+use crate::protocol::framing::{fe, Header};
+use crate::protocol::messages;
+use crate::server::prepared::{server_name, StmtDef};
+
+pub(super) enum Outcome {
+    Continue,
+    NeedMore,
+    Stop(Step),
+}
+
+fn malformed(what: &str) -> ClientError {
+    ClientError::fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("pgsidecar: malformed {what} message"),
+    )
+}
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Handles the client message whose header is at the front of the unscanned input.
+    pub(super) fn on_client_message(&mut self, h: Header) -> Result<Outcome, ClientError> {
+        let txn = self.mode == PoolMode::Transaction;
+        let avail = self.c_in.unscanned().len();
+        let whole = avail >= h.frame_len();
+
+        if h.tag == fe::TERMINATE {
+            return Ok(Outcome::Stop(Step::ClientGone));
+        }
+        if h.tag == fe::PASSWORD {
+            return Err(ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgsidecar: unexpected password message after authentication",
+            ));
+        }
+        if self.server.is_none() {
+            return Ok(self.without_server(h));
+        }
+        if self.skip_until_sync {
+            if h.tag == fe::SYNC {
+                self.skip_until_sync = false;
+            } else {
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                return Ok(Outcome::Continue);
+            }
+        }
+        // Messages whose body must be read: names to rewrite in transaction mode.
+        let inspect = txn
+            && matches!(
+                h.tag,
+                fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE | fe::QUERY
+            );
+        if inspect && !whole {
+            self.c_in.need = h.frame_len();
+            return Ok(Outcome::NeedMore);
+        }
+        self.c_in.need = 0;
+        match h.tag {
+            fe::QUERY | fe::FUNCTION_CALL => {
+                if inspect {
+                    self.inspect_query(h);
+                }
+                self.push(Req::Query);
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::SYNC => {
+                self.batch_open = false;
+                self.push(Req::Sync);
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::EXECUTE => {
+                self.batch_open = true;
+                self.push(Req::Execute);
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::PARSE if inspect => {
+                self.batch_open = true;
+                self.parse_named(h)?;
+            }
+            fe::BIND if inspect => {
+                self.batch_open = true;
+                self.bind_named(h)?;
+            }
+            fe::DESCRIBE if inspect => {
+                self.batch_open = true;
+                self.describe_named(h)?;
+            }
+            fe::CLOSE if inspect => {
+                self.batch_open = true;
+                self.close_named(h)?;
+            }
+            fe::PARSE => {
+                self.batch_open = true;
+                self.push(Req::Parse {
+                    stmt: None,
+                    client_name: None,
+                    injected: false,
+                });
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::BIND => {
+                self.batch_open = true;
+                self.push(Req::Bind);
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::DESCRIBE => {
+                self.batch_open = true;
+                self.push(Req::DescribeStatement);
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::CLOSE => {
+                self.batch_open = true;
+                self.push(Req::Close { injected: false });
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            // Flush and COPY traffic owe no answer of their own.
+            _ => self.c_in.take_frame(h.frame_len(), BodyMode::Forward),
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// With no server bound: a lone Sync or Flush is answered here; after a failed
+    /// checkout the rest of the batch is dropped; anything else needs a server.
+    fn without_server(&mut self, h: Header) -> Outcome {
+        match h.tag {
+            fe::SYNC if self.tracker.is_empty() => {
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                self.local_sync_owed = false;
+                self.skip_until_sync = false;
+                self.batch_open = false;
+                let mut out = BytesMut::with_capacity(6);
+                messages::ready_for_query(&mut out, b'I');
+                self.s_in.push_own(&out);
+                Outcome::Continue
+            }
+            fe::FLUSH => {
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                Outcome::Continue
+            }
+            _ if self.local_sync_owed || self.skip_until_sync => {
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                Outcome::Continue
+            }
+            _ => {
+                if let Some(lease) = self.pool.try_checkout() {
+                    self.attach(lease);
+                    return Outcome::Continue;
+                }
+                if self.mode == PoolMode::Transaction && h.tag == fe::PARSE {
+                    if let Some(outcome) = self.prepare_locally(h) {
+                        return outcome;
+                    }
+                }
+                Outcome::Stop(Step::NeedServer)
+            }
+        }
+    }
+
+    /// A lone `Parse(name)` + `Sync` (libpq's PQprepare) while every server is busy is
+    /// answered here and prepared on a server when first used. Waiting for a server
+    /// instead would deadlock single-threaded clients (pgbench) that prepare
+    /// synchronously while their other connections hold servers in transactions. The
+    /// cost: a statement with an error reports it at first use instead.
+    fn prepare_locally(&mut self, h: Header) -> Option<Outcome> {
+        let avail = self.c_in.unscanned();
+        let sync_at = h.frame_len();
+        if avail.len() < sync_at + 5
+            || avail[sync_at] != fe::SYNC
+            || avail[sync_at + 1..sync_at + 5] != [0, 0, 0, 4]
+        {
+            if avail.len() < sync_at + 5 {
+                self.c_in.need = sync_at + 5;
+            }
+            return None;
+        }
+        let p = messages::parse_parse(&avail[5..sync_at])?;
+        if p.name.is_empty() {
+            return None;
+        }
+        let name: Box<[u8]> = p.name.into();
+        let mut out = BytesMut::with_capacity(16);
+        match self.stmts.entry(name) {
+            std::collections::hash_map::Entry::Occupied(e) => ClientError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(e.key())
+                ),
+            )
+            .encode(&mut out),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(StmtDef::new(p.query, p.param_types));
+                messages::parse_complete(&mut out);
+            }
+        }
+        messages::ready_for_query(&mut out, b'I');
+        self.c_in.take_frame(sync_at + 5, BodyMode::Skip);
+        self.c_in.need = 0;
+        self.s_in.push_own(&out);
+        Some(Outcome::Continue)
+    }
+
+    fn push(&mut self, req: Req) {
+        self.tracker.push(req, &mut self.emit, &mut self.fx);
+        self.apply_effects();
+    }
+
+    fn frame(&self, h: Header) -> &[u8] {
+        &self.c_in.unscanned()[5..h.frame_len()]
+    }
+
+    /// DISCARD ALL / DEALLOCATE ALL / RESET ALL change what the proxy tracks.
+    fn inspect_query(&mut self, h: Header) {
+        let body = self.frame(h);
+        let text = body.strip_suffix(b"\0").unwrap_or(body);
+        let norm: String = String::from_utf8_lossy(&text[..text.len().min(64)])
+            .trim()
+            .trim_end_matches(';')
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_ascii_uppercase();
+        let discard = norm == "DISCARD ALL";
+        let deallocate = norm == "DEALLOCATE ALL" || norm == "DEALLOCATE PREPARE ALL";
+        let reset = norm == "RESET ALL";
+        if discard || deallocate {
+            // The server really drops its statements: forget them on both sides.
+            self.stmts.clear();
+            if let Some(lease) = self.server.as_mut() {
+                lease.conn().prepared.clear();
+            }
+        }
+        if discard || reset {
+            self.wanted = self.startup_settings.clone();
+            if let Some(lease) = self.server.as_mut() {
+                let conn = lease.conn();
+                conn.params = conn.original_params.clone();
+            }
+        }
+    }
+
+    /// Makes sure the bound server holds `def`, injecting a Parse (and a Close for an
+    /// evicted statement) ahead of the current message.
+    fn ensure_prepared(&mut self, def: &Arc<StmtDef>) {
+        let Some(lease) = self.server.as_mut() else {
+            return;
+        };
+        let conn = lease.conn();
+        if conn.prepared.touch(def.id) {
+            return;
+        }
+        let evicted = conn.prepared.insert(def.id);
+        let mut out = BytesMut::new();
+        if let Some(old) = evicted {
+            messages::fe_close_statement(&mut out, &server_name(old));
+            self.c_in.push_own(&out);
+            out.clear();
+            self.push(Req::Close { injected: true });
+        }
+        messages::fe_parse(&mut out, &def.server_name, &def.query, &def.param_types);
+        self.c_in.push_own(&out);
+        self.push(Req::Parse {
+            stmt: Some(def.id),
+            client_name: None,
+            injected: true,
+        });
+    }
+
+    fn parse_named(&mut self, h: Header) -> Result<(), ClientError> {
+        let (name, def) = {
+            let p = messages::parse_parse(self.frame(h)).ok_or_else(|| malformed("Parse"))?;
+            let name: Box<[u8]> = p.name.into();
+            let def = if name.is_empty() || self.stmts.contains_key(&name) {
+                None
+            } else {
+                Some(StmtDef::new(p.query, p.param_types))
+            };
+            (name, def)
+        };
+        if name.is_empty() {
+            self.push(Req::Parse {
+                stmt: None,
+                client_name: None,
+                injected: false,
+            });
+            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            return Ok(());
+        }
+        let Some(def) = def else {
+            // As PostgreSQL: the name is taken in this client's namespace.
+            let err = ClientError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(&name)
+                ),
+            );
+            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+            self.skip_until_sync = true;
+            self.push(Req::Synthetic(err.to_bytes()));
+            return Ok(());
+        };
+        self.stmts.insert(name.clone(), def.clone());
+        let Some(lease) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
+        if conn.prepared.touch(def.id) {
+            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+            self.push(synthetic_parse_complete());
+            return Ok(());
+        }
+        let evicted = conn.prepared.insert(def.id);
+        let mut out = BytesMut::new();
+        if let Some(old) = evicted {
+            messages::fe_close_statement(&mut out, &server_name(old));
+            self.c_in.push_own(&out);
+            out.clear();
+            self.push(Req::Close { injected: true });
+        }
+        messages::fe_parse(&mut out, &def.server_name, &def.query, &def.param_types);
+        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+        self.c_in.push_own(&out);
+        self.push(Req::Parse {
+            stmt: Some(def.id),
+            client_name: Some(name),
+            injected: false,
+        });
+        Ok(())
+    }
+
+    fn bind_named(&mut self, h: Header) -> Result<(), ClientError> {
+        let body = self.frame(h);
+        let (_, stmt, _) = messages::parse_bind(body).ok_or_else(|| malformed("Bind"))?;
+        let def = if stmt.is_empty() {
+            None
+        } else {
+            self.stmts.get(stmt).cloned()
+        };
+        let Some(def) = def else {
+            // Unnamed, or unknown to this client: PostgreSQL answers (26000 for unknown).
+            self.push(Req::Bind);
+            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            return Ok(());
+        };
+        self.ensure_prepared(&def);
+        let mut out = BytesMut::with_capacity(h.frame_len() + 48);
+        {
+            let body = self.frame(h);
+            let (portal, _, rest) = messages::parse_bind(body).ok_or_else(|| malformed("Bind"))?;
+            messages::rebuild_bind(&mut out, body, portal, &def.server_name, rest);
+        }
+        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+        self.c_in.push_own(&out);
+        self.push(Req::Bind);
+        Ok(())
+    }
+
+    fn describe_named(&mut self, h: Header) -> Result<(), ClientError> {
+        let body = self.frame(h);
+        let (kind, name) = messages::parse_target(body).ok_or_else(|| malformed("Describe"))?;
+        let def = if kind == b'S' && !name.is_empty() {
+            self.stmts.get(name).cloned()
+        } else {
+            None
+        };
+        let Some(def) = def else {
+            self.push(Req::DescribeStatement);
+            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            return Ok(());
+        };
+        self.ensure_prepared(&def);
+        let mut out = BytesMut::new();
+        messages::rebuild_describe_statement(&mut out, &def.server_name);
+        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+        self.c_in.push_own(&out);
+        self.push(Req::DescribeStatement);
+        Ok(())
+    }
+
+    fn close_named(&mut self, h: Header) -> Result<(), ClientError> {
+        let body = self.frame(h);
+        let (kind, name) = messages::parse_target(body).ok_or_else(|| malformed("Close"))?;
+        if kind == b'S' && !name.is_empty() {
+            // Only this client's name goes; the server keeps the statement for others.
+            let name: Box<[u8]> = name.into();
+            self.stmts.remove(&name);
+            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+            self.push(synthetic_close_complete());
+            return Ok(());
+        }
+        self.push(Req::Close { injected: false });
+        self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+        Ok(())
+    }
+}

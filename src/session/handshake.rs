@@ -1,0 +1,279 @@
+//! Connection opening: SSL/GSS negotiation, StartupMessage, CancelRequest and client
+//! authentication (trust, md5, SCRAM-SHA-256) against the users in the config.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::{self, md5_salt, mock_server_for, verify_md5, ScramServer, Secret};
+use crate::config::{AuthMethod, Config};
+use crate::error::{sqlstate, ClientError};
+use crate::protocol::framing::{fe, frontend_header, AUTH_MESSAGE_LIMIT};
+use crate::protocol::messages;
+use crate::protocol::startup::{parse_startup, startup_len, StartupError, StartupPacket};
+
+/// What a successful opening yields.
+#[derive(Debug)]
+pub enum Opening {
+    Login(Login),
+    Cancel { pid: i32, secret: Vec<u8> },
+}
+
+#[derive(Debug)]
+pub struct Login {
+    pub user: String,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+}
+
+/// Why the opening ended without a login. `None` means close silently.
+pub type OpeningError = Option<ClientError>;
+
+fn protocol_violation(msg: impl Into<String>) -> OpeningError {
+    Some(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, msg))
+}
+
+/// Reads packets until a StartupMessage or CancelRequest, answering SSLRequest and
+/// GSSENCRequest with 'N' (at most once each, as PostgreSQL allows).
+pub async fn read_opening<S>(
+    stream: &mut S,
+    leftover: &mut BytesMut,
+) -> Result<Opening, OpeningError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ssl_done, mut gss_done) = (false, false);
+    loop {
+        let mut prefix = [0u8; 4];
+        if stream.read_exact(&mut prefix).await.is_err() {
+            return Err(None);
+        }
+        let len = startup_len(prefix).map_err(|e| protocol_violation(e.to_string()))?;
+        let mut packet = vec![0u8; len];
+        packet[..4].copy_from_slice(&prefix);
+        if stream.read_exact(&mut packet[4..]).await.is_err() {
+            return Err(None);
+        }
+        match parse_startup(&packet) {
+            Ok(StartupPacket::SslRequest) if !ssl_done => {
+                ssl_done = true;
+                stream.write_all(b"N").await.map_err(|_| None)?;
+            }
+            Ok(StartupPacket::GssEncRequest) if !gss_done => {
+                gss_done = true;
+                stream.write_all(b"N").await.map_err(|_| None)?;
+            }
+            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                return Err(protocol_violation("repeated SSL or GSS encryption request"));
+            }
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                return Ok(Opening::Cancel { pid, secret })
+            }
+            Ok(StartupPacket::Startup { minor, params }) => {
+                if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
+                    // Like PostgreSQL: offer 3.0 and list the protocol options we do not know.
+                    let unsupported: Vec<String> = params
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("_pq_."))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    let mut out = BytesMut::new();
+                    out.extend_from_slice(b"v");
+                    let body_len: usize =
+                        4 + 4 + 4 + unsupported.iter().map(|s| s.len() + 1).sum::<usize>();
+                    out.extend_from_slice(&(body_len as i32).to_be_bytes());
+                    out.extend_from_slice(&0i32.to_be_bytes());
+                    out.extend_from_slice(&(unsupported.len() as i32).to_be_bytes());
+                    for u in &unsupported {
+                        out.extend_from_slice(u.as_bytes());
+                        out.extend_from_slice(b"\0");
+                    }
+                    stream.write_all(&out).await.map_err(|_| None)?;
+                }
+                let params: Vec<_> = params
+                    .into_iter()
+                    .filter(|(k, _)| !k.starts_with("_pq_."))
+                    .collect();
+                let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+                    return Err(Some(ClientError::fatal(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        "no PostgreSQL user name specified in startup packet",
+                    )));
+                };
+                if let Some(r) = get("replication") {
+                    if !matches!(r.as_str(), "false" | "off" | "no" | "0") {
+                        return Err(Some(ClientError::fatal(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "pgsidecar does not pool replication connections; connect to PostgreSQL directly",
+                        )));
+                    }
+                }
+                let database = get("database")
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| user.clone());
+                leftover.clear();
+                return Ok(Opening::Login(Login {
+                    user,
+                    database,
+                    params,
+                }));
+            }
+            Err(e @ StartupError::UnsupportedVersion(..)) => {
+                return Err(Some(ClientError::fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    e.to_string(),
+                )))
+            }
+            Err(e) => return Err(protocol_violation(e.to_string())),
+        }
+    }
+}
+
+/// Reads one password-family ('p') message body.
+async fn read_password_message<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, OpeningError>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        match frontend_header(buf, AUTH_MESSAGE_LIMIT) {
+            Ok(Some(h)) if h.tag == fe::PASSWORD => {
+                if buf.len() >= h.frame_len() {
+                    let mut frame = buf.split_to(h.frame_len());
+                    frame.advance(5);
+                    return Ok(frame);
+                }
+            }
+            Ok(Some(h)) if h.tag == fe::TERMINATE => return Err(None),
+            Ok(Some(h)) => {
+                return Err(protocol_violation(format!(
+                    "expected password response, got message type {}",
+                    h.tag as char
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(protocol_violation(e.to_string())),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn auth_failed(user: &str) -> OpeningError {
+    Some(ClientError::fatal(
+        sqlstate::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    ))
+}
+
+/// Authenticates the client; on success `AuthenticationOk` has been sent.
+pub async fn authenticate<S>(
+    stream: &mut S,
+    config: &Config,
+    user: &str,
+    buf: &mut BytesMut,
+) -> Result<(), OpeningError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let entry = config.find_user(user);
+    let secret = entry.and_then(|u| u.password.as_deref()).map(Secret::parse);
+    if entry.is_none() && !config.users.is_empty() && config.auth.method == AuthMethod::Trust {
+        return Err(Some(ClientError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("role \"{user}\" is not allowed to connect through pgsidecar"),
+        )));
+    }
+    let mut out = BytesMut::new();
+    let method = match (config.auth.method, &secret) {
+        (AuthMethod::Trust, _) => AuthMethod::Trust,
+        // Like PostgreSQL, md5 falls back to SCRAM for users stored as SCRAM verifiers.
+        (AuthMethod::Md5, Some(Secret::Scram(_))) => AuthMethod::ScramSha256,
+        (m, _) => m,
+    };
+    match method {
+        AuthMethod::Trust => {}
+        AuthMethod::Md5 => {
+            let salt = md5_salt();
+            messages::auth_md5(&mut out, salt);
+            stream.write_all(&out).await.map_err(|_| None)?;
+            let body = read_password_message(stream, buf).await?;
+            let ok = match &secret {
+                Some(s) => verify_md5(s, user, salt, &body),
+                None => false,
+            };
+            if !ok {
+                return Err(auth_failed(user));
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            // Unknown users get a mock exchange so they fail exactly like a wrong password.
+            let mut server = match &secret {
+                Some(s) => {
+                    ScramServer::new_for_user(user, s).unwrap_or_else(|| mock_server_for(user))
+                }
+                None => mock_server_for(user),
+            };
+            messages::auth_sasl(&mut out);
+            stream.write_all(&out).await.map_err(|_| None)?;
+            out.clear();
+            let body = read_password_message(stream, buf).await?;
+            let data = parse_sasl_initial(&body)
+                .ok_or_else(|| protocol_violation("malformed SASLInitialResponse message"))?;
+            let first = server.handle_client_first(data).map_err(|e| {
+                tracing::debug!(user, error = %e, "SCRAM client-first rejected");
+                auth_failed(user)
+            })?;
+            messages::auth_sasl_continue(&mut out, &first);
+            stream.write_all(&out).await.map_err(|_| None)?;
+            out.clear();
+            let body = read_password_message(stream, buf).await?;
+            let fin = server.handle_client_final(&body).map_err(|e| {
+                tracing::debug!(user, error = %e, "SCRAM client-final rejected");
+                auth_failed(user)
+            })?;
+            messages::auth_sasl_final(&mut out, &fin);
+        }
+    }
+    messages::auth_ok(&mut out);
+    stream.write_all(&out).await.map_err(|_| None)?;
+    Ok(())
+}
+
+/// SASLInitialResponse body: mechanism name, i32 length (-1 for none), data.
+fn parse_sasl_initial(body: &[u8]) -> Option<&[u8]> {
+    let mut pos = 0;
+    let mech = crate::protocol::framing::read_cstr(body, &mut pos)?;
+    if mech != auth::scram::MECHANISM.as_bytes() {
+        return None;
+    }
+    let len_bytes = body.get(pos..pos + 4)?;
+    let len = i32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]);
+    let data = body.get(pos + 4..)?;
+    if len < 0 || len as usize != data.len() {
+        return None;
+    }
+    Some(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_initial_is_parsed_defensively() {
+        let mut b = b"SCRAM-SHA-256\0".to_vec();
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        assert_eq!(parse_sasl_initial(&b), Some(&b"abc"[..]));
+        let mut bad = b"SCRAM-SHA-256\0".to_vec();
+        bad.extend_from_slice(&(-5i32).to_be_bytes());
+        assert_eq!(parse_sasl_initial(&bad), None);
+        assert_eq!(parse_sasl_initial(b"SCRAM-SHA-256\0\0\0"), None);
+        assert_eq!(parse_sasl_initial(b"PLAIN\0\0\0\0\0"), None);
+    }
+}

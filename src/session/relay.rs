@@ -1,0 +1,271 @@
+//! The byte pump between a client and a server.
+//!
+//! Each direction has one `Inbound`: the bytes read from one peer and a queue of what to
+//! write to the other. Scanned messages are forwarded straight out of the read buffer
+//! (no copy per message); the proxy's own messages and rewritten frames are queued in
+//! order between them. Reads stop when a buffer is full, so memory stays bounded whatever
+//! the size of a result or COPY stream, and both peers get backpressure.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// One piece of output, in order.
+#[derive(Debug)]
+enum Seg {
+    /// The next n bytes of the read buffer are written out.
+    Fwd(usize),
+    /// The next n bytes of the read buffer are dropped (a swallowed or replaced message).
+    Skip(usize),
+    /// Bytes the proxy made.
+    Own(BytesMut),
+}
+
+/// How the rest of a partly scanned message body is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    Forward,
+    Skip,
+}
+
+/// Reading more stops at this many buffered bytes unless a whole message must be seen.
+pub const READ_HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+#[derive(Debug, Default)]
+pub struct Inbound {
+    pub buf: BytesMut,
+    /// Bytes at the front of `buf` already classified (forwarded or skipped).
+    pub scanned: usize,
+    /// Bytes of the current message's body still to come, and what to do with them.
+    pub body_left: usize,
+    pub body_mode: Option<BodyMode>,
+    /// A whole message of this many bytes must be buffered before it can be inspected.
+    pub need: usize,
+    segs: VecDeque<Seg>,
+    pub eof: bool,
+}
+
+impl Inbound {
+    #[inline]
+    pub fn unscanned(&self) -> &[u8] {
+        &self.buf[self.scanned..]
+    }
+
+    /// Whether output is still queued for the other peer.
+    #[inline]
+    pub fn has_output(&self) -> bool {
+        !self.segs.is_empty()
+    }
+
+    #[inline]
+    pub fn forward(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.scanned += n;
+        if let Some(Seg::Fwd(m)) = self.segs.back_mut() {
+            *m += n;
+        } else {
+            self.segs.push_back(Seg::Fwd(n));
+        }
+    }
+
+    #[inline]
+    pub fn skip(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.scanned += n;
+        if let Some(Seg::Skip(m)) = self.segs.back_mut() {
+            *m += n;
+        } else {
+            self.segs.push_back(Seg::Skip(n));
+        }
+    }
+
+    /// Queues bytes the proxy made, after everything queued so far.
+    pub fn push_own(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some(Seg::Own(b)) = self.segs.back_mut() {
+            b.extend_from_slice(bytes);
+        } else {
+            self.segs.push_back(Seg::Own(BytesMut::from(bytes)));
+        }
+    }
+
+    /// Continues a partly scanned body; returns false when nothing is left of it.
+    #[inline]
+    pub fn continue_body(&mut self) -> bool {
+        if self.body_left == 0 {
+            return false;
+        }
+        let n = self.body_left.min(self.buf.len() - self.scanned);
+        match self.body_mode {
+            Some(BodyMode::Skip) => self.skip(n),
+            _ => self.forward(n),
+        }
+        self.body_left -= n;
+        if self.body_left == 0 {
+            self.body_mode = None;
+        }
+        true
+    }
+
+    /// Forwards or skips a frame of `frame_len` bytes, of which only part may be buffered.
+    #[inline]
+    pub fn take_frame(&mut self, frame_len: usize, mode: BodyMode) {
+        let n = frame_len.min(self.buf.len() - self.scanned);
+        match mode {
+            BodyMode::Forward => self.forward(n),
+            BodyMode::Skip => self.skip(n),
+        }
+        self.body_left = frame_len - n;
+        self.body_mode = if self.body_left > 0 { Some(mode) } else { None };
+    }
+
+    /// Drops everything not yet scanned (bytes from a server that is going away).
+    pub fn drop_unscanned(&mut self) {
+        self.buf.truncate(self.scanned);
+        self.body_left = 0;
+        self.body_mode = None;
+        self.need = 0;
+    }
+
+    /// Whether another read may be issued without exceeding the buffer limit.
+    #[inline]
+    pub fn wants_read(&self) -> bool {
+        !self.eof && (self.buf.len() < READ_HIGH_WATER || self.buf.len() < self.need)
+    }
+
+    /// Reads once from `r`. Ok(0) means end of stream.
+    pub fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            let want = if self.need > self.buf.len() {
+                (self.need - self.buf.len()).max(READ_CHUNK)
+            } else {
+                READ_CHUNK
+            };
+            self.buf.reserve(want);
+        }
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(r),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes queued output to `w` until it is all written (Ready) or `w` is full (Pending).
+    pub fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        let mut wrote = false;
+        while let Some(seg) = self.segs.front_mut() {
+            match seg {
+                Seg::Skip(n) => {
+                    self.buf.advance(*n);
+                    self.scanned -= *n;
+                    self.segs.pop_front();
+                }
+                Seg::Fwd(n) => {
+                    let k = match Pin::new(&mut *w).poll_write(cx, &self.buf[..*n]) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(k)) => k,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return self.pending_after(cx, w, wrote),
+                    };
+                    wrote = true;
+                    self.buf.advance(k);
+                    self.scanned -= k;
+                    *n -= k;
+                    if *n == 0 {
+                        self.segs.pop_front();
+                    }
+                }
+                Seg::Own(b) => {
+                    let k = match Pin::new(&mut *w).poll_write(cx, b) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(k)) => k,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return self.pending_after(cx, w, wrote),
+                    };
+                    wrote = true;
+                    b.advance(k);
+                    if b.is_empty() {
+                        self.segs.pop_front();
+                    }
+                }
+            }
+        }
+        if self.buf.is_empty() && self.buf.capacity() > 4 * READ_HIGH_WATER {
+            // A huge message passed through; do not keep its buffer for an idle client.
+            self.buf = BytesMut::new();
+        }
+        if wrote {
+            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn pending_after<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        wrote: bool,
+    ) -> Poll<io::Result<()>> {
+        if wrote {
+            // Streams that buffer (TLS) must be flushed for the peer to see the bytes.
+            if let Poll::Ready(Err(e)) = Pin::new(w).poll_flush(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_keep_order_and_account_for_skips() {
+        let mut ib = Inbound::default();
+        ib.buf.extend_from_slice(b"aaaBBBcc");
+        ib.forward(3);
+        ib.skip(3);
+        ib.push_own(b"XY");
+        ib.forward(2);
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out: Vec<u8> = Vec::new();
+        let r = ib.poll_drain(&mut cx, &mut out);
+        assert!(matches!(r, Poll::Ready(Ok(()))));
+        assert_eq!(out, b"aaaXYcc");
+        assert!(ib.buf.is_empty());
+        assert_eq!(ib.scanned, 0);
+    }
+
+    fn futures_noop_waker() -> std::task::Waker {
+        std::task::Waker::noop().clone()
+    }
+}

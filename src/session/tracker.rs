@@ -1,0 +1,331 @@
+//! What the server owes the client: one entry per request forwarded, matched against the
+//! server's responses in order.
+//!
+//! Knowing which response answers which request lets the proxy release a server only when
+//! nothing is in flight, swallow the answers to messages it injected itself (a Parse to
+//! prepare a statement on a new server, a SET to carry session parameters), and answer
+//! some requests itself (ParseComplete for a statement the server already holds) at
+//! exactly the position PostgreSQL would have.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use crate::protocol::framing::be;
+use crate::protocol::messages;
+use crate::server::prepared::StmtId;
+
+#[derive(Debug)]
+pub enum Req {
+    /// Simple Query or FunctionCall: everything up to ReadyForQuery belongs to it.
+    Query,
+    /// A query the proxy injected (parameter sync, rollback): all of its answers are swallowed.
+    Injected,
+    Sync,
+    Parse {
+        /// The server-side statement this Parse creates, if it is a named one we track.
+        stmt: Option<StmtId>,
+        /// The client's own name for it, to forget on failure.
+        client_name: Option<Box<[u8]>>,
+        /// Injected by the proxy: its ParseComplete is swallowed.
+        injected: bool,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close {
+        injected: bool,
+    },
+    /// Answered by the proxy when it reaches the head of the queue.
+    Synthetic(BytesMut),
+}
+
+impl Req {
+    fn is_extended(&self) -> bool {
+        !matches!(self, Req::Query | Req::Injected | Req::Sync)
+    }
+}
+
+/// Side effects of a server message on proxy state, returned to the session.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Statements the server does not hold after all (their Parse failed or was skipped).
+    pub unprepared: Vec<StmtId>,
+    /// Client statement names to forget (their Parse failed).
+    pub forget: Vec<Box<[u8]>>,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    queue: VecDeque<Req>,
+    /// The server hit an error in an extended batch and ignores messages until Sync.
+    discard_until_sync: bool,
+    /// Transaction status from the last ReadyForQuery.
+    pub status: u8,
+    /// An injected query failed; the server connection should not be trusted.
+    pub injected_failed: bool,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            queue: VecDeque::new(),
+            discard_until_sync: false,
+            status: b'I',
+            injected_failed: false,
+        }
+    }
+}
+
+impl Tracker {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Resets for a new server (nothing may be in flight when a server is attached).
+    pub fn reset(&mut self) {
+        self.queue.clear();
+        self.discard_until_sync = false;
+        self.status = b'I';
+        self.injected_failed = false;
+    }
+
+    /// Records a request sent to the server. Synthetic answers at the head go to `emit`.
+    pub fn push(&mut self, req: Req, emit: &mut BytesMut, fx: &mut Effects) {
+        if self.discard_until_sync {
+            match req {
+                Req::Sync | Req::Query | Req::Injected => self.discard_until_sync = false,
+                other => {
+                    // The server will skip this message, so no answer will come.
+                    drop_effects(&other, fx);
+                    return;
+                }
+            }
+        }
+        self.queue.push_back(req);
+        self.emit_synthetic(emit);
+    }
+
+    /// Answers the proxy owes at the head of the queue are sent now, in order.
+    fn emit_synthetic(&mut self, emit: &mut BytesMut) {
+        while let Some(Req::Synthetic(_)) = self.queue.front() {
+            if let Some(Req::Synthetic(bytes)) = self.queue.pop_front() {
+                emit.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    /// Whether the message at the head of a server stream is to be forwarded.
+    /// Returns false to swallow it. `body` is present for ReadyForQuery and ErrorResponse.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        emit: &mut BytesMut,
+        fx: &mut Effects,
+    ) -> bool {
+        let forward = match tag {
+            be::READY_FOR_QUERY => {
+                if let Some(&s) = body.first() {
+                    self.status = s;
+                }
+                let mut forward = true;
+                // Pop through the Sync/Query this answers (robust to a missed entry).
+                while let Some(req) = self.queue.pop_front() {
+                    match req {
+                        Req::Sync | Req::Query => break,
+                        Req::Injected => {
+                            forward = false;
+                            break;
+                        }
+                        other => drop_effects(&other, fx),
+                    }
+                }
+                self.discard_until_sync = false;
+                forward
+            }
+            be::ERROR_RESPONSE => self.on_error(fx),
+            be::PARSE_COMPLETE => match self.queue.front() {
+                Some(Req::Parse { injected, .. }) => {
+                    let fwd = !*injected;
+                    self.queue.pop_front();
+                    fwd
+                }
+                _ => self.head_is_injected(),
+            },
+            be::CLOSE_COMPLETE => match self.queue.front() {
+                Some(Req::Close { injected }) => {
+                    let fwd = !*injected;
+                    self.queue.pop_front();
+                    fwd
+                }
+                _ => self.head_is_injected(),
+            },
+            be::BIND_COMPLETE => self.pop_if(|r| matches!(r, Req::Bind)),
+            be::NO_DATA | be::ROW_DESCRIPTION => {
+                self.pop_if(|r| matches!(r, Req::DescribeStatement | Req::DescribePortal))
+            }
+            be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED => {
+                self.pop_if(|r| matches!(r, Req::Execute))
+            }
+            // Async messages and parts of a longer answer belong to whoever is at the head;
+            // only an injected query's are swallowed.
+            be::NOTIFICATION_RESPONSE => true,
+            _ => !self.head_is_injected(),
+        };
+        self.emit_synthetic(emit);
+        forward
+    }
+
+    pub fn head_is_injected(&self) -> bool {
+        matches!(self.queue.front(), Some(Req::Injected))
+    }
+
+    /// Pops the head if it matches; the message is forwarded unless an injected query is
+    /// at the head.
+    fn pop_if(&mut self, f: impl Fn(&Req) -> bool) -> bool {
+        match self.queue.front() {
+            Some(Req::Injected) => false,
+            Some(r) if f(r) => {
+                self.queue.pop_front();
+                true
+            }
+            _ => true,
+        }
+    }
+
+    fn on_error(&mut self, fx: &mut Effects) -> bool {
+        match self.queue.front() {
+            Some(Req::Injected) => {
+                self.injected_failed = true;
+                false
+            }
+            Some(r) if r.is_extended() => {
+                // PostgreSQL skips everything up to the next Sync after an error in an
+                // extended batch: no other answer will come for those entries.
+                // An injected Parse failing is reported too: the client's own Bind would
+                // have failed the same way on a server without the statement.
+                while let Some(r) = self.queue.front() {
+                    if matches!(r, Req::Sync | Req::Query | Req::Injected) {
+                        break;
+                    }
+                    if let Some(r) = self.queue.pop_front() {
+                        drop_effects(&r, fx);
+                    }
+                }
+                if !matches!(self.queue.front(), Some(Req::Sync)) {
+                    self.discard_until_sync = true;
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+/// What an entry that will get no answer leaves behind.
+fn drop_effects(r: &Req, fx: &mut Effects) {
+    if let Req::Parse {
+        stmt, client_name, ..
+    } = r
+    {
+        if let Some(id) = stmt {
+            fx.unprepared.push(*id);
+        }
+        if let Some(n) = client_name {
+            fx.forget.push(n.clone());
+        }
+    }
+}
+
+/// A synthetic ParseComplete.
+pub fn synthetic_parse_complete() -> Req {
+    let mut b = BytesMut::with_capacity(5);
+    messages::parse_complete(&mut b);
+    Req::Synthetic(b)
+}
+
+/// A synthetic CloseComplete.
+pub fn synthetic_close_complete() -> Req {
+    let mut b = BytesMut::with_capacity(5);
+    messages::close_complete(&mut b);
+    Req::Synthetic(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rfq(t: &mut Tracker, emit: &mut BytesMut, fx: &mut Effects) -> bool {
+        t.on_server(be::READY_FOR_QUERY, b"I", emit, fx)
+    }
+
+    #[test]
+    fn injected_parse_complete_is_swallowed_and_synthetic_is_ordered() {
+        let mut t = Tracker::default();
+        let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+        t.push(
+            Req::Parse {
+                stmt: Some(1),
+                client_name: None,
+                injected: true,
+            },
+            &mut emit,
+            &mut fx,
+        );
+        t.push(Req::Bind, &mut emit, &mut fx);
+        t.push(synthetic_parse_complete(), &mut emit, &mut fx);
+        t.push(Req::Sync, &mut emit, &mut fx);
+        assert!(emit.is_empty(), "synthetic waits for earlier answers");
+        assert!(!t.on_server(be::PARSE_COMPLETE, b"", &mut emit, &mut fx));
+        assert!(emit.is_empty());
+        assert!(t.on_server(be::BIND_COMPLETE, b"", &mut emit, &mut fx));
+        assert_eq!(&emit[..], &[b'1', 0, 0, 0, 4]);
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn error_skips_to_sync_and_unprepares() {
+        let mut t = Tracker::default();
+        let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+        t.push(Req::Bind, &mut emit, &mut fx);
+        t.push(
+            Req::Parse {
+                stmt: Some(7),
+                client_name: Some(b"s1".to_vec().into()),
+                injected: false,
+            },
+            &mut emit,
+            &mut fx,
+        );
+        t.push(synthetic_parse_complete(), &mut emit, &mut fx);
+        assert!(t.on_server(be::ERROR_RESPONSE, b"", &mut emit, &mut fx));
+        assert_eq!(fx.unprepared, vec![7]);
+        assert!(emit.is_empty(), "no synthetic answer after an error");
+        // Messages sent before the Sync get no answer either.
+        t.push(Req::Execute, &mut emit, &mut fx);
+        t.push(Req::Sync, &mut emit, &mut fx);
+        assert_eq!(t.len(), 1);
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn injected_query_answers_are_swallowed() {
+        let mut t = Tracker::default();
+        let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+        t.push(Req::Injected, &mut emit, &mut fx);
+        t.push(Req::Query, &mut emit, &mut fx);
+        assert!(!t.on_server(be::COMMAND_COMPLETE, b"", &mut emit, &mut fx));
+        assert!(!t.on_server(be::READY_FOR_QUERY, b"I", &mut emit, &mut fx));
+        assert!(t.on_server(be::ROW_DESCRIPTION, b"", &mut emit, &mut fx));
+        assert!(t.on_server(be::READY_FOR_QUERY, b"T", &mut emit, &mut fx));
+        assert_eq!(t.status, b'T');
+    }
+}
