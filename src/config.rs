@@ -97,6 +97,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
+    pub breaker: BreakerConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -207,6 +209,40 @@ pub struct LimitsConfig {
     /// Time a client has to complete startup and authentication. Default `60s`.
     #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
     pub client_login_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive connect/authentication/health failures that open the breaker. Default `3`.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// First wait before a trial connection; doubles per consecutive opening. Default `500ms`.
+    #[serde(default = "default_backoff_base", with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// Longest wait between trials. Default `30s`.
+    #[serde(default = "default_backoff_cap", with = "humantime_serde")]
+    pub backoff_cap: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: default_failure_threshold(),
+            backoff_base: default_backoff_base(),
+            backoff_cap: default_backoff_cap(),
+        }
+    }
+}
+
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_backoff_cap() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -369,6 +405,7 @@ impl Config {
             databases: Vec::new(),
             pool: PoolConfig::default(),
             limits: LimitsConfig::default(),
+            breaker: BreakerConfig::default(),
             admin: AdminConfig::default(),
             logging: LoggingConfig::default(),
         }
@@ -442,6 +479,16 @@ impl Config {
             if d.is_zero() {
                 return bad(format!("{name} must be greater than 0"));
             }
+        }
+        if self.breaker.failure_threshold == 0 {
+            return bad("breaker.failure_threshold must be at least 1".into());
+        }
+        if self.breaker.backoff_base.is_zero()
+            || self.breaker.backoff_cap < self.breaker.backoff_base
+        {
+            return bad(
+                "breaker.backoff_base must be > 0 and not above breaker.backoff_cap".into(),
+            );
         }
         if self.limits.max_client_conn == 0 {
             return bad("limits.max_client_conn must be at least 1".into());

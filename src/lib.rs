@@ -10,11 +10,16 @@
 //! - `cancel`: the proxy's cancel keys and their forwarding.
 //! - `proxy`: the listener.
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
+pub mod circuit;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
+pub mod lifecycle;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;

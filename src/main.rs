@@ -27,18 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let proxy = match pgsidecar::proxy::Proxy::start(config).await {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("pgsidecar: cannot listen: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let _ = tokio::signal::ctrl_c().await;
-        proxy.shutdown().await;
-        ExitCode::SUCCESS
-    })
+    rt.block_on(pgsidecar::daemon::run(cli, config))
 }
 
 fn init_logging(format: &str, level: &str) {

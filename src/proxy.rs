@@ -13,22 +13,29 @@ use tokio::task::JoinHandle;
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::error::{sqlstate, ClientError};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::pool::registry::Registry;
 
 /// State every session shares.
 pub struct Shared {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
     pub cancels: Arc<CancelRegistry>,
     /// Clients connected now (all states).
     pub clients: AtomicUsize,
+    pub lifecycle: Lifecycle,
 }
 
 impl Shared {
     pub fn new(config: Arc<Config>) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new());
         Arc::new(Shared {
-            registry: Registry::new(config),
+            registry: Registry::new(config, metrics.clone()),
+            metrics,
             cancels: CancelRegistry::new(),
             clients: AtomicUsize::new(0),
+            lifecycle: Lifecycle::default(),
         })
     }
 }
@@ -111,6 +118,11 @@ fn spawn_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     tokio::spawn(async move {
         let _count = count;
         if n > max {
+            shared
+                .metrics
+                .client_connections
+                .with_label_values(&["rejected"])
+                .inc();
             let e = ClientError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!("sorry, too many clients already (limits.max_client_conn = {max})"),

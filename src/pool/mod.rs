@@ -8,7 +8,7 @@
 pub mod registry;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +16,40 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::circuit::{Admit, Breaker, BreakerSettings, BreakerView, Event};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
+use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ConnectError, ServerConn, ServerIdentity};
+
+/// Everything the admin API and metrics report about a pool.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolSnapshot {
+    pub name: String,
+    pub database: String,
+    pub user: String,
+    pub mode: String,
+    pub min_size: usize,
+    pub max_size: usize,
+    pub target_size: usize,
+    pub open: usize,
+    pub idle: usize,
+    pub connecting: usize,
+    pub active_servers: usize,
+    pub waiting_in_queue: usize,
+    pub clients: usize,
+    pub clients_waiting: usize,
+    pub clients_active: usize,
+    pub clients_idle: usize,
+    pub paused: bool,
+    pub oldest_idle_secs: f64,
+    pub checkouts: u64,
+    pub wait_timeouts: u64,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub closed: u64,
+    pub wait_seconds_total: f64,
+}
 
 /// Pools are keyed by the database and user a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +76,7 @@ pub struct PoolSettings {
     pub server_idle_timeout: Duration,
     pub server_lifetime: Duration,
     pub identity: ServerIdentity,
+    pub breaker: BreakerSettings,
 }
 
 #[derive(Debug)]
@@ -53,6 +85,12 @@ pub enum CheckoutError {
     Timeout { waited: Duration, size: usize },
     /// Opening a connection failed.
     Connect(Arc<ConnectError>),
+    /// The circuit breaker is open: the upstream failed repeatedly.
+    Unavailable {
+        down_for: Duration,
+        retry_in: Duration,
+        last_error: String,
+    },
     /// The pool is shutting down.
     Closed,
 }
@@ -68,6 +106,19 @@ impl CheckoutError {
             )
             .with_hint("shorten transactions, raise pool.size, or raise pool.query_wait_timeout; the request can be retried"),
             CheckoutError::Connect(e) => e.to_client_error(),
+            CheckoutError::Unavailable {
+                down_for,
+                retry_in,
+                last_error,
+            } => ClientError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "pgsidecar: the database for pool {key} is unreachable (failing for {:.1}s; last error: {last_error}); next connection attempt in {:.1}s",
+                    down_for.as_secs_f64(),
+                    retry_in.as_secs_f64()
+                ),
+            )
+            .with_hint("the request failed fast instead of queueing; retry after the time given"),
             CheckoutError::Closed => ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "pgsidecar: the pool is shutting down",
@@ -88,6 +139,10 @@ struct PoolState {
     open: usize,
     /// Clients waiting for a connection, oldest first.
     waiters: VecDeque<Waiter>,
+    /// Connections being opened (counted in `open`).
+    connecting: usize,
+    /// Paused pools hand out nothing; checkouts queue until resume.
+    paused: bool,
     closed: bool,
 }
 
@@ -105,9 +160,18 @@ pub struct PoolStats {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// `database/user`, the `pool` label in metrics and the name in the admin API.
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    pub m: PoolMetrics,
+    /// Clients logged in to this pool, and how many of them wait or hold a server.
+    pub clients: AtomicUsize,
+    pub clients_waiting: AtomicUsize,
+    pub clients_active: AtomicUsize,
     settings: Mutex<Arc<PoolSettings>>,
     state: Mutex<PoolState>,
     pub stats: PoolStats,
+    breaker: Mutex<Breaker>,
     /// ParameterStatus values of the first server, sent to clients at login.
     startup_params: Mutex<Option<StartupParams>>,
 }
@@ -132,6 +196,10 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
+    fn empty(pool: Arc<Pool>) -> Lease {
+        Lease { conn: None, pool }
+    }
+
     pub fn conn(&mut self) -> &mut ServerConn {
         // `conn` is only None inside release/drop, never while the lease is usable.
         self.conn.as_mut().unwrap_or_else(|| unreachable!())
@@ -169,14 +237,24 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    pub fn new(key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+    pub fn new(key: PoolKey, settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Pool> {
+        let name = key.to_string();
         Arc::new(Pool {
+            m: metrics.for_pool(&name),
+            name,
+            metrics,
+            clients: AtomicUsize::new(0),
+            clients_waiting: AtomicUsize::new(0),
+            clients_active: AtomicUsize::new(0),
             key,
+            breaker: Mutex::new(Breaker::new(settings.breaker.clone())),
             settings: Mutex::new(Arc::new(settings)),
             state: Mutex::new(PoolState {
                 idle: Vec::new(),
                 open: 0,
                 waiters: VecDeque::new(),
+                connecting: 0,
+                paused: false,
                 closed: false,
             }),
             stats: PoolStats::default(),
@@ -210,7 +288,7 @@ impl Pool {
         let settings = self.settings();
         let now = Instant::now();
         let mut st = self.state.lock();
-        if st.closed || !st.waiters.is_empty() {
+        if st.closed || st.paused || !st.waiters.is_empty() {
             // Waiters are first in line.
             return None;
         }
@@ -238,19 +316,23 @@ impl Pool {
                 return Err(CheckoutError::Closed);
             }
             let now = Instant::now();
-            while let Some(conn) = st.idle.pop() {
+            while let Some(conn) = (!st.paused).then(|| st.idle.pop()).flatten() {
                 if expired(&conn, &settings, now) {
                     st.open -= 1;
-                    self.stats.closed.fetch_add(1, Ordering::Relaxed);
+                    self.closed_metric("lifetime");
                     drop_later(conn);
                     continue;
                 }
                 drop(st);
                 self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+                self.m
+                    .checkout_wait
+                    .observe(started.elapsed().as_secs_f64());
                 return Ok(self.lease(conn));
             }
-            if st.open < settings.max_size {
+            if !st.paused && st.open < settings.max_size {
                 st.open += 1;
+                st.connecting += 1;
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
@@ -259,9 +341,18 @@ impl Pool {
             }
         };
         let Some(mut rx) = rx else {
+            if let Err(e) = self.admit() {
+                let mut st = self.state.lock();
+                st.open -= 1;
+                st.connecting -= 1;
+                return Err(e);
+            }
             return match self.open_new(&settings).await {
                 Ok(conn) => {
                     self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+                    self.m
+                        .checkout_wait
+                        .observe(started.elapsed().as_secs_f64());
                     Ok(self.lease(conn))
                 }
                 Err(e) => Err(CheckoutError::Connect(e)),
@@ -279,6 +370,7 @@ impl Pool {
                     Ok(r) => r,
                     Err(_) => {
                         self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                        self.m.checkout_timeouts.inc();
                         Err(CheckoutError::Timeout {
                             waited: settings.query_wait_timeout,
                             size: settings.max_size,
@@ -293,6 +385,9 @@ impl Pool {
         if result.is_ok() {
             self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         }
+        self.m
+            .checkout_wait
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -309,6 +404,7 @@ impl Pool {
         settings: &PoolSettings,
     ) -> Result<ServerConn, Arc<ConnectError>> {
         let lifetime = jitter(settings.server_lifetime);
+        let started = Instant::now();
         let r = ServerConn::connect(
             &settings.identity,
             "pgsidecar",
@@ -316,9 +412,15 @@ impl Pool {
             lifetime,
         )
         .await;
+        self.state.lock().connecting -= 1;
+        self.m
+            .connect_duration
+            .observe(started.elapsed().as_secs_f64());
         match r {
             Ok(conn) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                self.m.opened.inc();
+                self.breaker_event(Event::Success);
                 let mut sp = self.startup_params.lock();
                 if sp.is_none() {
                     let mut v: Vec<_> = conn
@@ -335,12 +437,85 @@ impl Pool {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pool = %self.key, error = %e, "server connection failed");
                 self.state.lock().open -= 1;
+                if let Some(crate::circuit::State::Open) =
+                    self.breaker_event(Event::Failure(e.to_string()))
+                {
+                    // Everyone queued would only wait out their timeout: fail them now.
+                    self.fail_all_waiters();
+                }
                 let e = Arc::new(e);
                 // Waiters would otherwise sit out their whole timeout: tell the oldest one
                 // why, and try again for the rest (one attempt per waiter, no herd).
                 self.fail_one_waiter(&e);
                 Err(e)
             }
+        }
+    }
+
+    /// Feeds the breaker; records and logs a transition. Returns the new state if changed.
+    pub fn breaker_event(&self, ev: Event) -> Option<crate::circuit::State> {
+        let changed = self.breaker.lock().on(ev, Instant::now());
+        if let Some(to) = changed {
+            self.on_breaker_transition(to);
+        }
+        changed
+    }
+
+    fn on_breaker_transition(&self, to: crate::circuit::State) {
+        self.metrics
+            .breaker_transitions
+            .with_label_values(&[&self.name, to.as_str()])
+            .inc();
+        match to {
+            crate::circuit::State::Open => {
+                tracing::error!(pool = %self.name, "circuit breaker open: upstream unreachable")
+            }
+            crate::circuit::State::HalfOpen => {
+                tracing::info!(pool = %self.name, "circuit breaker half-open: trying the upstream")
+            }
+            crate::circuit::State::Closed => {
+                tracing::info!(pool = %self.name, "circuit breaker closed: upstream reachable")
+            }
+        }
+    }
+
+    /// May a new connection be opened now?
+    fn admit(&self) -> Result<(), CheckoutError> {
+        let (admit, changed) = self.breaker.lock().admit(Instant::now());
+        if let Some(to) = changed {
+            self.on_breaker_transition(to);
+        }
+        match admit {
+            Admit::Yes | Admit::Trial => Ok(()),
+            Admit::No {
+                down_for,
+                retry_in,
+                last_error,
+            } => Err(CheckoutError::Unavailable {
+                down_for,
+                retry_in,
+                last_error,
+            }),
+        }
+    }
+
+    pub fn breaker_open(&self) -> bool {
+        self.breaker.lock().state != crate::circuit::State::Closed
+    }
+
+    pub fn breaker_view(&self) -> BreakerView {
+        self.breaker.lock().view(Instant::now())
+    }
+
+    fn fail_all_waiters(&self) {
+        let waiters = std::mem::take(&mut self.state.lock().waiters);
+        let view = self.breaker_view();
+        for w in waiters {
+            let _ = w.send(Err(CheckoutError::Unavailable {
+                down_for: Duration::from_secs_f64(view.down_for_secs.unwrap_or(0.0)),
+                retry_in: Duration::from_secs_f64(view.retry_in_secs.unwrap_or(0.0)),
+                last_error: view.last_error.clone().unwrap_or_default(),
+            }));
         }
     }
 
@@ -357,7 +532,11 @@ impl Pool {
         let settings = self.settings();
         let now = Instant::now();
         conn.last_used = now;
-        if expired(&conn, &settings, now) || conn.errors > 3 {
+        if conn.errors > 3 {
+            self.discarded(conn, "errors");
+            return;
+        }
+        if expired(&conn, &settings, now) {
             self.discarded(conn, "lifetime");
             return;
         }
@@ -365,12 +544,16 @@ impl Pool {
         if st.closed || st.open > settings.max_size {
             st.open -= 1;
             drop(st);
-            self.stats.closed.fetch_add(1, Ordering::Relaxed);
+            self.closed_metric(if settings.max_size == 0 {
+                "closed"
+            } else {
+                "resize"
+            });
             drop_later(conn);
             return;
         }
         let mut lease = self.lease(conn);
-        while let Some(w) = st.waiters.pop_front() {
+        while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
             match w.send(Ok(lease)) {
                 Ok(()) => return,
                 // That waiter gave up (timeout or client gone): try the next one.
@@ -386,10 +569,18 @@ impl Pool {
     /// Accounts for a connection that is closed rather than returned.
     fn discarded(self: Arc<Self>, conn: ServerConn, reason: &'static str) {
         tracing::debug!(pool = %self.key, server = conn.id, reason, "closing server connection");
-        self.stats.closed.fetch_add(1, Ordering::Relaxed);
+        self.closed_metric(reason);
         self.state.lock().open -= 1;
         drop_later(conn);
         self.trim_and_fill();
+    }
+
+    fn closed_metric(&self, reason: &str) {
+        self.stats.closed.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .server_closed
+            .with_label_values(&[&self.name, reason])
+            .inc();
     }
 
     /// Opens connections for waiters while under the limit and closes idle connections
@@ -401,22 +592,58 @@ impl Pool {
             match st.idle.pop() {
                 Some(c) => {
                     st.open -= 1;
+                    self.closed_metric("resize");
                     drop_later(c);
                 }
                 None => break,
             }
         }
-        let wanted = st
+        if st.paused || st.closed {
+            return;
+        }
+        // Idle connections go to waiters first (after a resume).
+        while !st.waiters.is_empty() {
+            let Some(conn) = st.idle.pop() else { break };
+            let mut lease = self.lease(conn);
+            while let Some(w) = st.waiters.pop_front() {
+                match w.send(Ok(lease)) {
+                    Ok(()) => {
+                        lease = Lease::empty(self.clone());
+                        break;
+                    }
+                    Err(Ok(back)) => lease = back,
+                    Err(Err(_)) => {
+                        lease = Lease::empty(self.clone());
+                        break;
+                    }
+                }
+            }
+            if let Some(c) = lease.conn.take() {
+                st.idle.push(c);
+                break;
+            }
+        }
+        let mut wanted = st
             .waiters
             .len()
             .min(settings.max_size.saturating_sub(st.open));
-        if wanted == 0 || st.closed {
+        if wanted == 0 {
             return;
         }
+        if self.breaker_open() {
+            // One trial at a time while the upstream is considered down.
+            match self.admit() {
+                Ok(()) => wanted = 1,
+                Err(_) => return,
+            }
+        }
         st.open += wanted;
+        st.connecting += wanted;
         drop(st);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.state.lock().open -= wanted;
+            let mut st = self.state.lock();
+            st.open -= wanted;
+            st.connecting -= wanted;
             return;
         };
         for _ in 0..wanted {
@@ -427,6 +654,61 @@ impl Pool {
                     pool.checkin(conn);
                 }
             });
+        }
+    }
+
+    pub fn pause(self: &Arc<Self>) {
+        self.state.lock().paused = true;
+    }
+
+    pub fn resume(self: &Arc<Self>) {
+        self.state.lock().paused = false;
+        self.trim_and_fill();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.state.lock().paused
+    }
+
+    /// A snapshot for metrics and the admin API.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let settings = self.settings();
+        let now = Instant::now();
+        let st = self.state.lock();
+        let oldest = st
+            .idle
+            .iter()
+            .map(|c| now.duration_since(c.created))
+            .max()
+            .unwrap_or_default();
+        let clients = self.clients.load(Ordering::Relaxed);
+        let waiting = self.clients_waiting.load(Ordering::Relaxed);
+        let active = self.clients_active.load(Ordering::Relaxed);
+        PoolSnapshot {
+            name: self.name.clone(),
+            database: self.key.database.clone(),
+            user: self.key.user.clone(),
+            mode: settings.mode.to_string(),
+            min_size: settings.min_size,
+            max_size: settings.max_size,
+            target_size: settings.max_size,
+            open: st.open,
+            idle: st.idle.len(),
+            connecting: st.connecting,
+            active_servers: st.open.saturating_sub(st.idle.len() + st.connecting),
+            waiting_in_queue: st.waiters.len(),
+            clients,
+            clients_waiting: waiting,
+            clients_active: active,
+            clients_idle: clients.saturating_sub(waiting + active),
+            paused: st.paused,
+            oldest_idle_secs: oldest.as_secs_f64(),
+            checkouts: self.stats.checkouts.load(Ordering::Relaxed),
+            wait_timeouts: self.stats.wait_timeouts.load(Ordering::Relaxed),
+            connects: self.stats.connects.load(Ordering::Relaxed),
+            connect_failures: self.stats.connect_failures.load(Ordering::Relaxed),
+            closed: self.stats.closed.load(Ordering::Relaxed),
+            wait_seconds_total: self.stats.wait_micros_total.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
 

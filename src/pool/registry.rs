@@ -8,16 +8,19 @@ use parking_lot::{Mutex, RwLock};
 use super::{Pool, PoolKey, PoolSettings};
 use crate::auth::Secret;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::server::ServerIdentity;
 
 pub struct Registry {
+    pub metrics: Arc<Metrics>,
     config: RwLock<Arc<Config>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
 impl Registry {
-    pub fn new(config: Arc<Config>) -> Arc<Registry> {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Registry> {
         Arc::new(Registry {
+            metrics,
             config: RwLock::new(config),
             pools: Mutex::new(HashMap::new()),
         })
@@ -34,7 +37,7 @@ impl Registry {
             return p.clone();
         }
         let settings = settings_for(&self.config(), key);
-        let pool = Pool::new(key.clone(), settings);
+        let pool = Pool::new(key.clone(), settings, self.metrics.clone());
         pools.insert(key.clone(), pool.clone());
         pool
     }
@@ -55,6 +58,74 @@ impl Registry {
         *self.config.write() = config.clone();
         for pool in self.all() {
             pool.update_settings(settings_for(&config, &pool.key));
+        }
+    }
+
+    /// Forgets a pool that never managed to open a connection (a login to a database
+    /// that does not exist, say), so failed logins leave no state or metric series.
+    pub fn forget_if_unused(&self, key: &PoolKey) {
+        let mut pools = self.pools.lock();
+        if let Some(p) = pools.get(key) {
+            let snap = p.snapshot();
+            if snap.open == 0 && snap.clients == 0 && snap.connects == 0 {
+                pools.remove(key);
+            }
+        }
+    }
+
+    /// Refreshes the state gauges from the pools (called at scrape time).
+    pub fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.breaker_state.reset();
+        for g in [
+            &m.clients,
+            &m.server_connections,
+            &m.pool_min,
+            &m.pool_max,
+            &m.pool_target,
+            &m.pool_current,
+            &m.pool_paused,
+        ] {
+            g.reset();
+        }
+        m.server_age_max.reset();
+        for p in self.all() {
+            let s = p.snapshot();
+            let n = s.name.as_str();
+            m.clients
+                .with_label_values(&[n, "active"])
+                .set(s.clients_active as i64);
+            m.clients
+                .with_label_values(&[n, "waiting"])
+                .set(s.clients_waiting as i64);
+            m.clients
+                .with_label_values(&[n, "idle"])
+                .set(s.clients_idle as i64);
+            m.server_connections
+                .with_label_values(&[n, "active"])
+                .set(s.active_servers as i64);
+            m.server_connections
+                .with_label_values(&[n, "idle"])
+                .set(s.idle as i64);
+            m.server_connections
+                .with_label_values(&[n, "connecting"])
+                .set(s.connecting as i64);
+            m.server_connections
+                .with_label_values(&[n, "testing"])
+                .set(0);
+            m.pool_min.with_label_values(&[n]).set(s.min_size as i64);
+            m.pool_max.with_label_values(&[n]).set(s.max_size as i64);
+            m.pool_target
+                .with_label_values(&[n])
+                .set(s.target_size as i64);
+            m.pool_current.with_label_values(&[n]).set(s.open as i64);
+            m.pool_paused.with_label_values(&[n]).set(s.paused as i64);
+            m.server_age_max
+                .with_label_values(&[n])
+                .set(s.oldest_idle_secs);
+            m.breaker_state
+                .with_label_values(&[n])
+                .set(p.breaker_view().state.gauge());
         }
     }
 
@@ -96,6 +167,11 @@ pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
         max_prepared: config.pool.max_prepared_statements,
         server_idle_timeout: config.pool.server_idle_timeout,
         server_lifetime: config.pool.server_lifetime,
+        breaker: crate::circuit::BreakerSettings {
+            failure_threshold: config.breaker.failure_threshold,
+            backoff_base: config.breaker.backoff_base,
+            backoff_cap: config.breaker.backoff_cap,
+        },
         identity: ServerIdentity {
             host: config.upstream.host.clone(),
             port: config.upstream.port,

@@ -69,16 +69,20 @@ where
             return Ok(Outcome::NeedMore);
         }
         self.c_in.need = 0;
+        self.stats.msgs_c2s += 1;
+        self.stats.bytes_c2s += h.frame_len() as u64;
         match h.tag {
             fe::QUERY | fe::FUNCTION_CALL => {
                 if inspect {
                     self.inspect_query(h);
                 }
+                self.note_request();
                 self.push(Req::Query);
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::SYNC => {
                 self.batch_open = false;
+                self.note_request();
                 self.push(Req::Sync);
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
@@ -261,9 +265,26 @@ where
         };
         let conn = lease.conn();
         if conn.prepared.touch(def.id) {
+            self.shared
+                .metrics
+                .prepared
+                .with_label_values(&["hit"])
+                .inc();
             return;
         }
         let evicted = conn.prepared.insert(def.id);
+        self.shared
+            .metrics
+            .prepared
+            .with_label_values(&["miss"])
+            .inc();
+        if evicted.is_some() {
+            self.shared
+                .metrics
+                .prepared
+                .with_label_values(&["eviction"])
+                .inc();
+        }
         let mut out = BytesMut::new();
         if let Some(old) = evicted {
             messages::fe_close_statement(&mut out, &server_name(old));

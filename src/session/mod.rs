@@ -8,13 +8,18 @@ pub mod relay;
 pub mod tracker;
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cancel::{CancelGuard, CancelTarget};
 use crate::config::PoolMode;
@@ -39,6 +44,10 @@ pub(crate) enum Step {
     ClientGone,
     ClientProtocol(ClientError),
     ServerGone(String),
+    /// The proxy is draining and this client is at a transaction boundary.
+    Shutdown,
+    /// The drain deadline passed.
+    ForceShutdown,
 }
 
 pub struct Session<C> {
@@ -72,6 +81,40 @@ pub struct Session<C> {
     fx: Effects,
     user: String,
     database: String,
+    stats: SessionStats,
+    gauge: Option<PoolClientGuard>,
+    /// Resolves when the proxy starts draining, then (re-armed) when draining times out.
+    shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    draining: bool,
+}
+
+/// Counted locally and added to the shared metrics at transaction boundaries, so the
+/// per-message path touches no shared cache lines.
+#[derive(Default)]
+struct SessionStats {
+    msgs_c2s: u64,
+    msgs_s2c: u64,
+    bytes_c2s: u64,
+    bytes_s2c: u64,
+    /// Start of each Query/Sync in flight, answered in order by ReadyForQuery.
+    query_starts: std::collections::VecDeque<Instant>,
+    /// Start of the current transaction (first request after idle).
+    txn_start: Option<Instant>,
+}
+
+/// Keeps the pool's client gauges right however the session ends.
+struct PoolClientGuard {
+    pool: Arc<Pool>,
+    active: bool,
+}
+
+impl Drop for PoolClientGuard {
+    fn drop(&mut self) {
+        self.pool.clients.fetch_sub(1, Ordering::Relaxed);
+        if self.active {
+            self.pool.clients_active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Serves one accepted client connection to the end.
@@ -154,6 +197,7 @@ where
         let settings = pool.settings();
         let startup_settings = params::startup_settings(&login.params);
         let cancel = shared.cancels.register();
+        let shared_drain = shared.lifecycle.drain.clone();
         let mut c_in = Inbound::default();
         c_in.buf = leftover;
         let mut session = Session {
@@ -179,6 +223,10 @@ where
             fx: Effects::default(),
             user: login.user,
             database: login.database,
+            stats: SessionStats::default(),
+            gauge: None,
+            shutdown_wait: Box::pin(shared_drain.cancelled_owned()),
+            draining: false,
         };
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors
@@ -195,6 +243,7 @@ where
                 Err(e) => {
                     let mut err = e.to_client_error(&session.pool.key);
                     err.severity = Severity::Fatal;
+                    session.shared.registry.forget_if_unused(&session.pool.key);
                     return Err((session.client, err));
                 }
             }
@@ -215,6 +264,21 @@ where
             ));
         }
         tracing::debug!(user = %session.user, db = %session.database, mode = %session.mode, "client logged in");
+        session.pool.clients.fetch_add(1, Ordering::Relaxed);
+        let active = session.server.is_some();
+        if active {
+            session.pool.clients_active.fetch_add(1, Ordering::Relaxed);
+        }
+        session.gauge = Some(PoolClientGuard {
+            pool: session.pool.clone(),
+            active,
+        });
+        session
+            .shared
+            .metrics
+            .client_connections
+            .with_label_values(&["accepted"])
+            .inc();
         Ok(session)
     }
 
@@ -234,10 +298,36 @@ where
                     return;
                 }
                 Step::ClientProtocol(e) => {
+                    self.shared.metrics.error("client", e.code);
                     tracing::info!(error = %e, "closing client after protocol error");
                     let _ = self.flush_client().await;
                     let _ = self.client.write_all(&e.to_bytes()).await;
                     self.finish_client_gone().await;
+                    return;
+                }
+                Step::Shutdown => {
+                    let _ = self.flush_client().await;
+                    self.finish_client_gone().await;
+                    self.shared.metrics.shutdown_clients_closed.inc();
+                    let e = ClientError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "pgsidecar is shutting down; reconnect to continue",
+                    );
+                    let _ = self.client.write_all(&e.to_bytes()).await;
+                    return;
+                }
+                Step::ForceShutdown => {
+                    if let Some(lease) = self.server.take() {
+                        lease.discard("shutdown");
+                    }
+                    self.set_inactive();
+                    let _ = self.flush_client().await;
+                    self.shared.metrics.shutdown_clients_closed.inc();
+                    let e = ClientError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection: pgsidecar shutdown_timeout reached before this transaction finished",
+                    );
+                    let _ = self.client.write_all(&e.to_bytes()).await;
                     return;
                 }
                 Step::ServerGone(reason) => {
@@ -276,6 +366,8 @@ where
     /// that disconnects leaves the queue. Returns false if the client went away.
     async fn acquire(&mut self) -> bool {
         let pool = self.pool.clone();
+        pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = WaitingGuard(&pool);
         let checkout = pool.checkout();
         tokio::pin!(checkout);
         let result = loop {
@@ -295,6 +387,7 @@ where
             }
             Err(e) => {
                 let err = e.to_client_error(&self.pool.key);
+                self.shared.metrics.error("proxy", err.code);
                 tracing::info!(error = %err, "checkout failed");
                 self.answer_locally(err);
                 true
@@ -322,6 +415,12 @@ where
     /// Binds a server: resets tracking, points the cancel key at it and queues the SETs
     /// that give it this client's settings.
     fn attach(&mut self, mut lease: Lease) {
+        if let Some(g) = self.gauge.as_mut() {
+            if !g.active {
+                g.active = true;
+                self.pool.clients_active.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.tracker.reset();
         self.server_fatal = false;
         self.server_eof = false;
@@ -363,6 +462,8 @@ where
     /// Returns the server to the pool at a transaction boundary.
     fn release(&mut self) {
         self.cancel.slot.set(None);
+        self.flush_stats();
+        self.set_inactive();
         let Some(lease) = self.server.take() else {
             return;
         };
@@ -394,6 +495,8 @@ where
     /// After the client left: return the server clean, roll back, or close it.
     async fn finish_client_gone(&mut self) {
         self.cancel.slot.set(None);
+        self.flush_stats();
+        self.set_inactive();
         let Some(mut lease) = self.server.take() else {
             return;
         };
@@ -433,9 +536,66 @@ where
         lease.release();
     }
 
+    fn set_inactive(&mut self) {
+        if let Some(g) = self.gauge.as_mut() {
+            if g.active {
+                g.active = false;
+                self.pool.clients_active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds the locally counted traffic to the shared metrics.
+    fn flush_stats(&mut self) {
+        let m = &self.shared.metrics;
+        let s = &mut self.stats;
+        if s.msgs_c2s > 0 {
+            m.messages_c2s.inc_by(std::mem::take(&mut s.msgs_c2s));
+            m.bytes_c2s.inc_by(std::mem::take(&mut s.bytes_c2s));
+        }
+        if s.msgs_s2c > 0 {
+            m.messages_s2c.inc_by(std::mem::take(&mut s.msgs_s2c));
+            m.bytes_s2c.inc_by(std::mem::take(&mut s.bytes_s2c));
+        }
+        s.query_starts.clear();
+    }
+
+    /// At a transaction boundary: a draining proxy may close this client here.
+    fn at_boundary(&self) -> bool {
+        let quiet_input = self.c_in.unscanned().is_empty() && !self.local_sync_owed;
+        match self.mode {
+            PoolMode::Transaction => self.server.is_none() && quiet_input,
+            PoolMode::Session => {
+                quiet_input
+                    && self.tracker.is_empty()
+                    && self.tracker.status == b'I'
+                    && !self.batch_open
+                    && self.c_in.body_left == 0
+            }
+        }
+    }
+
+    /// Polls the shutdown signals: Some(step) when this session must end now.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Option<Step> {
+        if self.shutdown_wait.as_mut().poll(cx).is_ready() {
+            if self.draining {
+                return Some(Step::ForceShutdown);
+            }
+            self.draining = true;
+            self.shutdown_wait = Box::pin(self.shared.lifecycle.force.clone().cancelled_owned());
+            if self.shutdown_wait.as_mut().poll(cx).is_ready() {
+                return Some(Step::ForceShutdown);
+            }
+        }
+        (self.draining && self.at_boundary()).then_some(Step::Shutdown)
+    }
+
     /// Moves bytes both ways until something needs the session's attention.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
         loop {
+            if let Some(step) = self.poll_shutdown(cx) {
+                return Poll::Ready(step);
+            }
             let mut progress = false;
             if let Some(lease) = self.server.as_mut() {
                 if let Poll::Ready(Err(e)) = self.c_in.poll_drain(cx, &mut lease.conn().stream) {
@@ -545,6 +705,11 @@ where
                 }
                 be::ERROR_RESPONSE => {
                     let (code, _msg, severity) = messages::error_fields(body);
+                    if !self.tracker.head_is_injected() {
+                        self.shared
+                            .metrics
+                            .error("server", code.as_deref().unwrap_or("??"));
+                    }
                     if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
                         self.server_fatal = true;
                     }
@@ -563,8 +728,13 @@ where
                     BodyMode::Skip
                 },
             );
+            self.stats.msgs_s2c += 1;
+            self.stats.bytes_s2c += h.frame_len() as u64;
             progress = true;
             self.apply_effects();
+            if h.tag == be::READY_FOR_QUERY && forward {
+                self.observe_ready();
+            }
             if h.tag == be::READY_FOR_QUERY
                 && self.mode == PoolMode::Transaction
                 && self.tracker.is_empty()
@@ -576,6 +746,32 @@ where
             }
         }
         Ok((progress, None))
+    }
+
+    /// A ReadyForQuery reached the client: time the request it answers and, when the
+    /// session is idle again, the transaction.
+    fn observe_ready(&mut self) {
+        let now = Instant::now();
+        if let Some(t) = self.stats.query_starts.pop_front() {
+            self.pool.m.query_duration.observe((now - t).as_secs_f64());
+        }
+        if self.tracker.status == b'I' && self.tracker.is_empty() {
+            if let Some(t) = self.stats.txn_start.take() {
+                self.pool
+                    .m
+                    .transaction_duration
+                    .observe((now - t).as_secs_f64());
+            }
+        }
+    }
+
+    /// Notes a Query or Sync sent to the server, for the duration histograms.
+    pub(super) fn note_request(&mut self) {
+        let now = Instant::now();
+        if self.stats.txn_start.is_none() {
+            self.stats.txn_start = Some(now);
+        }
+        self.stats.query_starts.push_back(now);
     }
 
     /// Applies what the tracker learned, and queues its synthetic answers.
@@ -623,6 +819,15 @@ where
             }
         }
         Ok((progress, None))
+    }
+}
+
+/// Takes the client out of the waiting gauge when its checkout ends, however it ends.
+struct WaitingGuard<'a>(&'a Arc<Pool>);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.clients_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1,0 +1,1 @@
+//! The PgBouncer-style admin console (virtual database `pgsidecar`); filled in below.

@@ -1,0 +1,320 @@
+//! Prometheus metrics: names are `pgsidecar_<thing>_<unit>`, labels are bounded (pool,
+//! state, reason, SQLSTATE class, origin; never query text or unauthenticated input).
+//!
+//! Counters and histograms are updated where things happen; gauges that describe state
+//! (clients and servers by state, pool sizes, breaker state) are refreshed from the pools
+//! at scrape time, so they cannot drift from the truth.
+//!
+//! Histogram buckets (seconds):
+//! - checkout wait: 100 µs to 120 s, dense below 10 ms where a healthy pool lives and
+//!   reaching `query_wait_timeout` territory;
+//! - query and transaction duration: 100 µs to 60 s, roughly 1-2.5-5 per decade;
+//! - backend connect and health-check latency: 1 ms to 15 s.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0,
+];
+pub const QUERY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub client_connections: IntCounterVec,
+    pub clients: IntGaugeVec,
+    pub server_connections: IntGaugeVec,
+    pub server_opened: IntCounterVec,
+    pub server_closed: IntCounterVec,
+    pub pool_min: IntGaugeVec,
+    pub pool_max: IntGaugeVec,
+    pub pool_target: IntGaugeVec,
+    pub pool_current: IntGaugeVec,
+    pub pool_paused: IntGaugeVec,
+    pub server_age_max: GaugeVec,
+    pub checkout_wait: HistogramVec,
+    pub transaction_duration: HistogramVec,
+    pub query_duration: HistogramVec,
+    pub connect_duration: HistogramVec,
+    pub bytes: IntCounterVec,
+    pub messages: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_transitions: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub health_check_duration: HistogramVec,
+    pub prepared: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub checkout_timeouts: IntCounterVec,
+    pub aimd_ceiling: IntGaugeVec,
+    pub shutdown_clients_closed: IntCounter,
+    pub bytes_c2s: IntCounter,
+    pub bytes_s2c: IntCounter,
+    pub messages_c2s: IntCounter,
+    pub messages_s2c: IntCounter,
+}
+
+/// Per-pool handles, resolved once so the hot path does no label lookups.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub checkout_wait: prometheus::Histogram,
+    pub transaction_duration: prometheus::Histogram,
+    pub query_duration: prometheus::Histogram,
+    pub connect_duration: prometheus::Histogram,
+    pub opened: prometheus::IntCounter,
+    pub checkout_timeouts: prometheus::IntCounter,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(c.clone()));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(g.clone()));
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(h.clone()));
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let build = gauge(
+            &r,
+            "pgsidecar_build_info",
+            "Build information; the value is always 1.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let shutdown_clients_closed = IntCounter::new(
+            "pgsidecar_shutdown_clients_closed_total",
+            "Clients closed by a graceful shutdown.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        let _ = r.register(Box::new(shutdown_clients_closed.clone()));
+        let bytes = counter(
+            &r,
+            "pgsidecar_bytes_total",
+            "Bytes forwarded, by direction (client_to_server, server_to_client).",
+            &["direction"],
+        );
+        let messages = counter(
+            &r,
+            "pgsidecar_messages_total",
+            "Protocol messages relayed, by direction (client_to_server, server_to_client).",
+            &["direction"],
+        );
+        Metrics {
+            bytes_c2s: bytes.with_label_values(&["client_to_server"]),
+            bytes_s2c: bytes.with_label_values(&["server_to_client"]),
+            messages_c2s: messages.with_label_values(&["client_to_server"]),
+            messages_s2c: messages.with_label_values(&["server_to_client"]),
+            bytes,
+            messages,
+            client_connections: counter(
+                &r,
+                "pgsidecar_client_connections_total",
+                "Client connections by outcome: accepted (logged in) or rejected (limit, auth, protocol).",
+                &["result"],
+            ),
+            clients: gauge(
+                &r,
+                "pgsidecar_clients",
+                "Connected clients by pool and state (active: bound to a server, waiting: queued for one, idle).",
+                &["pool", "state"],
+            ),
+            server_connections: gauge(
+                &r,
+                "pgsidecar_server_connections",
+                "Server connections by pool and state (active, idle, connecting, testing).",
+                &["pool", "state"],
+            ),
+            server_opened: counter(
+                &r,
+                "pgsidecar_server_connections_opened_total",
+                "Server connections opened.",
+                &["pool"],
+            ),
+            server_closed: counter(
+                &r,
+                "pgsidecar_server_connections_closed_total",
+                "Server connections closed, by reason.",
+                &["pool", "reason"],
+            ),
+            pool_min: gauge(&r, "pgsidecar_pool_min_connections", "Configured minimum pool size.", &["pool"]),
+            pool_max: gauge(&r, "pgsidecar_pool_max_connections", "Configured maximum pool size.", &["pool"]),
+            pool_target: gauge(
+                &r,
+                "pgsidecar_pool_target_connections",
+                "Pool size the elastic sizing controller aims for.",
+                &["pool"],
+            ),
+            pool_current: gauge(&r, "pgsidecar_pool_connections", "Open server connections (all states).", &["pool"]),
+            pool_paused: gauge(&r, "pgsidecar_pool_paused", "1 when the pool is paused.", &["pool"]),
+            server_age_max: GaugeVec::new(
+                Opts::new("pgsidecar_server_connection_age_max_seconds", "Age of the oldest idle server connection."),
+                &["pool"],
+            )
+            .inspect(|g| {
+                let _ = r.register(Box::new(g.clone()));
+            })
+            .unwrap_or_else(|e| unreachable!("static metric: {e}")),
+            checkout_wait: histogram(
+                &r,
+                "pgsidecar_checkout_wait_seconds",
+                "Time a client waited for a server connection.",
+                &["pool"],
+                WAIT_BUCKETS,
+            ),
+            transaction_duration: histogram(
+                &r,
+                "pgsidecar_transaction_duration_seconds",
+                "Time from a transaction's first message to its final ReadyForQuery (idle).",
+                &["pool"],
+                QUERY_BUCKETS,
+            ),
+            query_duration: histogram(
+                &r,
+                "pgsidecar_query_duration_seconds",
+                "Time from a Query or Sync to its ReadyForQuery.",
+                &["pool"],
+                QUERY_BUCKETS,
+            ),
+            connect_duration: histogram(
+                &r,
+                "pgsidecar_server_connect_seconds",
+                "Time to open and authenticate a server connection.",
+                &["pool"],
+                CONNECT_BUCKETS,
+            ),
+            errors: counter(
+                &r,
+                "pgsidecar_errors_total",
+                "Errors sent to clients, by origin (server, proxy, client) and SQLSTATE class.",
+                &["origin", "class"],
+            ),
+            breaker_state: gauge(
+                &r,
+                "pgsidecar_breaker_state",
+                "Circuit breaker state per upstream pool: 0 closed, 1 half-open, 2 open.",
+                &["pool"],
+            ),
+            breaker_transitions: counter(
+                &r,
+                "pgsidecar_breaker_transitions_total",
+                "Circuit breaker transitions, by target state.",
+                &["pool", "to"],
+            ),
+            health_checks: counter(
+                &r,
+                "pgsidecar_health_checks_total",
+                "Health checks, by kind (idle, probe) and result (ok, failed).",
+                &["pool", "kind", "result"],
+            ),
+            health_check_duration: histogram(
+                &r,
+                "pgsidecar_health_check_seconds",
+                "Health check latency.",
+                &["pool", "kind"],
+                CONNECT_BUCKETS,
+            ),
+            prepared: counter(
+                &r,
+                "pgsidecar_prepared_statements_total",
+                "Prepared-statement cache events in transaction mode (hit, miss, eviction).",
+                &["event"],
+            ),
+            reloads: counter(
+                &r,
+                "pgsidecar_config_reloads_total",
+                "Configuration reloads, by result (ok, failed).",
+                &["result"],
+            ),
+            checkout_timeouts: counter(
+                &r,
+                "pgsidecar_checkout_timeouts_total",
+                "Checkouts that hit query_wait_timeout.",
+                &["pool"],
+            ),
+            aimd_ceiling: gauge(
+                &r,
+                "pgsidecar_pool_ceiling_connections",
+                "Pool ceiling after congestion control (AIMD); equals max when unconstrained.",
+                &["pool"],
+            ),
+            shutdown_clients_closed,
+            registry: r,
+        }
+    }
+
+    pub fn for_pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            checkout_wait: self.checkout_wait.with_label_values(&[pool]),
+            transaction_duration: self.transaction_duration.with_label_values(&[pool]),
+            query_duration: self.query_duration.with_label_values(&[pool]),
+            connect_duration: self.connect_duration.with_label_values(&[pool]),
+            opened: self.server_opened.with_label_values(&[pool]),
+            checkout_timeouts: self.checkout_timeouts.with_label_values(&[pool]),
+        }
+    }
+
+    /// Text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Counts an error a client received; `code` is a SQLSTATE (only its class is kept).
+    pub fn error(&self, origin: &str, code: &str) {
+        let class = code
+            .get(..2)
+            .filter(|c| c.bytes().all(|b| b.is_ascii_alphanumeric()));
+        self.errors
+            .with_label_values(&[origin, class.unwrap_or("??")])
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_with_prefix_and_bounded_class_labels() {
+        let m = Metrics::new();
+        m.error("server", "42P01");
+        m.error("proxy", "x");
+        m.checkout_wait.with_label_values(&["db/u"]).observe(0.002);
+        let text = m.render();
+        assert!(text.contains("pgsidecar_errors_total{class=\"42\",origin=\"server\"} 1"));
+        assert!(text.contains("pgsidecar_errors_total{class=\"??\",origin=\"proxy\"} 1"));
+        assert!(text.contains("pgsidecar_checkout_wait_seconds_bucket"));
+        assert!(text.contains("pgsidecar_build_info"));
+    }
+}
