@@ -26,6 +26,7 @@ pub mod sqlstate {
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const SYNTAX_ERROR: &str = "42601";
 }
 
 /// Severity of an error the proxy emits. FATAL closes the connection afterwards.

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cancel;
 pub mod circuit;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod error;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cancel::CancelRegistry;
+use crate::clients::ClientList;
 use crate::config::Config;
 use crate::error::{sqlstate, ClientError};
 use crate::lifecycle::Lifecycle;
@@ -25,6 +26,7 @@ pub struct Shared {
     /// Clients connected now (all states).
     pub clients: AtomicUsize,
     pub lifecycle: Lifecycle,
+    pub client_list: Arc<ClientList>,
 }
 
 impl Shared {
@@ -36,6 +38,7 @@ impl Shared {
             cancels: CancelRegistry::new(),
             clients: AtomicUsize::new(0),
             lifecycle: Lifecycle::default(),
+            client_list: Arc::new(ClientList::default()),
         })
     }
 }

@@ -51,6 +51,14 @@ pub struct PoolSnapshot {
     pub wait_seconds_total: f64,
 }
 
+/// One idle server connection as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct ServerView {
+    pub backend_pid: i32,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+}
+
 /// Pools are keyed by the database and user a client asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
@@ -713,6 +721,21 @@ impl Pool {
     }
 
     /// Closes idle connections past their idle timeout or lifetime; returns how many.
+    /// Idle connections for the admin console's SHOW SERVERS.
+    pub fn idle_servers(&self) -> Vec<ServerView> {
+        let now = Instant::now();
+        self.state
+            .lock()
+            .idle
+            .iter()
+            .map(|c| ServerView {
+                backend_pid: c.backend_pid,
+                age_secs: now.duration_since(c.created).as_secs_f64(),
+                idle_secs: now.duration_since(c.last_used).as_secs_f64(),
+            })
+            .collect()
+    }
+
     pub fn reap_idle(&self) -> usize {
         let settings = self.settings();
         let now = Instant::now();

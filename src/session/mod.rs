@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::cancel::{CancelGuard, CancelTarget};
+use crate::clients::{self, ClientInfo};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError, Severity};
 use crate::pool::{Lease, Pool, PoolKey};
@@ -86,6 +87,8 @@ pub struct Session<C> {
     /// Resolves when the proxy starts draining, then (re-armed) when draining times out.
     shutdown_wait: Pin<Box<WaitForCancellationFutureOwned>>,
     draining: bool,
+    /// This client's entry in the admin console's client list.
+    info: Option<Arc<ClientInfo>>,
 }
 
 /// Counted locally and added to the shared metrics at transaction boundaries, so the
@@ -154,17 +157,57 @@ where
             return;
         }
     };
-    let span = tracing::info_span!("client", %peer, user = %login.user, db = %login.database);
-    let _enter = span.enter();
-    drop(_enter);
-    let mut session = match Session::start(client, shared, login, leftover).await {
-        Ok(s) => s,
-        Err((mut client, e)) => {
+    if login.database == crate::admin::console::DATABASE {
+        let is_admin = config.find_user(&login.user).is_some_and(|u| u.admin);
+        if !is_admin {
+            let e = ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!(
+                    "user \"{}\" is not an admin of pgsidecar (set admin: true on the user)",
+                    login.user
+                ),
+            );
             let _ = client.write_all(&e.to_bytes()).await;
             return;
         }
+        let _entry =
+            shared
+                .client_list
+                .register(&peer, &login.user, &login.database, "admin console");
+        crate::admin::console::serve(&mut client, shared, leftover).await;
+        return;
+    }
+    let app = login
+        .params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let entry = shared
+        .client_list
+        .register(&peer, &login.user, &login.database, app);
+    let span =
+        tracing::info_span!("client", %peer, user = %login.user, db = %login.database, app = %app);
+    let fut = async move {
+        let mut session = match Session::start(client, shared, login, leftover).await {
+            Ok(s) => s,
+            Err((mut client, e)) => {
+                let _ = client.write_all(&e.to_bytes()).await;
+                return;
+            }
+        };
+        if let Some(lease) = session.server.as_mut() {
+            entry.info.state.store(clients::ACTIVE, Ordering::Relaxed);
+            entry
+                .info
+                .server_pid
+                .store(lease.conn().backend_pid, Ordering::Relaxed);
+        }
+        session.info = Some(entry.info.clone());
+        session.run().await;
+        drop(entry);
     };
-    session.run().await;
+    tracing::Instrument::instrument(fut, span).await;
 }
 
 impl<C> Session<C>
@@ -227,6 +270,7 @@ where
             gauge: None,
             shutdown_wait: Box::pin(shared_drain.cancelled_owned()),
             draining: false,
+            info: None,
         };
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors
@@ -367,6 +411,9 @@ where
     async fn acquire(&mut self) -> bool {
         let pool = self.pool.clone();
         pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
+        if let Some(info) = &self.info {
+            info.state.store(clients::WAITING, Ordering::Relaxed);
+        }
         let _waiting = WaitingGuard(&pool);
         let checkout = pool.checkout();
         tokio::pin!(checkout);
@@ -388,6 +435,9 @@ where
             Err(e) => {
                 let err = e.to_client_error(&self.pool.key);
                 self.shared.metrics.error("proxy", err.code);
+                if let Some(info) = &self.info {
+                    info.state.store(clients::IDLE, Ordering::Relaxed);
+                }
                 tracing::info!(error = %err, "checkout failed");
                 self.answer_locally(err);
                 true
@@ -415,6 +465,11 @@ where
     /// Binds a server: resets tracking, points the cancel key at it and queues the SETs
     /// that give it this client's settings.
     fn attach(&mut self, mut lease: Lease) {
+        if let Some(info) = &self.info {
+            info.state.store(clients::ACTIVE, Ordering::Relaxed);
+            info.server_pid
+                .store(lease.conn().backend_pid, Ordering::Relaxed);
+        }
         if let Some(g) = self.gauge.as_mut() {
             if !g.active {
                 g.active = true;
@@ -537,6 +592,10 @@ where
     }
 
     fn set_inactive(&mut self) {
+        if let Some(info) = &self.info {
+            info.state.store(clients::IDLE, Ordering::Relaxed);
+            info.server_pid.store(0, Ordering::Relaxed);
+        }
         if let Some(g) = self.gauge.as_mut() {
             if g.active {
                 g.active = false;

@@ -1,0 +1,84 @@
+//! Who is connected: a small registry for the admin console's SHOW CLIENTS / SERVERS.
+//! Sessions update their entry with relaxed atomic stores at state changes only.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+pub const IDLE: u8 = 0;
+pub const WAITING: u8 = 1;
+pub const ACTIVE: u8 = 2;
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub addr: String,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub connected: Instant,
+    pub state: AtomicU8,
+    /// Backend pid of the server this client holds now (0: none).
+    pub server_pid: AtomicI32,
+}
+
+impl ClientInfo {
+    pub fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::Relaxed) {
+            ACTIVE => "active",
+            WAITING => "waiting",
+            _ => "idle",
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ClientList {
+    next: std::sync::atomic::AtomicU64,
+    map: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+}
+
+/// Removes the entry when the session ends.
+pub struct ClientEntry {
+    list: Arc<ClientList>,
+    pub info: Arc<ClientInfo>,
+}
+
+impl Drop for ClientEntry {
+    fn drop(&mut self) {
+        self.list.map.lock().remove(&self.info.id);
+    }
+}
+
+impl ClientList {
+    pub fn register(
+        self: &Arc<Self>,
+        addr: &str,
+        user: &str,
+        database: &str,
+        application_name: &str,
+    ) -> ClientEntry {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(ClientInfo {
+            id,
+            addr: addr.to_string(),
+            user: user.to_string(),
+            database: database.to_string(),
+            application_name: application_name.to_string(),
+            connected: Instant::now(),
+            state: AtomicU8::new(IDLE),
+            server_pid: AtomicI32::new(0),
+        });
+        self.map.lock().insert(id, info.clone());
+        ClientEntry {
+            list: self.clone(),
+            info,
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<ClientInfo>> {
+        self.map.lock().values().cloned().collect()
+    }
+}
