@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one test command (README and CI): installs what the tests need on a fresh machine,
+# then runs formatting and lint checks, the Rust suite against throwaway PostgreSQL
+# clusters, the Python driver matrix, and the deployment validation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=0
+apt_install() {
+    if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+find_pg_bin() {
+    if [ -n "${PG_BIN:-}" ] && [ -x "$PG_BIN/initdb" ]; then echo "$PG_BIN"; return; fi
+    if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then pg_config --bindir; return; fi
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
+}
+
+log "checking PostgreSQL server binaries"
+if [ -z "$(find_pg_bin)" ] || [ ! -x "$(find_pg_bin)/initdb" ]; then
+    apt_install postgresql postgresql-contrib
+fi
+export PG_BIN="$(find_pg_bin)"
+echo "PG_BIN=$PG_BIN"
+id postgres >/dev/null 2>&1 || as_root useradd -r -M postgres
+command -v pgbench >/dev/null || apt_install postgresql-contrib
+
+log "checking Python test dependencies"
+python3 -m pip install -q --disable-pip-version-check -r tests/drivers/requirements.txt
+
+if [ -x tests/deploy/validate.sh ] && ! command -v promtool >/dev/null; then
+    log "installing promtool (Debian package prometheus)"
+    apt_install prometheus || echo "promtool unavailable; deploy validation will say so"
+fi
+
+log "format and lint"
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+
+log "building the release binary (driver and deploy suites run it)"
+cargo build --release --quiet
+export PGSIDECAR_BIN="$PWD/target/release/pgsidecar"
+
+log "Rust unit and integration tests (real PostgreSQL clusters)"
+cargo test --quiet -- --test-threads=2
+
+log "Python driver matrix (psycopg 3, psycopg2, asyncpg) in transaction and session mode"
+bash tests/drivers/run.sh
+
+if [ -x tests/deploy/validate.sh ]; then
+    log "deployment validation (yamllint, manifests, promtool, dashboard metrics)"
+    bash tests/deploy/validate.sh
+fi
+
+log "all suites passed"
