@@ -81,9 +81,19 @@ where
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::SYNC => {
-                self.batch_open = false;
-                self.note_request();
-                self.push(Req::Sync);
+                // In COPY FROM STDIN mode PostgreSQL ignores Sync: no ReadyForQuery
+                // answers it and the batch goes on.
+                if !self.tracker.in_copy_in() {
+                    self.batch_open = false;
+                    self.note_request();
+                    self.push(Req::Sync);
+                }
+                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+            }
+            fe::COPY_DONE | fe::COPY_FAIL => {
+                if self.tracker.client_copy_end() {
+                    self.push(Req::CopyEnd);
+                }
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::EXECUTE => {
@@ -151,7 +161,9 @@ where
                 self.s_in.push_own(&out);
                 Outcome::Continue
             }
-            fe::FLUSH => {
+            // COPY traffic with no server bound belongs to a COPY the server already
+            // ended with an error (and released): PostgreSQL would ignore it too.
+            fe::FLUSH | fe::COPY_DATA | fe::COPY_DONE | fe::COPY_FAIL => {
                 self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
                 Outcome::Continue
             }

@@ -39,6 +39,10 @@ pub enum Req {
     },
     /// Answered by the proxy when it reaches the head of the queue.
     Synthetic(BytesMut),
+    /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the server said
+    /// the COPY started (CopyInResponse). Marks where the server's copy-in mode will end
+    /// in the client's stream; gets no answer of its own.
+    CopyEnd,
 }
 
 impl Req {
@@ -65,6 +69,10 @@ pub struct Tracker {
     pub status: u8,
     /// An injected query failed; the server connection should not be trusted.
     pub injected_failed: bool,
+    /// The server is in COPY FROM STDIN mode and the client has not yet sent CopyDone or
+    /// CopyFail. PostgreSQL ignores Sync (and Flush) in copy-in mode, so a Sync sent now
+    /// gets no ReadyForQuery and must not be tracked.
+    copy_in: bool,
 }
 
 impl Default for Tracker {
@@ -74,6 +82,7 @@ impl Default for Tracker {
             discard_until_sync: false,
             status: b'I',
             injected_failed: false,
+            copy_in: false,
         }
     }
 }
@@ -93,6 +102,49 @@ impl Tracker {
         self.discard_until_sync = false;
         self.status = b'I';
         self.injected_failed = false;
+        self.copy_in = false;
+    }
+
+    /// Whether a Sync from the client now would be ignored by the server (copy-in mode).
+    pub fn in_copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// The client sent CopyDone or CopyFail. Returns true if a `Req::CopyEnd` marker must
+    /// be pushed: the COPY may still be about to start (its CopyInResponse not seen yet).
+    pub fn client_copy_end(&mut self) -> bool {
+        if self.copy_in {
+            self.copy_in = false;
+            return false;
+        }
+        // Without a Query or Execute in flight no COPY can start: a stray message that
+        // the server ignores.
+        self.queue
+            .iter()
+            .any(|r| matches!(r, Req::Query | Req::Execute))
+    }
+
+    /// The server sent CopyInResponse for the request at the head: it now reads the
+    /// client's stream in copy-in mode, ignoring Syncs, until CopyDone/CopyFail. Syncs
+    /// the client sent after the Execute and before ending the copy were tracked as
+    /// owing a ReadyForQuery (libpq and tokio-postgres send one right after Execute);
+    /// they are dropped here.
+    fn enter_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Req::Sync => {
+                    self.queue.remove(i);
+                }
+                Req::CopyEnd => {
+                    // The client already ended the copy; later Syncs are answered.
+                    self.queue.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
     }
 
     /// Records a request sent to the server. Synthetic answers at the head go to `emit`.
@@ -146,8 +198,17 @@ impl Tracker {
                         other => drop_effects(&other, fx),
                     }
                 }
+                // A CopyEnd right after the answered request belongs to a COPY that never
+                // started (it failed first): there is no copy-in mode left to end.
+                while let Some(Req::CopyEnd) = self.queue.front() {
+                    self.queue.pop_front();
+                }
                 self.discard_until_sync = false;
                 forward
+            }
+            be::COPY_IN_RESPONSE => {
+                self.enter_copy_in();
+                !self.head_is_injected()
             }
             be::ERROR_RESPONSE => self.on_error(fx),
             be::PARSE_COMPLETE => match self.queue.front() {
@@ -156,7 +217,9 @@ impl Tracker {
                     self.queue.pop_front();
                     fwd
                 }
-                _ => self.head_is_injected(),
+                // Not a Parse/Close we track: forward it (swallowing would hide an answer
+                // the client waits for) unless an injected query is at the head.
+                _ => !self.head_is_injected(),
             },
             be::CLOSE_COMPLETE => match self.queue.front() {
                 Some(Req::Close { injected }) => {
@@ -164,7 +227,9 @@ impl Tracker {
                     self.queue.pop_front();
                     fwd
                 }
-                _ => self.head_is_injected(),
+                // Not a Parse/Close we track: forward it (swallowing would hide an answer
+                // the client waits for) unless an injected query is at the head.
+                _ => !self.head_is_injected(),
             },
             be::BIND_COMPLETE => self.pop_if(|r| matches!(r, Req::Bind)),
             be::NO_DATA | be::ROW_DESCRIPTION => {
@@ -200,6 +265,8 @@ impl Tracker {
     }
 
     fn on_error(&mut self, fx: &mut Effects) -> bool {
+        // An error ends copy-in mode on the server: Syncs it reads from now on count.
+        self.copy_in = false;
         match self.queue.front() {
             Some(Req::Injected) => {
                 self.injected_failed = true;
@@ -312,6 +379,51 @@ mod tests {
         t.push(Req::Execute, &mut emit, &mut fx);
         t.push(Req::Sync, &mut emit, &mut fx);
         assert_eq!(t.len(), 1);
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn syncs_read_in_copy_in_mode_owe_nothing() {
+        // tokio-postgres / libpq: Bind Execute Sync, CopyData.., CopyDone Sync.
+        let mut t = Tracker::default();
+        let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+        t.push(Req::Bind, &mut emit, &mut fx);
+        t.push(Req::Execute, &mut emit, &mut fx);
+        t.push(Req::Sync, &mut emit, &mut fx);
+        assert!(t.on_server(be::BIND_COMPLETE, b"", &mut emit, &mut fx));
+        assert!(t.on_server(be::COPY_IN_RESPONSE, b"", &mut emit, &mut fx));
+        assert!(t.in_copy_in());
+        assert!(!t.client_copy_end(), "copy already started: no marker");
+        t.push(Req::Sync, &mut emit, &mut fx);
+        t.push(Req::Close { injected: false }, &mut emit, &mut fx);
+        t.push(Req::Sync, &mut emit, &mut fx);
+        assert!(t.on_server(be::COMMAND_COMPLETE, b"", &mut emit, &mut fx));
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert!(
+            t.on_server(be::CLOSE_COMPLETE, b"", &mut emit, &mut fx),
+            "CloseComplete must reach the client"
+        );
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn copy_end_sent_before_copy_in_response() {
+        let mut t = Tracker::default();
+        let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+        t.push(Req::Query, &mut emit, &mut fx);
+        assert!(t.client_copy_end());
+        t.push(Req::CopyEnd, &mut emit, &mut fx);
+        t.push(Req::Query, &mut emit, &mut fx);
+        assert!(t.on_server(be::COPY_IN_RESPONSE, b"", &mut emit, &mut fx));
+        assert!(!t.in_copy_in(), "the client already ended the copy");
+        assert!(t.on_server(be::COMMAND_COMPLETE, b"", &mut emit, &mut fx));
+        assert!(rfq(&mut t, &mut emit, &mut fx));
+        assert_eq!(t.len(), 1);
+        // A COPY that fails before starting leaves no marker behind.
+        t.push(Req::CopyEnd, &mut emit, &mut fx);
+        assert!(t.on_server(be::ERROR_RESPONSE, b"", &mut emit, &mut fx));
         assert!(rfq(&mut t, &mut emit, &mut fx));
         assert!(t.is_empty());
     }

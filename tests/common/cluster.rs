@@ -709,7 +709,7 @@ fn find_pg_bindir() -> PathBuf {
             let Some(major) = major else { continue };
             let bin = entry.path().join("bin");
             if bin.join("initdb").is_file()
-                && best.as_ref().map_or(true, |(v, _)| (major, minor) > *v)
+                && !matches!(&best, Some((v, _)) if (major, minor) <= *v)
             {
                 best = Some(((major, minor), bin));
             }

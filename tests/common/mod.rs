@@ -13,10 +13,17 @@
 #![allow(unused_imports)]
 
 pub mod cluster;
+pub mod proxy;
+pub mod raw;
 
 pub use cluster::{
     free_port, process_alive, ClusterAuth, ClusterOptions, PgCluster, APP_PASSWORD, APP_USER,
     SUPERUSER, SUPERUSER_PASSWORD,
+};
+pub use proxy::{
+    bounded, code_of, connect_abortable, connect_with_messages, message_of, proxy_config,
+    proxy_url, proxy_url_pw, rss_kib, shared_cluster, simple_col, simple_one, start_proxy,
+    wait_until, within, TEST_LIMIT,
 };
 
 use std::time::Duration;
