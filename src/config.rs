@@ -102,6 +102,9 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// TLS between clients and the proxy (see `tls.rs`).
+    #[serde(default)]
+    pub tls: crate::tls::ClientTlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -124,6 +127,9 @@ pub struct UpstreamConfig {
     /// Time allowed for TCP connect plus authentication. Default `5s`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to PostgreSQL with libpq's sslmode semantics. Default `sslmode: prefer`.
+    #[serde(default)]
+    pub tls: crate::tls::UpstreamTlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
@@ -206,9 +212,29 @@ pub struct LimitsConfig {
     /// (PostgreSQL's own limit).
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
-    /// Time a client has to complete startup and authentication. Default `60s`.
+    /// Time a client has to complete startup, TLS and authentication; then FATAL 08P01.
+    /// Default `60s`.
     #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
     pub client_login_timeout: Duration,
+    /// Most logged-in clients per database name; more get FATAL 53300. Unset: no cap.
+    #[serde(default)]
+    pub max_db_client_connections: Option<usize>,
+    /// Most logged-in clients per user name; more get FATAL 53300. Unset: no cap.
+    #[serde(default)]
+    pub max_user_client_connections: Option<usize>,
+    /// A client idle inside a transaction this long gets FATAL 25P03; its server is
+    /// rolled back and returned to the pool. Unset: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_transaction_timeout: Option<Duration>,
+    /// A request (query, extended batch, COPY) running this long is cancelled on the
+    /// server, and the client gets PostgreSQL's ERROR 57014. Only while something is in
+    /// flight. If the server does not answer the cancel within 5s more, the client gets
+    /// FATAL 57014 and the server connection is closed. Unset: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub query_timeout: Option<Duration>,
+    /// A client idle outside a transaction this long gets FATAL 57P05. Unset: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub client_idle_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -355,6 +381,11 @@ impl Default for LimitsConfig {
             max_client_conn: default_max_client_conn(),
             max_message_size: default_max_message_size(),
             client_login_timeout: default_client_login_timeout(),
+            max_db_client_connections: None,
+            max_user_client_connections: None,
+            idle_transaction_timeout: None,
+            query_timeout: None,
+            client_idle_timeout: None,
         }
     }
 }
@@ -388,6 +419,7 @@ impl UpstreamConfig {
             user: None,
             password: None,
             connect_timeout: default_connect_timeout(),
+            tls: Default::default(),
         }
     }
 }
@@ -408,6 +440,7 @@ impl Config {
             breaker: BreakerConfig::default(),
             admin: AdminConfig::default(),
             logging: LoggingConfig::default(),
+            tls: Default::default(),
         }
     }
 
@@ -493,6 +526,34 @@ impl Config {
         if self.limits.max_client_conn == 0 {
             return bad("limits.max_client_conn must be at least 1".into());
         }
+        for (name, cap) in [
+            (
+                "limits.max_db_client_connections",
+                self.limits.max_db_client_connections,
+            ),
+            (
+                "limits.max_user_client_connections",
+                self.limits.max_user_client_connections,
+            ),
+        ] {
+            if cap == Some(0) {
+                return bad(format!("{name} must be at least 1 (leave it unset for no cap)"));
+            }
+        }
+        for (name, d) in [
+            (
+                "limits.idle_transaction_timeout",
+                self.limits.idle_transaction_timeout,
+            ),
+            ("limits.query_timeout", self.limits.query_timeout),
+            ("limits.client_idle_timeout", self.limits.client_idle_timeout),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return bad(format!("{name} must be greater than 0 (leave it unset for no limit)"));
+            }
+        }
+        self.tls.validate().map_err(ConfigError::Invalid)?;
+        self.upstream.tls.validate().map_err(ConfigError::Invalid)?;
         if self.limits.max_message_size < 1024 || self.limits.max_message_size > 0x3fff_ffff {
             return bad("limits.max_message_size must be between 1024 and 1073741823".into());
         }

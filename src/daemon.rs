@@ -124,8 +124,17 @@ fn install_reloader(cli: Cli, shared: &Arc<Shared>) {
             return Err("shutting down".into());
         };
         let reloads = &shared.metrics.reloads;
-        let new = match cli.build_config() {
+        let mut new = match cli.build_config() {
             Ok(c) => c,
+            Err(e) => {
+                reloads.with_label_values(&["failed"]).inc();
+                return Err(e.to_string());
+            }
+        };
+        // Certificates and keys are re-read here (rotation); unreadable files fail the
+        // reload before anything changes.
+        let client_tls = match crate::tls::prepare(&mut new) {
+            Ok(t) => t,
             Err(e) => {
                 reloads.with_label_values(&["failed"]).inc();
                 return Err(e.to_string());
@@ -136,6 +145,7 @@ fn install_reloader(cli: Cli, shared: &Arc<Shared>) {
             tracing::warn!("listen addresses change only on restart; keeping the current ones");
         }
         shared.registry.apply(Arc::new(new));
+        shared.tls.store(client_tls);
         reloads.with_label_values(&["ok"]).inc();
         tracing::info!("configuration reloaded");
         Ok(())

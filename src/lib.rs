@@ -19,10 +19,14 @@ pub mod clients;
 pub mod config;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -27,6 +27,10 @@ pub struct Shared {
     pub clients: AtomicUsize,
     pub lifecycle: Lifecycle,
     pub client_list: Arc<ClientList>,
+    /// Client-side TLS in force (swapped on reload).
+    pub tls: crate::tls::ClientTls,
+    /// Per-database and per-user client counts.
+    pub client_caps: Arc<crate::limits::ClientCaps>,
 }
 
 impl Shared {
@@ -39,6 +43,8 @@ impl Shared {
             clients: AtomicUsize::new(0),
             lifecycle: Lifecycle::default(),
             client_list: Arc::new(ClientList::default()),
+            tls: crate::tls::ClientTls::default(),
+            client_caps: Arc::default(),
         })
     }
 }
@@ -53,10 +59,15 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds the client listener and starts accepting.
-    pub async fn start(config: Config) -> std::io::Result<Proxy> {
+    pub async fn start(mut config: Config) -> std::io::Result<Proxy> {
+        // Certificates and keys are read before anything listens, so a bad file stops
+        // the start instead of failing every TLS client later.
+        let client_tls = crate::tls::prepare(&mut config)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = TcpListener::bind(&config.listen).await?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(Arc::new(config));
+        shared.tls.store(client_tls);
         let (stop, stop_rx) = watch::channel(false);
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
         tracing::info!(%addr, "accepting PostgreSQL clients");

@@ -211,6 +211,45 @@ fn deterministic_salt(user: &str) -> Vec<u8> {
     digest[..DEFAULT_SALT_LEN].to_vec()
 }
 
+/// Verifiers derived from plaintext passwords, by user and SHA-256 of the password (so
+/// the cache holds no extra copy of the password itself).
+type PlainCache = std::collections::HashMap<(String, [u8; 32]), ScramVerifier>;
+static PLAIN_VERIFIERS: std::sync::Mutex<Option<PlainCache>> = std::sync::Mutex::new(None);
+/// Reloads can change passwords; old entries are dropped past this many.
+const PLAIN_CACHE_MAX: usize = 4096;
+
+fn plain_verifier(user: &str, password: &str) -> ScramVerifier {
+    let key = (user.to_string(), Sha256::digest(password.as_bytes()).into());
+    let cached = PLAIN_VERIFIERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key).cloned());
+    if let Some(v) = cached {
+        return v;
+    }
+    // Derived outside the lock: PBKDF2 takes milliseconds.
+    let v = ScramVerifier::from_password(password, &deterministic_salt(user), DEFAULT_ITERATIONS);
+    let mut guard = PLAIN_VERIFIERS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = guard.get_or_insert_with(Default::default);
+    if map.len() >= PLAIN_CACHE_MAX {
+        map.clear();
+    }
+    map.insert(key, v.clone());
+    v
+}
+
+/// Derives (and caches) the SCRAM verifier of every user with a plaintext password, so
+/// that no login pays for PBKDF2 and login timing does not depend on whether the user
+/// exists. Call after loading a configuration; cheap when everything is cached.
+pub fn warm_plain_verifiers<'a>(users: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    for (user, password) in users {
+        if !password.is_empty() {
+            plain_verifier(user, password);
+        }
+    }
+}
+
 fn random_key() -> [u8; KEY_LEN] {
     let mut key = [0u8; KEY_LEN];
     rand::rng().fill_bytes(&mut key);
@@ -270,8 +309,18 @@ impl ScramServer {
     /// Like [`ScramServer::new`], but a `Plain` secret gets the same stable salt
     /// that [`mock_server_for`] would give this user, so salts do not reveal
     /// whether the user exists.
+    ///
+    /// The verifier of a `Plain` password is derived once and cached: deriving it runs
+    /// PBKDF2, and doing that on every login would make a configured user's
+    /// server-first-message measurably slower than an unknown user's (a timing oracle
+    /// for user names). See also [`warm_plain_verifiers`].
     pub fn new_for_user(user: &str, secret: &Secret) -> Option<Self> {
-        Self::with_plain_salt(secret, &deterministic_salt(user))
+        match secret {
+            Secret::Plain(password) if !password.is_empty() => {
+                Some(Self::from_verifier(plain_verifier(user, password)))
+            }
+            _ => Self::with_plain_salt(secret, &deterministic_salt(user)),
+        }
     }
 
     /// Uses a verifier directly.
@@ -317,7 +366,7 @@ impl ScramServer {
         self.handle_client_first_with_nonce(data, server_nonce.as_bytes())
     }
 
-    fn handle_client_first_with_nonce(
+    pub(crate) fn handle_client_first_with_nonce(
         &mut self,
         data: &[u8],
         server_nonce: &[u8],

@@ -179,6 +179,7 @@ pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
             password,
             database,
             connect_timeout: config.upstream.connect_timeout,
+            tls: config.upstream.tls.clone(),
         },
     }
 }

@@ -31,6 +31,8 @@ pub struct ServerIdentity {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
+    /// TLS settings (`upstream.tls`); `prepared` holds the connector.
+    pub tls: crate::tls::UpstreamTlsConfig,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -40,6 +42,7 @@ impl std::fmt::Debug for ServerIdentity {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("database", &self.database)
+            .field("sslmode", &self.tls.sslmode)
             .finish_non_exhaustive()
     }
 }
@@ -63,6 +66,11 @@ pub enum ConnectError {
     },
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    #[error("TLS to {addr}: {source}")]
+    Tls {
+        addr: String,
+        source: crate::tls::upstream::UpstreamTlsError,
+    },
 }
 
 impl ConnectError {
@@ -116,9 +124,13 @@ fn leak_code(code: &str) -> &'static str {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The connection to PostgreSQL.
+pub type ServerStream = crate::tls::MaybeTls<TcpStream>;
+
 /// One authenticated connection to PostgreSQL.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    /// Plain TCP or TLS, as `upstream.tls.sslmode` and the server decided.
+    pub stream: ServerStream,
     pub id: u64,
     /// The server's own cancel key, used to forward a client's CancelRequest.
     pub backend_pid: i32,
@@ -184,9 +196,22 @@ impl ServerConn {
             addr: addr.to_string(),
             source,
         };
-        let mut stream = TcpStream::connect(addr).await.map_err(io_err)?;
-        stream.set_nodelay(true).map_err(io_err)?;
-        set_keepalive(&stream);
+        let tcp = TcpStream::connect(addr).await.map_err(io_err)?;
+        tcp.set_nodelay(true).map_err(io_err)?;
+        set_keepalive(&tcp);
+        let mut stream = match &ident.tls.prepared {
+            Some(tls) => tls.negotiate(tcp, &ident.host).await,
+            // An identity built from a configuration that was never prepared (files not
+            // read): build the connector now.
+            None => match crate::tls::UpstreamTls::build(&ident.tls) {
+                Ok(tls) => tls.negotiate(tcp, &ident.host).await,
+                Err(e) => return Err(ConnectError::Protocol(format!("upstream.tls: {e}"))),
+            },
+        }
+        .map_err(|source| ConnectError::Tls {
+            addr: addr.to_string(),
+            source,
+        })?;
 
         let mut buf = BytesMut::with_capacity(512);
         let params = [
@@ -197,6 +222,7 @@ impl ServerConn {
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| ConnectError::Protocol(e.to_string()))?;
         stream.write_all(&buf).await.map_err(io_err)?;
+        stream.flush().await.map_err(io_err)?;
         buf.clear();
 
         let mut scram: Option<ScramSha256> = None;
@@ -332,6 +358,7 @@ impl ServerConn {
                 .write_all(&buf)
                 .await
                 .map_err(|e| e.to_string())?;
+            self.stream.flush().await.map_err(|e| e.to_string())?;
             buf.clear();
             let mut failed = None;
             loop {
@@ -398,17 +425,19 @@ fn password(ident: &ServerIdentity) -> Result<&str, ConnectError> {
     })
 }
 
-async fn send<F>(stream: &mut TcpStream, f: F) -> std::io::Result<()>
+async fn send<F>(stream: &mut ServerStream, f: F) -> std::io::Result<()>
 where
     F: FnOnce(&mut BytesMut) -> std::io::Result<()>,
 {
     let mut buf = BytesMut::new();
     f(&mut buf)?;
-    stream.write_all(&buf).await
+    stream.write_all(&buf).await?;
+    // TLS buffers writes.
+    stream.flush().await
 }
 
 /// Reads one whole backend message during startup, with a size cap.
-async fn read_message(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<Message> {
+async fn read_message(stream: &mut ServerStream, buf: &mut BytesMut) -> std::io::Result<Message> {
     loop {
         if let Some(h) = backend_header(buf, STARTUP_MESSAGE_LIMIT)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
@@ -426,7 +455,7 @@ async fn read_message(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Re
 }
 
 /// Reads one raw backend message (type, body) for internal queries.
-async fn read_raw(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<(u8, BytesMut)> {
+async fn read_raw(stream: &mut ServerStream, buf: &mut BytesMut) -> std::io::Result<(u8, BytesMut)> {
     loop {
         if let Some(h) = backend_header(buf, STARTUP_MESSAGE_LIMIT)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?

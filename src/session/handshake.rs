@@ -1,5 +1,13 @@
-//! Connection opening: SSL/GSS negotiation, StartupMessage, CancelRequest and client
-//! authentication (trust, md5, SCRAM-SHA-256) against the users in the config.
+//! Connection opening: SSL/GSS negotiation (SSLRequest and PostgreSQL 17 direct TLS),
+//! StartupMessage, CancelRequest and client authentication (trust, md5,
+//! SCRAM-SHA-256) against the users in the config.
+//!
+//! Packets before TLS are read with `read_exact` into buffers of exactly the announced
+//! size, so no byte beyond an SSLRequest is ever read before the handshake: any byte
+//! the client sent in the clear after it is detected and refused (CVE-2021-23214).
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -10,6 +18,12 @@ use crate::error::{sqlstate, ClientError};
 use crate::protocol::framing::{fe, frontend_header, AUTH_MESSAGE_LIMIT};
 use crate::protocol::messages;
 use crate::protocol::startup::{parse_startup, startup_len, StartupError, StartupPacket};
+use crate::tls::stream::has_unsolicited_input;
+use crate::tls::{ClientTlsState, MaybeTls, ALPN_POSTGRESQL};
+
+/// First byte of a TLS handshake record: a client starting TLS directly (PostgreSQL 17
+/// `sslnegotiation=direct`) instead of sending an SSLRequest.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What a successful opening yields.
 #[derive(Debug)]
@@ -32,20 +46,36 @@ fn protocol_violation(msg: impl Into<String>) -> OpeningError {
     Some(ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, msg))
 }
 
-/// Reads packets until a StartupMessage or CancelRequest, answering SSLRequest and
-/// GSSENCRequest with 'N' (at most once each, as PostgreSQL allows).
+/// Writes and flushes (TLS buffers writes).
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(), OpeningError> {
+    stream.write_all(bytes).await.map_err(|_| None)?;
+    stream.flush().await.map_err(|_| None)
+}
+
+/// Reads packets until a StartupMessage or CancelRequest. SSLRequest is answered 'S'
+/// and followed by the TLS handshake when `tls` offers it, else 'N'; GSSENCRequest is
+/// answered 'N'. Each at most once, and neither after TLS is up (PostgreSQL's rules;
+/// unbounded renegotiation was CVE-2026-6479). `peer` decides `require-non-loopback`.
 pub async fn read_opening<S>(
-    stream: &mut S,
+    stream: &mut MaybeTls<S>,
     leftover: &mut BytesMut,
+    tls: &ClientTlsState,
+    peer: Option<IpAddr>,
 ) -> Result<Opening, OpeningError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut ssl_done, mut gss_done) = (false, false);
+    let mut first = true;
     loop {
         let mut prefix = [0u8; 4];
         if stream.read_exact(&mut prefix).await.is_err() {
             return Err(None);
+        }
+        if std::mem::take(&mut first) && prefix[0] == TLS_HANDSHAKE_RECORD {
+            direct_tls(stream, tls, &prefix).await?;
+            (ssl_done, gss_done) = (true, true);
+            continue;
         }
         let len = startup_len(prefix).map_err(|e| protocol_violation(e.to_string()))?;
         let mut packet = vec![0u8; len];
@@ -56,11 +86,24 @@ where
         match parse_startup(&packet) {
             Ok(StartupPacket::SslRequest) if !ssl_done => {
                 ssl_done = true;
-                stream.write_all(b"N").await.map_err(|_| None)?;
+                refuse_unsolicited(stream, "SSL").await?;
+                match tls.offered() {
+                    Some(acceptor) => {
+                        send(stream, b"S").await?;
+                        if let Err(e) = crate::tls::accept(stream, acceptor, &[]).await {
+                            tracing::debug!(error = %e, "client TLS handshake failed");
+                            return Err(None);
+                        }
+                        // Encryption ends negotiation, as in PostgreSQL.
+                        gss_done = true;
+                    }
+                    None => send(stream, b"N").await?,
+                }
             }
             Ok(StartupPacket::GssEncRequest) if !gss_done => {
                 gss_done = true;
-                stream.write_all(b"N").await.map_err(|_| None)?;
+                refuse_unsolicited(stream, "GSS encryption").await?;
+                send(stream, b"N").await?;
             }
             Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
                 return Err(protocol_violation("repeated SSL or GSS encryption request"));
@@ -69,6 +112,16 @@ where
                 return Ok(Opening::Cancel { pid, secret })
             }
             Ok(StartupPacket::Startup { minor, params }) => {
+                if !stream.is_tls() && tls.requires_tls(peer) {
+                    // PostgreSQL's words for a hostssl-only pg_hba: 28000 as well.
+                    return Err(Some(
+                        ClientError::fatal(
+                            sqlstate::INVALID_AUTHORIZATION,
+                            "pgsidecar: SSL required: this proxy does not accept unencrypted connections",
+                        )
+                        .with_hint("connect with sslmode=require (or verify-ca / verify-full)"),
+                    ));
+                }
                 if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
                     // Like PostgreSQL: offer 3.0 and list the protocol options we do not know.
                     let unsupported: Vec<String> = params
@@ -87,7 +140,7 @@ where
                         out.extend_from_slice(u.as_bytes());
                         out.extend_from_slice(b"\0");
                     }
-                    stream.write_all(&out).await.map_err(|_| None)?;
+                    send(stream, &out).await?;
                 }
                 let params: Vec<_> = params
                     .into_iter()
@@ -127,6 +180,48 @@ where
             Err(e) => return Err(protocol_violation(e.to_string())),
         }
     }
+}
+
+/// After an SSLRequest or GSSENCRequest, before answering: the client must wait for the
+/// answer, so bytes already there were sent unencrypted and may be injected.
+async fn refuse_unsolicited<S>(stream: &mut MaybeTls<S>, what: &str) -> Result<(), OpeningError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if has_unsolicited_input(stream).await {
+        return Err(protocol_violation(format!(
+            "received unencrypted data after {what} request"
+        )));
+    }
+    Ok(())
+}
+
+/// A client that starts with a TLS ClientHello: PostgreSQL 17 direct TLS. The ALPN
+/// protocol "postgresql" is required, as PostgreSQL requires it, so a TLS client of
+/// another protocol cannot be confused for a PostgreSQL one. Closes silently on failure
+/// (there is no channel to report on).
+async fn direct_tls<S>(
+    stream: &mut MaybeTls<S>,
+    tls: &ClientTlsState,
+    prefix: &[u8],
+) -> Result<(), OpeningError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(acceptor) = tls.offered() else {
+        tracing::debug!("direct TLS connection refused: TLS is not enabled for clients");
+        return Err(None);
+    };
+    if let Err(e) = crate::tls::accept(stream, acceptor, prefix).await {
+        tracing::debug!(error = %e, "direct TLS handshake failed");
+        return Err(None);
+    }
+    if stream.alpn() != Some(ALPN_POSTGRESQL) {
+        tracing::debug!("direct TLS connection without ALPN \"postgresql\" refused");
+        let _ = stream.shutdown().await;
+        return Err(None);
+    }
+    Ok(())
 }
 
 /// Reads one password-family ('p') message body.
@@ -180,6 +275,7 @@ pub async fn authenticate<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    warm_verifiers(config);
     let entry = config.find_user(user);
     let secret = entry.and_then(|u| u.password.as_deref()).map(Secret::parse);
     if entry.is_none() && !config.users.is_empty() && config.auth.method == AuthMethod::Trust {
@@ -200,12 +296,15 @@ where
         AuthMethod::Md5 => {
             let salt = md5_salt();
             messages::auth_md5(&mut out, salt);
-            stream.write_all(&out).await.map_err(|_| None)?;
+            send(stream, &out).await?;
+            // `out` is reused for AuthenticationOk below: the request must not go twice.
+            out.clear();
             let body = read_password_message(stream, buf).await?;
-            let ok = match &secret {
-                Some(s) => verify_md5(s, user, salt, &body),
-                None => false,
-            };
+            // Unknown users are checked against a throwaway secret, so the work (and the
+            // time) is the same as for a wrong password.
+            let unknown = Secret::Plain("pgsidecar-unknown-user".into());
+            let ok = verify_md5(secret.as_ref().unwrap_or(&unknown), user, salt, &body)
+                & secret.is_some();
             if !ok {
                 return Err(auth_failed(user));
             }
@@ -219,7 +318,7 @@ where
                 None => mock_server_for(user),
             };
             messages::auth_sasl(&mut out);
-            stream.write_all(&out).await.map_err(|_| None)?;
+            send(stream, &out).await?;
             out.clear();
             let body = read_password_message(stream, buf).await?;
             let data = parse_sasl_initial(&body)
@@ -229,7 +328,7 @@ where
                 auth_failed(user)
             })?;
             messages::auth_sasl_continue(&mut out, &first);
-            stream.write_all(&out).await.map_err(|_| None)?;
+            send(stream, &out).await?;
             out.clear();
             let body = read_password_message(stream, buf).await?;
             let fin = server.handle_client_final(&body).map_err(|e| {
@@ -240,12 +339,28 @@ where
         }
     }
     messages::auth_ok(&mut out);
-    stream.write_all(&out).await.map_err(|_| None)?;
+    send(stream, &out).await?;
     Ok(())
 }
 
+/// Derives the SCRAM verifiers of plaintext passwords once per configuration (see
+/// `ScramServer::new_for_user`), before the first login that could be timed.
+fn warm_verifiers(config: &Config) {
+    static WARMED_FOR: AtomicUsize = AtomicUsize::new(0);
+    let id = config as *const Config as usize;
+    if WARMED_FOR.swap(id, Ordering::Relaxed) != id {
+        auth::scram::warm_plain_verifiers(
+            config
+                .users
+                .iter()
+                .filter_map(|u| Some((u.name.as_str(), u.password.as_deref()?)))
+                .filter(|(_, p)| matches!(Secret::parse(p), Secret::Plain(_))),
+        );
+    }
+}
+
 /// SASLInitialResponse body: mechanism name, i32 length (-1 for none), data.
-fn parse_sasl_initial(body: &[u8]) -> Option<&[u8]> {
+pub(crate) fn parse_sasl_initial(body: &[u8]) -> Option<&[u8]> {
     let mut pos = 0;
     let mech = crate::protocol::framing::read_cstr(body, &mut pos)?;
     if mech != auth::scram::MECHANISM.as_bytes() {

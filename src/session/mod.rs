@@ -121,15 +121,19 @@ impl Drop for PoolClientGuard {
 }
 
 /// Serves one accepted client connection to the end.
-pub async fn serve<C>(mut client: C, shared: Arc<Shared>, peer: String)
+pub async fn serve<C>(client: C, shared: Arc<Shared>, peer: String)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    // Plain until the opening negotiates TLS; the settings are those at connect time.
+    let mut client = crate::tls::MaybeTls::Plain(client);
+    let tls = shared.tls.current();
+    let peer_ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
     let config = shared.registry.config();
     let mut leftover = BytesMut::new();
     let login_timeout = config.limits.client_login_timeout;
     let opening = tokio::time::timeout(login_timeout, async {
-        let opening = handshake::read_opening(&mut client, &mut leftover).await?;
+        let opening = handshake::read_opening(&mut client, &mut leftover, &tls, peer_ip).await?;
         if let Opening::Login(login) = &opening {
             handshake::authenticate(&mut client, &config, &login.user, &mut leftover).await?;
         }
@@ -139,12 +143,15 @@ where
     let login = match opening {
         Ok(Ok(Opening::Login(l))) => l,
         Ok(Ok(Opening::Cancel { pid, secret })) => {
+            // Closed before forwarding, as PostgreSQL does: how long the requester waits
+            // must not tell a valid key from a wrong one.
+            drop(client);
             shared.cancels.cancel(pid, &secret).await;
             return;
         }
         Ok(Err(Some(e))) => {
             tracing::info!(%peer, error = %e, "client login refused");
-            let _ = client.write_all(&e.to_bytes()).await;
+            refuse(&mut client, &e).await;
             return;
         }
         Ok(Err(None)) => return,
@@ -153,7 +160,7 @@ where
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
             );
-            let _ = client.write_all(&e.to_bytes()).await;
+            refuse(&mut client, &e).await;
             return;
         }
     };
@@ -177,6 +184,18 @@ where
         crate::admin::console::serve(&mut client, shared, leftover).await;
         return;
     }
+    // Counted from here until the session ends, however it ends.
+    let _cap = match shared
+        .client_caps
+        .admit(&login.database, &login.user, &config.limits)
+    {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "client refused by a connection cap");
+            refuse(&mut client, &e).await;
+            return;
+        }
+    };
     let app = login
         .params
         .iter()
@@ -192,7 +211,7 @@ where
         let mut session = match Session::start(client, shared, login, leftover).await {
             Ok(s) => s,
             Err((mut client, e)) => {
-                let _ = client.write_all(&e.to_bytes()).await;
+                refuse(&mut client, &e).await;
                 return;
             }
         };
@@ -205,9 +224,20 @@ where
         }
         session.info = Some(entry.info.clone());
         session.run().await;
+        // Ends TLS with close_notify (and flushes what it buffered); FIN for plain TCP.
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.client.shutdown()).await;
         drop(entry);
     };
     tracing::Instrument::instrument(fut, span).await;
+}
+
+/// Sends a FATAL error and closes the connection cleanly (bounded in time).
+async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, e: &ClientError) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = client.write_all(&e.to_bytes()).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
 }
 
 impl<C> Session<C>

@@ -1,0 +1,151 @@
+//! Entry points for the fuzz targets in `fuzz/` (cargo-fuzz / libFuzzer) and for the
+//! unit tests that replay the inputs they found. Each runs one parser or state machine
+//! of the proxy over arbitrary bytes; the only expected outcome is "no panic, no hang,
+//! bounded memory". Not part of the proxy's API.
+
+use bytes::BytesMut;
+
+use crate::auth::{ScramServer, ScramVerifier, Secret};
+use crate::protocol::framing::{backend_header, be, fe, frontend_header, AUTH_MESSAGE_LIMIT};
+use crate::protocol::messages;
+use crate::protocol::startup::{parse_startup, startup_len};
+use crate::session::tracker::{Effects, Req, Tracker};
+
+/// Opening packets: what `handshake::read_opening` does with each packet.
+pub fn startup(data: &[u8]) {
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let prefix = [rest[0], rest[1], rest[2], rest[3]];
+        let Ok(len) = startup_len(prefix) else {
+            // The handshake stops here too; also try the parser on the raw bytes.
+            let _ = parse_startup(rest);
+            return;
+        };
+        let Some(packet) = rest.get(..len) else {
+            return;
+        };
+        let _ = parse_startup(packet);
+        rest = &rest[len..];
+    }
+}
+
+/// Client frames after login, with the body inspection transaction mode does.
+pub fn frontend(data: &[u8]) {
+    let mut rest = data;
+    // A small cap so that large declared lengths are exercised as "too long".
+    while let Ok(Some(h)) = frontend_header(rest, 1 << 16) {
+        let Some(frame) = rest.get(..h.frame_len()) else {
+            return;
+        };
+        let body = &frame[5..];
+        let mut out = BytesMut::new();
+        match h.tag {
+            fe::PARSE => {
+                if let Some(p) = messages::parse_parse(body) {
+                    messages::fe_parse(&mut out, p.name, p.query, p.param_types);
+                    let _ = messages::parse_parse(&out[5..]).map(|q| assert_eq!(q.query, p.query));
+                }
+            }
+            fe::BIND => {
+                if let Some((portal, _stmt, rest)) = messages::parse_bind(body) {
+                    messages::rebuild_bind(&mut out, body, portal, b"pgsidecar_s1", rest);
+                    let again = messages::parse_bind(&out[5..]);
+                    assert!(matches!(again, Some((_, b"pgsidecar_s1", _))));
+                }
+            }
+            fe::DESCRIBE | fe::CLOSE => {
+                if let Some((_, name)) = messages::parse_target(body) {
+                    messages::rebuild_describe_statement(&mut out, name);
+                }
+            }
+            fe::PASSWORD if h.len <= AUTH_MESSAGE_LIMIT => {
+                let _ = crate::session::handshake::parse_sasl_initial(body);
+            }
+            _ => {}
+        }
+        rest = &rest[h.frame_len()..];
+    }
+}
+
+/// Server frames through the response tracker, as `Session::scan_server` feeds them.
+/// The first byte chooses the requests in flight.
+pub fn backend(data: &[u8]) {
+    let Some((&plan, mut rest)) = data.split_first() else {
+        return;
+    };
+    let mut t = Tracker::default();
+    let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+    let push_plan = |t: &mut Tracker, emit: &mut BytesMut, fx: &mut Effects, plan: u8| {
+        for bit in 0..8 {
+            if plan & (1 << bit) == 0 {
+                continue;
+            }
+            let req = match bit {
+                0 => Req::Query,
+                1 => Req::Injected,
+                2 => Req::Parse {
+                    stmt: Some(u128::from(plan)),
+                    client_name: Some(b"s".to_vec().into()),
+                    injected: plan & 0x80 != 0,
+                },
+                3 => Req::Bind,
+                4 => Req::DescribeStatement,
+                5 => Req::Execute,
+                6 => crate::session::tracker::synthetic_parse_complete(),
+                _ => Req::Sync,
+            };
+            t.push(req, emit, fx);
+        }
+    };
+    push_plan(&mut t, &mut emit, &mut fx, plan);
+    while let Ok(Some(h)) = backend_header(rest, 1 << 16) {
+        let Some(frame) = rest.get(..h.frame_len()) else {
+            return;
+        };
+        let body = &frame[5..];
+        match h.tag {
+            be::ERROR_RESPONSE | be::NOTICE_RESPONSE => {
+                let _ = messages::error_fields(body);
+            }
+            be::PARAMETER_STATUS => {
+                let _ = messages::parse_parameter_status(body);
+            }
+            _ => {}
+        }
+        t.on_server(h.tag, body, &mut emit, &mut fx);
+        if t.is_empty() {
+            push_plan(&mut t, &mut emit, &mut fx, h.tag);
+        }
+        // The session forwards synthetic answers; keep memory bounded here too.
+        emit.clear();
+        fx.unprepared.clear();
+        fx.forget.clear();
+        rest = &rest[h.frame_len()..];
+    }
+}
+
+/// Server nonce used by [`scram`] so the fuzzer can reach the client-final checks.
+pub const SCRAM_FUZZ_NONCE: &[u8] = b"FUZZNONCE";
+
+/// A SCRAM exchange: client-first, then client-final (split at the first 0xff); plus
+/// verifier and secret parsing of the whole input.
+pub fn scram(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = ScramVerifier::parse(&text);
+    let _ = Secret::parse(&text).kind();
+    let (first, fin) = match data.iter().position(|&b| b == 0xff) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    // One iteration: the point is the message handling, not PBKDF2.
+    let verifier = ScramVerifier::from_password("pencil", b"saltsalt", 1);
+    let mut server = ScramServer::from_verifier(verifier);
+    if server
+        .handle_client_first_with_nonce(first, SCRAM_FUZZ_NONCE)
+        .is_ok()
+    {
+        let _ = server.handle_client_final(fin);
+    }
+    // A second message after the end must be refused, never panic.
+    let _ = server.handle_client_final(fin);
+}
