@@ -98,6 +98,14 @@ impl CancelRegistry {
         let Some(t) = target else {
             return false;
         };
+        send_cancel(&t).await
+    }
+}
+
+/// Sends PostgreSQL's CancelRequest for `t` over a new plain TCP connection (PostgreSQL
+/// reads cancel requests before any TLS or pg_hba check, as libpq's PQcancel relies on).
+pub async fn send_cancel(t: &CancelTarget) -> bool {
+    {
         let send = async {
             let mut s = TcpStream::connect((t.host.as_str(), t.port)).await?;
             let mut buf = BytesMut::new();

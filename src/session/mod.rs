@@ -5,6 +5,7 @@
 pub mod frontend;
 pub mod handshake;
 pub mod relay;
+pub mod timers;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ pub(crate) enum Step {
     Shutdown,
     /// The drain deadline passed.
     ForceShutdown,
+    /// A `limits.*_timeout` expired.
+    Timeout(timers::Expired),
 }
 
 pub struct Session<C> {
@@ -89,6 +92,8 @@ pub struct Session<C> {
     draining: bool,
     /// This client's entry in the admin console's client list.
     info: Option<Arc<ClientInfo>>,
+    /// Idle, idle-in-transaction and query timeouts.
+    timers: timers::Timers,
 }
 
 /// Counted locally and added to the shared metrics at transaction boundaries, so the
@@ -301,6 +306,7 @@ where
             shutdown_wait: Box::pin(shared_drain.cancelled_owned()),
             draining: false,
             info: None,
+            timers: timers::Timers::new(&config.limits),
         };
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors
@@ -388,6 +394,10 @@ where
                         "pgsidecar is shutting down; reconnect to continue",
                     );
                     let _ = self.client.write_all(&e.to_bytes()).await;
+                    return;
+                }
+                Step::Timeout(what) => {
+                    self.on_timeout(what).await;
                     return;
                 }
                 Step::ForceShutdown => {
@@ -552,7 +562,12 @@ where
         let Some(lease) = self.server.take() else {
             return;
         };
-        if !self.s_in.unscanned().is_empty() || self.tracker.injected_failed {
+        // After a query_timeout cancel the server is not reused: a cancel that arrives
+        // late must not hit another client's query.
+        if !self.s_in.unscanned().is_empty()
+            || self.tracker.injected_failed
+            || std::mem::take(&mut self.timers.discard_server)
+        {
             // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
             self.s_in.drop_unscanned();
             lease.discard("unclean at release");
@@ -590,7 +605,8 @@ where
             && self.c_in.body_left == 0
             && !self.c_in.has_output()
             && self.s_in.unscanned().is_empty()
-            && !self.server_fatal;
+            && !self.server_fatal
+            && !self.timers.discard_server;
         if !quiet {
             // Something is in flight (a query, a COPY, a partial batch): the connection's
             // state is unknown, so it is closed rather than reused.
@@ -701,11 +717,14 @@ where
                     Poll::Pending => {}
                 }
             }
-            match self.scan_client() {
-                Ok((p, None)) => progress |= p,
+            let client_msgs = match self.scan_client() {
+                Ok((p, None)) => {
+                    progress |= p;
+                    p
+                }
                 Ok((_, Some(step))) => return Poll::Ready(step),
                 Err(e) => return Poll::Ready(Step::ClientProtocol(e)),
-            }
+            };
             if self.server.is_some() && self.s_in.wants_read() {
                 if let Some(lease) = self.server.as_mut() {
                     match self.s_in.poll_fill(cx, &mut lease.conn().stream) {
@@ -724,6 +743,7 @@ where
                 Ok((_, Some(step))) => return Poll::Ready(step),
                 Err(reason) => return Poll::Ready(Step::ServerGone(reason)),
             }
+            self.update_timer(client_msgs);
             if self.server_eof {
                 return Poll::Ready(Step::ServerGone("server closed the connection".into()));
             }
@@ -734,6 +754,9 @@ where
                 return Poll::Ready(Step::ClientGone);
             }
             if !progress {
+                if let Some(step) = self.poll_timer(cx) {
+                    return Poll::Ready(step);
+                }
                 return Poll::Pending;
             }
         }

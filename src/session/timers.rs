@@ -1,0 +1,233 @@
+//! Session timeouts: `client_idle_timeout` (57P05), `idle_transaction_timeout` (25P03)
+//! and `query_timeout` (cancel, then 57014).
+//!
+//! One optional timer per session, boxed and allocated on first use, so an idle client
+//! with no limits configured carries one pointer. Which limit applies is derived from
+//! the session's state after each pass of the relay loop; the deadline is only moved
+//! when that state changes (a request starts, a transaction ends, a pipelined request
+//! is answered), never per message. Nothing fires while the session waits for a server
+//! (that is `pool.query_wait_timeout`'s job) because the relay loop is not polled then.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+
+use super::{Session, Step};
+use crate::cancel::CancelTarget;
+use crate::config::LimitsConfig;
+use crate::error::{sqlstate, ClientError};
+
+/// How long the server gets to answer a cancel sent for `query_timeout` before its
+/// connection is closed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Off,
+    /// Idle outside a transaction.
+    ClientIdle,
+    /// Idle inside a transaction (the server waits for the client).
+    IdleInTransaction,
+    /// A request is in flight on the server.
+    Query,
+    /// The query was cancelled; waiting for the server to answer.
+    CancelGrace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expired {
+    ClientIdle,
+    IdleInTransaction,
+    /// The server did not answer the cancel sent at `query_timeout`.
+    QueryUnanswered,
+}
+
+pub(super) struct Timers {
+    kind: Kind,
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Requests in flight when the query deadline was last set.
+    query_pending: usize,
+    client_idle: Option<Duration>,
+    idle_transaction: Option<Duration>,
+    query: Option<Duration>,
+    /// A cancel was sent: the server goes back to the pool only after its answer, and
+    /// is then closed rather than reused (a late cancel must not hit another client).
+    pub(super) discard_server: bool,
+}
+
+impl Timers {
+    pub(super) fn new(limits: &LimitsConfig) -> Self {
+        Timers {
+            kind: Kind::Off,
+            sleep: None,
+            query_pending: 0,
+            client_idle: limits.client_idle_timeout,
+            idle_transaction: limits.idle_transaction_timeout,
+            query: limits.query_timeout,
+            discard_server: false,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.client_idle.is_some() || self.idle_transaction.is_some() || self.query.is_some()
+    }
+
+    fn arm(&mut self, kind: Kind, deadline: Instant) {
+        self.kind = kind;
+        match self.sleep.as_mut() {
+            Some(s) => s.as_mut().reset(deadline),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+}
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Moves the timer to what the session's state calls for. `client_progress`: a
+    /// client message was consumed in this pass (restarts an idle deadline).
+    pub(super) fn update_timer(&mut self, client_progress: bool) {
+        if !self.timers.enabled() {
+            return;
+        }
+        let in_flight = self.server.is_some() && !self.tracker.is_empty();
+        let t = &mut self.timers;
+        if in_flight {
+            if t.kind == Kind::CancelGrace {
+                return;
+            }
+            let Some(limit) = t.query else {
+                t.kind = Kind::Off;
+                return;
+            };
+            // Each request is timed from when the server could start on it: its own
+            // start, or the answer to the one before it in a pipeline, so a pipeline of
+            // short queries is not cancelled for its total length.
+            let pending = self.stats.query_starts.len();
+            if t.kind != Kind::Query {
+                let start = self.stats.query_starts.front().copied();
+                t.arm(Kind::Query, start.unwrap_or_else(Instant::now) + limit);
+            } else if pending < t.query_pending {
+                t.arm(Kind::Query, Instant::now() + limit);
+            }
+            t.query_pending = pending;
+            return;
+        }
+        let in_transaction = self.server.is_some() && self.tracker.status != b'I';
+        let (kind, limit) = if in_transaction {
+            (Kind::IdleInTransaction, t.idle_transaction)
+        } else {
+            (Kind::ClientIdle, t.client_idle)
+        };
+        let Some(limit) = limit else {
+            t.kind = Kind::Off;
+            return;
+        };
+        if t.kind != kind || client_progress {
+            t.arm(kind, Instant::now() + limit);
+        }
+    }
+
+    /// Polls the timer; Some(step) when the session must end.
+    pub(super) fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<Step> {
+        if self.timers.kind == Kind::Off {
+            return None;
+        }
+        let sleep = self.timers.sleep.as_mut()?;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        match self.timers.kind {
+            Kind::Off => None,
+            Kind::ClientIdle => Some(Step::Timeout(Expired::ClientIdle)),
+            Kind::IdleInTransaction => Some(Step::Timeout(Expired::IdleInTransaction)),
+            Kind::CancelGrace => Some(Step::Timeout(Expired::QueryUnanswered)),
+            Kind::Query => {
+                self.cancel_for_timeout();
+                self.timers.arm(Kind::CancelGrace, Instant::now() + CANCEL_GRACE);
+                // Registers the waker for the new deadline.
+                if let Some(s) = self.timers.sleep.as_mut() {
+                    let _ = s.as_mut().poll(cx);
+                }
+                None
+            }
+        }
+    }
+
+    /// `query_timeout`: asks PostgreSQL to cancel the running request, as a client's own
+    /// CancelRequest would. The client then gets PostgreSQL's ERROR 57014.
+    fn cancel_for_timeout(&mut self) {
+        let Some(lease) = self.server.as_ref() else {
+            return;
+        };
+        let conn = lease.conn_ref();
+        let target = CancelTarget {
+            host: conn.host.clone(),
+            port: conn.port,
+            pid: conn.backend_pid,
+            secret: conn.backend_secret,
+        };
+        self.timers.discard_server = true;
+        tracing::info!(
+            limit = ?self.timers.query,
+            backend_pid = conn.backend_pid,
+            "query_timeout reached: cancelling the request on the server"
+        );
+        self.shared.metrics.error("proxy", sqlstate::QUERY_CANCELED);
+        tokio::spawn(async move {
+            crate::cancel::send_cancel(&target).await;
+        });
+    }
+
+    /// Ends the session for an expired timer: tells the client why, then returns the
+    /// server (rolled back, for an idle transaction) or closes it.
+    pub(super) async fn on_timeout(&mut self, what: Expired) {
+        let err = match what {
+            Expired::ClientIdle => ClientError::fatal(
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                format!(
+                    "terminating connection due to idle-session timeout (pgsidecar limits.client_idle_timeout = {:?})",
+                    self.timers.client_idle.unwrap_or_default()
+                ),
+            ),
+            Expired::IdleInTransaction => ClientError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (pgsidecar limits.idle_transaction_timeout = {:?})",
+                    self.timers.idle_transaction.unwrap_or_default()
+                ),
+            ),
+            Expired::QueryUnanswered => ClientError::fatal(
+                sqlstate::QUERY_CANCELED,
+                format!(
+                    "canceling statement due to statement timeout (pgsidecar limits.query_timeout = {:?}); the server did not answer the cancel, so its connection was closed",
+                    self.timers.query.unwrap_or_default()
+                ),
+            ),
+        };
+        tracing::info!(error = %err, "closing client on timeout");
+        self.shared.metrics.error("proxy", err.code);
+        if what == Expired::QueryUnanswered {
+            if let Some(lease) = self.server.take() {
+                lease.discard("query_timeout");
+            }
+        }
+        let _ = self.flush_client().await;
+        // Only at a message boundary: a half-forwarded row must not be followed by an
+        // error frame the client would misread.
+        if self.s_in.body_left == 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                let _ = self.client.write_all(&err.to_bytes()).await;
+                let _ = self.client.flush().await;
+            })
+            .await;
+        }
+        // Rolls back an open transaction and returns the server to the pool.
+        self.finish_client_gone().await;
+    }
+}
