@@ -140,6 +140,33 @@ pub type StartupParams = Arc<Vec<(String, String)>>;
 
 type Waiter = oneshot::Sender<Result<Lease, CheckoutError>>;
 
+/// One checkout's place in the wait queue. However the wait ends (answered, timed out,
+/// or the checkout future dropped because the client disconnected), the entry leaves
+/// the queue at once. Left in place until the next check-in, a dead entry counted as a
+/// waiting client, kept `try_checkout` from handing out idle connections, and made
+/// `trim_and_fill` open connections for nobody.
+struct QueueSlot<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
+    /// The sender was taken off the queue and answered; nothing to clean up.
+    answered: bool,
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.rx.close();
+        // A connection handed over just before the waiter left goes back to the pool
+        // instead of being closed.
+        if let Ok(Ok(lease)) = self.rx.try_recv() {
+            lease.release();
+        }
+        self.pool.forget_abandoned_waiters();
+    }
+}
+
 struct PoolState {
     /// Idle connections, most recently used last.
     idle: Vec<ServerConn>,
@@ -348,7 +375,7 @@ impl Pool {
                 Some(rx)
             }
         };
-        let Some(mut rx) = rx else {
+        let Some(rx) = rx else {
             if let Err(e) = self.admit() {
                 let mut st = self.state.lock();
                 st.open -= 1;
@@ -366,15 +393,26 @@ impl Pool {
                 Err(e) => Err(CheckoutError::Connect(e)),
             };
         };
+        let mut slot = QueueSlot {
+            pool: self,
+            rx,
+            answered: false,
+        };
         self.stats.waits.fetch_add(1, Ordering::Relaxed);
         let deadline = started + settings.query_wait_timeout;
-        let result = match tokio::time::timeout_at(deadline, &mut rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(CheckoutError::Closed),
+        let result = match tokio::time::timeout_at(deadline, &mut slot.rx).await {
+            Ok(Ok(r)) => {
+                slot.answered = true;
+                r
+            }
+            Ok(Err(_)) => {
+                slot.answered = true;
+                Err(CheckoutError::Closed)
+            }
             Err(_) => {
                 // A connection may have been handed over just as the timer fired.
-                rx.close();
-                match rx.try_recv() {
+                slot.rx.close();
+                match slot.rx.try_recv() {
                     Ok(r) => r,
                     Err(_) => {
                         self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -397,6 +435,11 @@ impl Pool {
             .checkout_wait
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Drops wait-queue entries whose waiter is gone (timed out, or its client left).
+    fn forget_abandoned_waiters(&self) {
+        self.state.lock().waiters.retain(|w| !w.is_closed());
     }
 
     fn lease(self: &Arc<Self>, conn: ServerConn) -> Lease {
