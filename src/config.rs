@@ -107,7 +107,8 @@ pub struct Config {
     pub tls: crate::tls::ClientTlsConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+// Debug is written by hand in `redact.rs`: it must not print secrets.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name or IP of the PostgreSQL server. Default `127.0.0.1`.
@@ -140,7 +141,8 @@ pub struct AuthConfig {
     pub method: AuthMethod,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+// Debug is written by hand in `redact.rs`: it must not print secrets.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -271,7 +273,8 @@ fn default_backoff_cap() -> Duration {
     Duration::from_secs(30)
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+// Debug is written by hand in `redact.rs`: it must not print secrets.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Bearer token required by mutating admin endpoints (`${ENV}` recommended).
@@ -688,5 +691,6 @@ fn redact_hint(s: &str) -> String {
     format!("{prefix}...")
 }
 
+mod redact;
 #[cfg(test)]
 mod tests;
