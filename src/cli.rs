@@ -34,6 +34,9 @@ pub struct Cli {
     /// Server connections per (database, user) pool.
     #[arg(long)]
     pub pool_size: Option<u32>,
+    /// Threads running client sessions (default 1: a single event loop).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "PGSIDECAR_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -78,6 +81,9 @@ impl Cli {
         if let Some(n) = self.pool_size {
             config.pool.size = n;
             config.pool.min_size = config.pool.min_size.min(n);
+        }
+        if let Some(t) = self.threads {
+            config.worker_threads = t;
         }
         if let Some(f) = &self.log_format {
             config.logging.format = f.clone();

@@ -82,6 +82,12 @@ pub struct Config {
     /// Default pool mode for all users. Default `transaction`.
     #[serde(default)]
     pub pool_mode: PoolMode,
+    /// Threads that run client sessions. `1` (default) runs everything on one
+    /// event-loop thread, which costs the least CPU per transaction on small machines
+    /// where the proxy shares cores with PostgreSQL; more spreads sessions over a
+    /// work-stealing pool. Read at start only.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -312,6 +318,9 @@ fn default_listen() -> String {
 fn default_admin_listen() -> String {
     "127.0.0.1:9930".into()
 }
+fn default_worker_threads() -> usize {
+    1
+}
 fn default_host() -> String {
     "127.0.0.1".into()
 }
@@ -434,6 +443,7 @@ impl Config {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
             pool_mode: PoolMode::default(),
+            worker_threads: default_worker_threads(),
             upstream,
             auth: AuthConfig::default(),
             users: Vec::new(),
@@ -488,6 +498,9 @@ impl Config {
                 "admin_listen: {:?} is not an IP:port address",
                 self.admin_listen
             ));
+        }
+        if self.worker_threads == 0 || self.worker_threads > 256 {
+            return bad("worker_threads must be between 1 and 256".into());
         }
         if self.upstream.host.is_empty() {
             return bad("upstream.host must not be empty".into());

@@ -141,6 +141,11 @@ pub struct ServerConn {
     pub original_params: HashMap<String, String>,
     /// Parameters as they are now, kept up to date from ParameterStatus and our own SETs.
     pub params: HashMap<String, String>,
+    /// Fingerprint of the client settings `params` was last made to match (0: unknown);
+    /// equal to a client's own fingerprint means no SET is needed at checkout.
+    pub params_fp: u64,
+    /// Settings a client set with SQL `SET` that the server does not report.
+    pub raw_settings: params::RawSettings,
     pub created: Instant,
     pub last_used: Instant,
     /// Statements prepared on this connection under proxy-wide names (transaction mode).
@@ -338,6 +343,8 @@ impl ServerConn {
             host: ident.host.clone(),
             port: ident.port,
             params: original_params.clone(),
+            params_fp: 0,
+            raw_settings: params::RawSettings::new(),
             original_params,
             created: now,
             last_used: now,

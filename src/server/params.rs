@@ -95,6 +95,43 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
+/// Settings a client changed with SQL `SET` that the server does not report, kept as
+/// the SQL text of their value (re-sent verbatim), by name.
+pub type RawSettings = std::collections::BTreeMap<String, String>;
+
+/// An order-independent fingerprint of a client's settings, never 0 (0 means "unknown").
+pub fn fingerprint(m: &HashMap<String, String>, raw: &RawSettings) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut acc: u64 = 0x9e37_79b9_7f4a_7c15;
+    for (k, v) in m.iter().chain(raw.iter().map(|(k, v)| (k, v))) {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        v.hash(&mut h);
+        // Wrapping add keeps it independent of HashMap iteration order.
+        acc = acc.wrapping_add(h.finish());
+    }
+    acc.max(1)
+}
+
+/// SQL that makes a server's SQL-set settings match the client's; updates `current`.
+pub fn sync_raw_sql(wanted: &RawSettings, current: &mut RawSettings) -> String {
+    let mut sql = String::new();
+    for (k, v) in wanted {
+        if current.get(k) != Some(v) {
+            sql.push_str(&format!("SET {k} TO {v};"));
+        }
+    }
+    for k in current.keys() {
+        if !wanted.contains_key(k) {
+            sql.push_str(&format!("RESET {k};"));
+        }
+    }
+    if !sql.is_empty() {
+        *current = wanted.clone();
+    }
+    sql
+}
+
 /// A setting to apply (`Some`) or reset to the server default (`None`).
 pub type Change = (String, Option<String>);
 
@@ -109,7 +146,13 @@ pub fn sync_sql(
     let mut changes = Vec::new();
     for (k, v) in wanted {
         if current.get(k) != Some(v) {
-            sql.push_str(&format!("SET {} TO {};", quote_ident(k), quote_literal(v)));
+            // set_config takes the value as a string exactly like a startup `-c`
+            // option, so list settings such as search_path=a,b keep their meaning.
+            sql.push_str(&format!(
+                "SELECT pg_catalog.set_config({}, {}, false);",
+                quote_literal(k),
+                quote_literal(v)
+            ));
             changes.push((k.clone(), Some(v.clone())));
         }
     }
@@ -191,6 +234,20 @@ mod tests {
         assert_eq!(sql, "RESET TimeZone;");
         let wanted = map(&[("TimeZone", "Europe/Paris"), ("DateStyle", "ISO, MDY")]);
         assert!(sync_sql(&wanted, &current, &original).is_none());
+    }
+
+    #[test]
+    fn raw_settings_sync_and_reset() {
+        let mut current = RawSettings::new();
+        current.insert("work_mem".into(), "'1MB'".into());
+        let mut wanted = RawSettings::new();
+        wanted.insert("search_path".into(), "app, public".into());
+        let sql = sync_raw_sql(&wanted, &mut current);
+        assert_eq!(sql, "SET search_path TO app, public;RESET work_mem;");
+        assert_eq!(current, wanted);
+        assert_eq!(sync_raw_sql(&wanted, &mut current), "");
+        let fp1 = fingerprint(&HashMap::new(), &wanted);
+        assert_ne!(fp1, fingerprint(&HashMap::new(), &RawSettings::new()));
     }
 
     #[test]

@@ -243,6 +243,35 @@ where
     fn inspect_query(&mut self, h: Header) {
         let body = self.frame(h);
         let text = body.strip_suffix(b"\0").unwrap_or(body);
+        // Cheap filter first, without allocating: only statements whose first word is
+        // DISCARD, DEALLOCATE, RESET or SET matter here.
+        let start = text
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(text.len());
+        let word_len = text[start..]
+            .iter()
+            .position(|b| !b.is_ascii_alphabetic())
+            .unwrap_or(text.len() - start);
+        let word = &text[start..start + word_len];
+        if ![&b"set"[..], b"reset", b"discard", b"deallocate"]
+            .iter()
+            .any(|k| word.eq_ignore_ascii_case(k))
+        {
+            return;
+        }
+        if let Some(op) = super::setstmt::parse(text) {
+            // Reported settings already follow the client through ParameterStatus.
+            let reported = self
+                .server
+                .as_mut()
+                .is_some_and(|l| l.conn().original_params.contains_key(&op.name));
+            if !reported {
+                // note_request() for this Query runs next: it is request number sent + 1.
+                self.pending_sets.push((self.requests_sent + 1, op));
+            }
+            return;
+        }
         let norm: String = String::from_utf8_lossy(&text[..text.len().min(64)])
             .trim()
             .trim_end_matches(';')
@@ -262,9 +291,14 @@ where
         }
         if discard || reset {
             self.wanted = self.startup_settings.clone();
+            self.wanted_raw.clear();
+            self.pending_sets.clear();
+            self.wanted_fp = crate::server::params::fingerprint(&self.wanted, &self.wanted_raw);
             if let Some(lease) = self.server.as_mut() {
                 let conn = lease.conn();
                 conn.params = conn.original_params.clone();
+                conn.raw_settings.clear();
+                conn.params_fp = 0;
             }
         }
     }

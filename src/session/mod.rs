@@ -5,6 +5,7 @@
 pub mod frontend;
 pub mod handshake;
 pub mod relay;
+pub mod setstmt;
 pub mod timers;
 pub mod tracker;
 
@@ -71,6 +72,18 @@ pub struct Session<C> {
     startup_settings: HashMap<String, String>,
     /// Settings this client expects on whatever server it runs on.
     wanted: HashMap<String, String>,
+    /// Settings changed with SQL SET that the server does not report (transaction mode).
+    wanted_raw: params::RawSettings,
+    /// Fingerprint of `wanted` and `wanted_raw`, recomputed when they change.
+    wanted_fp: u64,
+    /// SET/RESET statements sent in the current transaction, applied to `wanted_raw`
+    /// when it ends without error or rollback. Tagged with the request they came in.
+    pending_sets: Vec<(u64, setstmt::SetOp)>,
+    /// Requests (Query/Sync) sent and answered, to match pending SETs to their answers.
+    requests_sent: u64,
+    requests_answered: u64,
+    /// The current transaction saw an error or ended with ROLLBACK.
+    txn_failed: bool,
     cancel: CancelGuard,
     /// Drop client messages up to Sync (after the proxy answered an error itself).
     skip_until_sync: bool,
@@ -289,6 +302,12 @@ where
             server: None,
             tracker: Tracker::default(),
             stmts: HashMap::new(),
+            wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
+            wanted_raw: params::RawSettings::new(),
+            pending_sets: Vec::new(),
+            requests_sent: 0,
+            requests_answered: 0,
+            txn_failed: false,
             wanted: startup_settings.clone(),
             startup_settings,
             cancel,
@@ -529,7 +548,23 @@ where
             pid: conn.backend_pid,
             secret: conn.backend_secret,
         }));
-        if let Some((sql, changes)) = sync_sql(&self.wanted, &conn.params, &conn.original_params) {
+        // Servers last used by a client with the same settings (the common case) need
+        // no comparison at all.
+        let (sync, raw_sql) = if conn.params_fp == self.wanted_fp {
+            (None, String::new())
+        } else {
+            (
+                sync_sql(&self.wanted, &conn.params, &conn.original_params),
+                params::sync_raw_sql(&self.wanted_raw, &mut conn.raw_settings),
+            )
+        };
+        conn.params_fp = self.wanted_fp;
+        let sync = match (sync, raw_sql.is_empty()) {
+            (Some((sql, changes)), _) => Some((sql + &raw_sql, changes)),
+            (None, false) => Some((raw_sql, Vec::new())),
+            (None, true) => None,
+        };
+        if let Some((sql, changes)) = sync {
             for (k, v) in changes {
                 match v {
                     Some(v) => {
@@ -697,9 +732,14 @@ where
 
     /// Moves bytes both ways until something needs the session's attention.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        // Registering for the shutdown signal once per wake-up is enough; the boundary
+        // check inside the loop catches the moment a draining client becomes idle.
+        if let Some(step) = self.poll_shutdown(cx) {
+            return Poll::Ready(step);
+        }
         loop {
-            if let Some(step) = self.poll_shutdown(cx) {
-                return Poll::Ready(step);
+            if self.draining && self.at_boundary() {
+                return Poll::Ready(Step::Shutdown);
             }
             let mut progress = false;
             if let Some(lease) = self.server.as_mut() {
@@ -807,17 +847,29 @@ where
                         // the proxy's own SETs only the server's spelling of a value the
                         // client asked for is adopted.
                         let ours = self.tracker.head_is_injected();
-                        if params::is_carried(&k) && (!ours || self.wanted.contains_key(&k)) {
+                        if params::is_carried(&k)
+                            && (!ours || self.wanted.contains_key(&k))
+                            && self.wanted.get(&k) != Some(&v)
+                        {
                             self.wanted.insert(k.clone(), v.clone());
+                            self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
                         }
                         if let Some(lease) = self.server.as_mut() {
-                            lease.conn().params.insert(k, v);
+                            let conn = lease.conn();
+                            conn.params.insert(k, v);
+                            conn.params_fp = self.wanted_fp;
                         }
+                    }
+                }
+                be::COMMAND_COMPLETE if !self.pending_sets.is_empty() => {
+                    if body.starts_with(b"ROLLBACK") {
+                        self.txn_failed = true;
                     }
                 }
                 be::ERROR_RESPONSE => {
                     let (code, _msg, severity) = messages::error_fields(body);
                     if !self.tracker.head_is_injected() {
+                        self.txn_failed = true;
                         self.shared
                             .metrics
                             .error("server", code.as_deref().unwrap_or("??"));
@@ -846,6 +898,10 @@ where
             self.apply_effects();
             if h.tag == be::READY_FOR_QUERY && forward {
                 self.observe_ready();
+                self.requests_answered += 1;
+                if self.tracker.status == b'I' {
+                    self.settle_sets();
+                }
             }
             if h.tag == be::READY_FOR_QUERY
                 && self.mode == PoolMode::Transaction
@@ -877,8 +933,40 @@ where
         }
     }
 
+    /// A transaction ended: SETs it made stick unless it failed or rolled back.
+    fn settle_sets(&mut self) {
+        if !self.pending_sets.is_empty() {
+            let answered = self.requests_answered;
+            let failed = self.txn_failed;
+            let mut changed = false;
+            self.pending_sets.retain(|(seq, op)| {
+                if *seq > answered {
+                    return true; // sent in a later request, not answered yet
+                }
+                if !failed {
+                    match &op.value {
+                        Some(v) => self.wanted_raw.insert(op.name.clone(), v.clone()),
+                        None => self.wanted_raw.remove(&op.name),
+                    };
+                    changed = true;
+                }
+                false
+            });
+            if changed {
+                self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+                if let Some(lease) = self.server.as_mut() {
+                    let conn = lease.conn();
+                    conn.raw_settings = self.wanted_raw.clone();
+                    conn.params_fp = self.wanted_fp;
+                }
+            }
+        }
+        self.txn_failed = false;
+    }
+
     /// Notes a Query or Sync sent to the server, for the duration histograms.
     pub(super) fn note_request(&mut self) {
+        self.requests_sent += 1;
         let now = Instant::now();
         if self.stats.txn_start.is_none() {
             self.stats.txn_start = Some(now);
