@@ -553,7 +553,9 @@ impl Config {
             ),
         ] {
             if cap == Some(0) {
-                return bad(format!("{name} must be at least 1 (leave it unset for no cap)"));
+                return bad(format!(
+                    "{name} must be at least 1 (leave it unset for no cap)"
+                ));
             }
         }
         for (name, d) in [
@@ -562,10 +564,15 @@ impl Config {
                 self.limits.idle_transaction_timeout,
             ),
             ("limits.query_timeout", self.limits.query_timeout),
-            ("limits.client_idle_timeout", self.limits.client_idle_timeout),
+            (
+                "limits.client_idle_timeout",
+                self.limits.client_idle_timeout,
+            ),
         ] {
             if d.is_some_and(|d| d.is_zero()) {
-                return bad(format!("{name} must be greater than 0 (leave it unset for no limit)"));
+                return bad(format!(
+                    "{name} must be greater than 0 (leave it unset for no limit)"
+                ));
             }
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;

@@ -78,10 +78,14 @@ async fn serve_fake(mut s: TcpStream, bad: Bad) {
     }
     let _ = match bad {
         Bad::LoginErrorWithoutCode => {
-            s.write_all(&msg(b'E', b"SFATAL\0Mno sqlstate here\0\0")).await
+            s.write_all(&msg(b'E', b"SFATAL\0Mno sqlstate here\0\0"))
+                .await
         }
         Bad::LoginHugeLength => s.write_all(&[b'R', 0x7f, 0xff, 0xff, 0xff, 0, 0]).await,
-        Bad::LoginGarbage => s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 0xff, 0x13]).await,
+        Bad::LoginGarbage => {
+            s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 1, 2, 3, 0xff, 0x13])
+                .await
+        }
         Bad::ScramBadNonce => {
             let mut sasl = 10i32.to_be_bytes().to_vec();
             sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
@@ -193,7 +197,10 @@ async fn malformed_login_answers_give_clients_a_clean_error() {
                     "{bad:?}: {code} {:?}",
                     e.field(b'M')
                 );
-                assert!(c.try_read_msg().await.is_none(), "{bad:?}: closed after FATAL");
+                assert!(
+                    c.try_read_msg().await.is_none(),
+                    "{bad:?}: closed after FATAL"
+                );
             }
         }
     })
@@ -247,8 +254,10 @@ async fn malformed_messages_mid_session_close_only_that_server() {
 async fn query_timeout_closes_a_server_that_ignores_the_cancel() {
     bounded(async {
         let up = fake_backend(Bad::Silent).await;
-        let proxy = proxy_for(up, |c| c.limits.query_timeout = Some(Duration::from_millis(300)))
-            .await;
+        let proxy = proxy_for(up, |c| {
+            c.limits.query_timeout = Some(Duration::from_millis(300))
+        })
+        .await;
         let mut c = RawConn::login(proxy.addr, "u", "d").await;
         let started = Instant::now();
         c.send(&query_msg("select forever")).await;
@@ -257,7 +266,10 @@ async fn query_timeout_closes_a_server_that_ignores_the_cancel() {
         assert_eq!(e.code().as_deref(), Some("57014"));
         assert_eq!(e.field(b'V').as_deref(), Some("FATAL"));
         let took = started.elapsed();
-        assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(9), "{took:?}");
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_secs(9),
+            "{took:?}"
+        );
         assert!(c.try_read_msg().await.is_none());
     })
     .await;

@@ -17,13 +17,18 @@ async fn errors_until_close(c: &mut RawConn) -> Vec<String> {
         loop {
             match c.stream.read_u8().await {
                 Ok(tag) => {
-                    let Ok(len) = c.stream.read_i32().await else { break };
+                    let Ok(len) = c.stream.read_i32().await else {
+                        break;
+                    };
                     let mut body = vec![0u8; (len.max(4) - 4) as usize];
                     if c.stream.read_exact(&mut body).await.is_err() {
                         break;
                     }
                     if tag == b'E' {
-                        let m = Msg { tag, body: body.into() };
+                        let m = Msg {
+                            tag,
+                            body: body.into(),
+                        };
                         codes.push(m.code().unwrap_or_default());
                     }
                 }
@@ -31,7 +36,12 @@ async fn errors_until_close(c: &mut RawConn) -> Vec<String> {
             }
         }
     };
-    within(Duration::from_secs(15), "proxy to close the connection", drain).await;
+    within(
+        Duration::from_secs(15),
+        "proxy to close the connection",
+        drain,
+    )
+    .await;
     codes
 }
 
@@ -41,7 +51,10 @@ impl Lcg {
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n)
             .map(|_| {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (self.0 >> 33) as u8
             })
             .collect()
@@ -50,7 +63,10 @@ impl Lcg {
 
 async fn assert_alive(addr: std::net::SocketAddr) {
     let mut c = RawConn::login(addr, "postgres", "postgres").await;
-    assert_eq!(c.query_rows("select 'alive'").await, vec![vec![Some("alive".into())]]);
+    assert_eq!(
+        c.query_rows("select 'alive'").await,
+        vec![vec![Some("alive".into())]]
+    );
 }
 
 fn frame(tag: u8, len: i32, body: &[u8]) -> Vec<u8> {
@@ -82,14 +98,21 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
             // Short junk leaves the proxy waiting for the rest: end our side.
             let _ = c.stream.shutdown().await;
             let codes = errors_until_close(&mut c).await;
-            assert!(codes.iter().all(|c| c == "08P01" || c == "0A000"), "{n}: {codes:?}");
+            assert!(
+                codes.iter().all(|c| c == "08P01" || c == "0A000"),
+                "{n}: {codes:?}"
+            );
         }
         for len in [0i32, 4, 7, -1, i32::MIN, 10_001, i32::MAX] {
             let mut c = RawConn::connect(addr).await;
             let mut p = len.to_be_bytes().to_vec();
             p.extend_from_slice(&196608i32.to_be_bytes());
             c.send(&p).await;
-            assert_eq!(errors_until_close(&mut c).await, vec!["08P01"], "startup length {len}");
+            assert_eq!(
+                errors_until_close(&mut c).await,
+                vec!["08P01"],
+                "startup length {len}"
+            );
         }
         // A password message before any startup packet.
         let mut c = RawConn::connect(addr).await;
@@ -99,11 +122,18 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
         for v in [2 << 16, 4 << 16, 0x1234_5678] {
             let mut c = RawConn::connect(addr).await;
             c.send(&startup_packet(v, &[("user", "postgres")])).await;
-            assert_eq!(errors_until_close(&mut c).await, vec!["0A000"], "version {v:#x}");
+            assert_eq!(
+                errors_until_close(&mut c).await,
+                vec!["0A000"],
+                "version {v:#x}"
+            );
         }
         let mut c = RawConn::connect(addr).await;
-        c.send(&startup_packet((3 << 16) | 9, &[("user", "postgres"), ("database", "postgres")]))
-            .await;
+        c.send(&startup_packet(
+            (3 << 16) | 9,
+            &[("user", "postgres"), ("database", "postgres")],
+        ))
+        .await;
         let msgs = c.read_until_ready().await;
         assert_eq!(msgs[0].tag, b'v', "NegotiateProtocolVersion first");
         assert_eq!(c.query_rows("select 1").await.len(), 1);
@@ -119,7 +149,8 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
         }
         // A startup packet without a user.
         let mut c = RawConn::connect(addr).await;
-        c.send(&startup_packet(196608, &[("database", "postgres")])).await;
+        c.send(&startup_packet(196608, &[("database", "postgres")]))
+            .await;
         assert_eq!(errors_until_close(&mut c).await, vec!["28000"]);
 
         // After login: bad lengths, unknown types, wrong message kinds.
@@ -130,7 +161,11 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
             ("huge small type", frame(b'S', 100_000, b""), "54000"),
             ("unknown type", frame(b'z', 4, b""), "08P01"),
             ("password after login", fe(b'p', b"x\0"), "08P01"),
-            ("startup after login", startup_packet(196608, &[("user", "x")]), "08P01"),
+            (
+                "startup after login",
+                startup_packet(196608, &[("user", "x")]),
+                "08P01",
+            ),
         ];
         for (what, bytes, code) in cases {
             let mut c = RawConn::login(addr, "postgres", "postgres").await;
@@ -146,7 +181,10 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
             junk[0] = b'!'; // never a valid type
             c.send(&junk).await;
             let codes = errors_until_close(&mut c).await;
-            assert!(!codes.is_empty() && codes.iter().all(|c| c == "08P01"), "{codes:?}");
+            assert!(
+                !codes.is_empty() && codes.iter().all(|c| c == "08P01"),
+                "{codes:?}"
+            );
         }
 
         // Out-of-order extended protocol: errors inside the protocol, session goes on.
@@ -167,7 +205,8 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
         // The other client's transaction never noticed.
         good.query_rows("insert into sec_hostile values (3)").await;
         assert_eq!(
-            good.query_rows("select count(*) from sec_hostile where v in (1, 3)").await,
+            good.query_rows("select count(*) from sec_hostile where v in (1, 3)")
+                .await,
             vec![vec![Some("2".into())]]
         );
         good.query_rows("rollback").await;
@@ -189,8 +228,11 @@ async fn one_byte_at_a_time_delivery_works() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
-        dribble(&mut c, &startup_packet(196608, &[("user", "postgres"), ("database", "postgres")]))
-            .await;
+        dribble(
+            &mut c,
+            &startup_packet(196608, &[("user", "postgres"), ("database", "postgres")]),
+        )
+        .await;
         c.finish_login().await;
         dribble(&mut c, &query_msg("select 6 * 7")).await;
         let msgs = c.read_until_ready().await;
@@ -216,17 +258,28 @@ async fn cancel_with_a_wrong_key_does_nothing_and_says_nothing() {
         let mut c = RawConn::login(proxy.addr, "postgres", "postgres").await;
         c.send(&query_msg("select pg_sleep(1.2)")).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        for (pid, secret) in [(c.pid, c.secret.wrapping_add(1)), (c.pid ^ 0x55, c.secret), (0, 0)] {
+        for (pid, secret) in [
+            (c.pid, c.secret.wrapping_add(1)),
+            (c.pid ^ 0x55, c.secret),
+            (0, 0),
+        ] {
             let mut x = RawConn::connect(proxy.addr).await;
             x.send(&cancel_request(pid, secret)).await;
             let mut buf = Vec::new();
-            let n = within(Duration::from_secs(5), "cancel connection to close", x.stream.read_to_end(&mut buf))
-                .await
-                .unwrap_or(0);
+            let n = within(
+                Duration::from_secs(5),
+                "cancel connection to close",
+                x.stream.read_to_end(&mut buf),
+            )
+            .await
+            .unwrap_or(0);
             assert_eq!(n, 0, "nothing is said to a cancel requester");
         }
         let msgs = c.read_until_ready().await;
-        assert!(msgs.iter().all(|m| m.tag != b'E'), "query must not be cancelled: {msgs:?}");
+        assert!(
+            msgs.iter().all(|m| m.tag != b'E'),
+            "query must not be cancelled: {msgs:?}"
+        );
     })
     .await;
 }

@@ -25,7 +25,10 @@ async fn fatal_then_close(c: &mut RawConn) -> (String, String) {
     let mut last = (String::new(), String::new());
     while let Some(m) = c.try_read_msg().await {
         if m.tag == b'E' {
-            last = (m.code().unwrap_or_default(), m.field(b'V').unwrap_or_default());
+            last = (
+                m.code().unwrap_or_default(),
+                m.field(b'V').unwrap_or_default(),
+            );
         }
     }
     last
@@ -53,7 +56,11 @@ async fn idle_in_transaction_gets_25p03_and_the_server_is_rolled_back_and_reused
         assert!(started.elapsed() < Duration::from_secs(5));
 
         let mut b = RawConn::login(proxy.addr, "postgres", "postgres").await;
-        assert_eq!(backend_pid(&mut b).await, pid, "same server: reused, not churned");
+        assert_eq!(
+            backend_pid(&mut b).await,
+            pid,
+            "same server: reused, not churned"
+        );
         assert_eq!(
             b.query_rows("select count(*) from sec_idle_txn").await,
             vec![vec![Some("0".into())]],
@@ -85,7 +92,11 @@ async fn client_idle_timeout_closes_idle_clients_with_57p05() {
             // A query longer than the limit is not idleness.
             c.query_rows("select pg_sleep(0.8)").await;
             let (code, severity) = fatal_then_close(&mut c).await;
-            assert_eq!((code.as_str(), severity.as_str()), ("57P05", "FATAL"), "{mode}");
+            assert_eq!(
+                (code.as_str(), severity.as_str()),
+                ("57P05", "FATAL"),
+                "{mode}"
+            );
         }
     })
     .await;
@@ -120,7 +131,11 @@ async fn query_timeout_cancels_the_query_and_frees_the_slot() {
             .err()
             .expect("cancelled");
         assert_eq!(code_of(&e), "57014", "{e:?}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
         // The only server is free again for someone else, and this client goes on.
         let b = connect(&url).await;
         assert_eq!(simple_one(&b, "select 3").await, "3");

@@ -56,14 +56,20 @@ fn user(name: &str, password: &str) -> UserConfig {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connect");
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .expect("request");
     let mut out = String::new();
-    within(Duration::from_secs(10), "admin answer", s.read_to_string(&mut out))
-        .await
-        .expect("read answer");
+    within(
+        Duration::from_secs(10),
+        "admin answer",
+        s.read_to_string(&mut out),
+    )
+    .await
+    .expect("read answer");
     out
 }
 
@@ -119,17 +125,26 @@ async fn secrets_stay_out_of_logs_metrics_admin_and_errors() {
             (&md5, "nobody_here", MD5_CLIENT_PW),
             (&broken_upstream, APP_USER, CLIENT_PW),
         ] {
-            let e = try_connect(&proxy_url_pw(proxy, user, pw, "postgres"), Duration::from_secs(10))
-                .await
-                .err()
-                .expect("login must fail");
+            let e = try_connect(
+                &proxy_url_pw(proxy, user, pw, "postgres"),
+                Duration::from_secs(10),
+            )
+            .await
+            .err()
+            .expect("login must fail");
             assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e:?}");
             errors.push(format!("{e:?}"));
         }
         // Unknown user and wrong password look the same to the client.
         let strip = |s: &str, u: &str| s.replace(u, "<user>");
-        assert_eq!(strip(&errors[0], APP_USER), strip(&errors[1], "nobody_here"));
-        assert_eq!(strip(&errors[2], APP_USER), strip(&errors[3], "nobody_here"));
+        assert_eq!(
+            strip(&errors[0], APP_USER),
+            strip(&errors[1], "nobody_here")
+        );
+        assert_eq!(
+            strip(&errors[2], APP_USER),
+            strip(&errors[3], "nobody_here")
+        );
 
         seen.push_str(&errors.join("\n"));
         seen.push_str(&http_get(admin, "/metrics").await);
@@ -141,8 +156,12 @@ async fn secrets_stay_out_of_logs_metrics_admin_and_errors() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let log_text = String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    assert!(log_text.contains("TRACE") || log_text.contains("DEBUG"), "logs were captured");
+    let log_text =
+        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    assert!(
+        log_text.contains("TRACE") || log_text.contains("DEBUG"),
+        "logs were captured"
+    );
     seen.push_str(&log_text);
     for (secret, user) in [
         (CLIENT_PW, APP_USER),

@@ -63,7 +63,11 @@ async fn psql_require_and_verify_full_through_the_proxy() {
         assert!(!out.ok, "a foreign CA must not verify: {out:?}");
 
         // Plaintext is refused with a clear message.
-        let out = psql(&format!("host=127.0.0.1 {base} sslmode=disable"), "select 1").await;
+        let out = psql(
+            &format!("host=127.0.0.1 {base} sslmode=disable"),
+            "select 1",
+        )
+        .await;
         assert!(!out.ok);
         assert!(out.stderr.contains("SSL required"), "{out:?}");
     })
@@ -145,7 +149,9 @@ async fn bytes_after_ssl_request_are_a_protocol_violation() {
             assert_eq!(m.tag, b'E', "no 'S'/'N' answer, an error");
             assert_eq!(m.code().as_deref(), Some("08P01"));
             assert!(
-                m.field(b'M').unwrap_or_default().contains("unencrypted data after SSL request"),
+                m.field(b'M')
+                    .unwrap_or_default()
+                    .contains("unencrypted data after SSL request"),
                 "{m:?}"
             );
             assert!(c.try_read_msg().await.is_none());
@@ -201,22 +207,33 @@ async fn direct_tls_requires_alpn_postgresql() {
 
         let connector =
             tokio_rustls::TlsConnector::from(Arc::new(client_config(pki.roots(), true)));
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.expect("tcp");
+        let tcp = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("tcp");
         let mut tls = connector
             .connect(name.clone(), tcp)
             .await
             .expect("direct TLS handshake");
-        tls.write_all(&startup_packet(196608, &[("user", "postgres"), ("database", "postgres")]))
-            .await
-            .expect("send startup");
+        tls.write_all(&startup_packet(
+            196608,
+            &[("user", "postgres"), ("database", "postgres")],
+        ))
+        .await
+        .expect("send startup");
         let mut buf = vec![0u8; 9];
         tls.read_exact(&mut buf).await.expect("auth answer");
-        assert_eq!(&buf, &[b'R', 0, 0, 0, 8, 0, 0, 0, 0], "AuthenticationOk over direct TLS");
+        assert_eq!(
+            &buf,
+            &[b'R', 0, 0, 0, 8, 0, 0, 0, 0],
+            "AuthenticationOk over direct TLS"
+        );
 
         // Without ALPN the proxy closes the connection after the handshake.
         let connector =
             tokio_rustls::TlsConnector::from(Arc::new(client_config(pki.roots(), false)));
-        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.expect("tcp");
+        let tcp = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("tcp");
         if let Ok(mut tls) = connector.connect(name, tcp).await {
             let _ = tls
                 .write_all(&startup_packet(196608, &[("user", "postgres")]))
@@ -279,17 +296,25 @@ async fn upstream_sslmodes_follow_libpq() {
         })
         .await;
         let c = connect(&proxy_url(&p, "postgres", "postgres")).await;
-        assert_eq!(simple_one(&c, SSL_IN_USE).await, "t", "verify-full link is TLS");
+        assert_eq!(
+            simple_one(&c, SSL_IN_USE).await,
+            "t",
+            "verify-full link is TLS"
+        );
 
         // verify-full to an address the certificate does not name fails ...
         let p = start_proxy(&pg, |c| {
             c.upstream.tls = upstream_tls(SslMode::VerifyFull, Some(&pki));
         })
         .await;
-        let e = try_connect(&proxy_url(&p, "postgres", "postgres"), Duration::from_secs(10))
-            .await
-            .err()
-            .expect("name mismatch must fail");
+        let Err(e) = try_connect(
+            &proxy_url(&p, "postgres", "postgres"),
+            Duration::from_secs(10),
+        )
+        .await
+        else {
+            panic!("name mismatch must fail");
+        };
         assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e}");
         // ... while verify-ca only checks the chain.
         let p = start_proxy(&pg, |c| {
@@ -302,10 +327,13 @@ async fn upstream_sslmodes_follow_libpq() {
         // An unknown CA fails verify-ca, and require with a root behaves like verify-ca.
         for mode in [SslMode::VerifyCa, SslMode::Require] {
             let p = start_proxy(&pg, |c| c.upstream.tls = upstream_tls(mode, Some(&wrong))).await;
-            let e = try_connect(&proxy_url(&p, "postgres", "postgres"), Duration::from_secs(10))
-                .await
-                .err()
-                .unwrap_or_else(|| panic!("{mode:?} with the wrong CA must fail"));
+            let e = try_connect(
+                &proxy_url(&p, "postgres", "postgres"),
+                Duration::from_secs(10),
+            )
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{mode:?} with the wrong CA must fail"));
             assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e}");
         }
 
@@ -315,7 +343,10 @@ async fn upstream_sslmodes_follow_libpq() {
             let c = connect(&proxy_url(&p, "postgres", "postgres")).await;
             assert_eq!(simple_one(&c, SSL_IN_USE).await, "t", "{mode:?}");
         }
-        let p = start_proxy(&pg, |c| c.upstream.tls = upstream_tls(SslMode::Disable, None)).await;
+        let p = start_proxy(&pg, |c| {
+            c.upstream.tls = upstream_tls(SslMode::Disable, None)
+        })
+        .await;
         let c = connect(&proxy_url(&p, "postgres", "postgres")).await;
         assert_eq!(simple_one(&c, SSL_IN_USE).await, "f");
     })
@@ -324,14 +355,24 @@ async fn upstream_sslmodes_follow_libpq() {
     // Against a server without SSL: prefer falls back, require fails.
     bounded(async {
         let plain = shared_cluster(ClusterAuth::Trust);
-        let p = start_proxy(&plain, |c| c.upstream.tls = upstream_tls(SslMode::Prefer, None)).await;
+        let p = start_proxy(&plain, |c| {
+            c.upstream.tls = upstream_tls(SslMode::Prefer, None)
+        })
+        .await;
         let c = connect(&proxy_url(&p, "postgres", "postgres")).await;
         assert_eq!(simple_one(&c, SSL_IN_USE).await, "f");
-        let p = start_proxy(&plain, |c| c.upstream.tls = upstream_tls(SslMode::Require, None)).await;
-        let e = try_connect(&proxy_url(&p, "postgres", "postgres"), Duration::from_secs(10))
-            .await
-            .err()
-            .expect("require against a plaintext server must fail");
+        let p = start_proxy(&plain, |c| {
+            c.upstream.tls = upstream_tls(SslMode::Require, None)
+        })
+        .await;
+        let Err(e) = try_connect(
+            &proxy_url(&p, "postgres", "postgres"),
+            Duration::from_secs(10),
+        )
+        .await
+        else {
+            panic!("require against a plaintext server must fail");
+        };
         assert!(format!("{e:?}").contains("does not support SSL"), "{e:?}");
     })
     .await;
@@ -360,10 +401,107 @@ async fn cancel_works_with_a_tls_upstream() {
         let r = within(Duration::from_secs(10), "cancelled query", slow)
             .await
             .expect("join");
-        let e = r.err().expect("query must be cancelled");
+        let Err(e) = r else {
+            panic!("query must be cancelled");
+        };
         assert_eq!(code_of(&e), "57014");
         let c2 = connect(&proxy_url(&p, "postgres", "postgres")).await;
         assert_eq!(simple_one(&c2, SSL_IN_USE).await, "t");
+    })
+    .await;
+}
+
+/// The certificate the proxy at `port` presents after SSLRequest.
+async fn presented_cert(port: u16, pki: &Pki) -> Vec<u8> {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp");
+    tcp.write_all(&ssl_request()).await.expect("ssl request");
+    let mut s = [0u8; 1];
+    tcp.read_exact(&mut s).await.expect("answer");
+    assert_eq!(&s, b"S");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(pki.roots(), false)));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec()
+}
+
+fn der_of(pem_file: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(pem_file)
+        .expect("pem")
+        .to_vec()
+}
+
+async fn post(port: u16, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin");
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("post");
+    let mut out = String::new();
+    let _ = within(Duration::from_secs(10), "admin answer", s.read_to_string(&mut out)).await;
+    out
+}
+
+/// SIGHUP and /api/reload share the reload path: it re-reads the certificate and key;
+/// a broken file fails the reload and the previous certificate stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_certificate_and_keeps_it_on_bad_files() {
+    use clap::Parser;
+    let pg = shared_cluster(ClusterAuth::Trust);
+    let pki = Pki::new("reload-ca");
+    let first = pki.leaf("first", &["localhost"]);
+    let second = pki.leaf("second", &["localhost"]);
+    let live = Leaf {
+        cert: pki.dir.path().join("live.crt"),
+        key: pki.dir.path().join("live.key"),
+    };
+    let install = |l: &Leaf| {
+        std::fs::copy(&l.cert, &live.cert).expect("copy cert");
+        std::fs::copy(&l.key, &live.key).expect("copy key");
+    };
+    install(&first);
+    let (port, admin) = (free_port(), free_port());
+    let yaml = format!(
+        "listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n\
+         upstream: {{host: 127.0.0.1, port: {}, tls: {{sslmode: disable}}}}\n\
+         auth: {{method: trust}}\n\
+         tls: {{cert_file: {}, key_file: {}, mode: require}}\n",
+        pg.port(),
+        live.cert.display(),
+        live.key.display()
+    );
+    let cfg_path = pki.dir.path().join("proxy.yaml");
+    std::fs::write(&cfg_path, yaml).expect("write config");
+    let cli = pgsidecar::cli::Cli::parse_from(["pgsidecar", "--config", &cfg_path.display().to_string()]);
+    let config = cli.build_config().expect("config");
+    config.validate().expect("valid");
+    tokio::spawn(pgsidecar::daemon::run(cli, config));
+    bounded(async {
+        wait_until(Duration::from_secs(10), "proxy listening", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert_eq!(presented_cert(port, &pki).await, der_of(&first.cert));
+
+        install(&second);
+        let r = post(admin, "/api/reload").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert_eq!(presented_cert(port, &pki).await, der_of(&second.cert));
+
+        std::fs::write(&live.key, "not a key").expect("break key");
+        let r = post(admin, "/api/reload").await;
+        assert!(!r.starts_with("HTTP/1.1 200"), "a bad key must fail the reload: {r}");
+        assert_eq!(
+            presented_cert(port, &pki).await,
+            der_of(&second.cert),
+            "the previous certificate stays in use"
+        );
     })
     .await;
 }

@@ -462,7 +462,10 @@ async fn read_message(stream: &mut ServerStream, buf: &mut BytesMut) -> std::io:
 }
 
 /// Reads one raw backend message (type, body) for internal queries.
-async fn read_raw(stream: &mut ServerStream, buf: &mut BytesMut) -> std::io::Result<(u8, BytesMut)> {
+async fn read_raw(
+    stream: &mut ServerStream,
+    buf: &mut BytesMut,
+) -> std::io::Result<(u8, BytesMut)> {
     loop {
         if let Some(h) = backend_header(buf, STARTUP_MESSAGE_LIMIT)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?

@@ -149,7 +149,8 @@ where
             Kind::CancelGrace => Some(Step::Timeout(Expired::QueryUnanswered)),
             Kind::Query => {
                 self.cancel_for_timeout();
-                self.timers.arm(Kind::CancelGrace, Instant::now() + CANCEL_GRACE);
+                self.timers
+                    .arm(Kind::CancelGrace, Instant::now() + CANCEL_GRACE);
                 // Registers the waker for the new deadline.
                 if let Some(s) = self.timers.sleep.as_mut() {
                     let _ = s.as_mut().poll(cx);

@@ -227,7 +227,10 @@ pub(crate) fn read_certs(
     Ok(certs)
 }
 
-pub(crate) fn read_key(path: &Path, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn read_key(
+    path: &Path,
+    what: &'static str,
+) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = std::fs::read(path).map_err(|source| TlsError::Read {
         what,
         path: show(path),

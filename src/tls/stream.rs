@@ -43,7 +43,10 @@ impl<S: std::fmt::Debug> std::fmt::Debug for MaybeTls<S> {
 }
 
 fn broken() -> io::Error {
-    io::Error::new(io::ErrorKind::NotConnected, "connection unusable after a failed TLS upgrade")
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection unusable after a failed TLS upgrade",
+    )
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {

@@ -63,7 +63,8 @@ pub struct UpstreamTlsConfig {
 
 impl UpstreamTlsConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if matches!(self.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) && self.root_cert.is_none()
+        if matches!(self.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && self.root_cert.is_none()
         {
             return Err(format!(
                 "upstream.tls.sslmode {:?} needs upstream.tls.root_cert",
@@ -91,7 +92,9 @@ pub struct UpstreamTls {
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamTls").field("mode", &self.mode).finish()
+        f.debug_struct("UpstreamTls")
+            .field("mode", &self.mode)
+            .finish()
     }
 }
 
@@ -104,7 +107,9 @@ pub enum UpstreamTlsError {
     /// ErrorResponse here comes before any authentication: CVE-2024-10977).
     #[error("the server answered SSLRequest with an unexpected byte 0x{0:02x}")]
     BadAnswer(u8),
-    #[error("received unencrypted data after the server accepted SSL (possible man in the middle)")]
+    #[error(
+        "received unencrypted data after the server accepted SSL (possible man in the middle)"
+    )]
     Unsolicited,
     #[error("upstream.host {0:?} is not a valid TLS server name")]
     BadName(String),
@@ -150,7 +155,9 @@ impl UpstreamTls {
                 provider: provider.clone(),
             }),
             (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
-                return Err(TlsError::Config("verify modes need upstream.tls.root_cert".into()))
+                return Err(TlsError::Config(
+                    "verify modes need upstream.tls.root_cert".into(),
+                ))
             }
             // prefer / require without a root: encrypted, not authenticated (as libpq).
             _ => Arc::new(NoVerification(provider.clone())),
@@ -212,7 +219,9 @@ impl UpstreamTls {
             .connect(name, tcp)
             .await
             .map_err(UpstreamTlsError::Handshake)?;
-        Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+        Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(
+            tls,
+        ))))
     }
 }
 
@@ -240,7 +249,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -249,7 +263,12 @@ impl ServerCertVerifier for NoVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -290,7 +309,12 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -299,7 +323,12 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -127,7 +127,17 @@ pub async fn psql(conninfo: &str, sql: &str) -> PsqlOut {
     let sql = sql.to_string();
     tokio::task::spawn_blocking(move || {
         let out = Command::new(psql_path())
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &conninfo, "-c", &sql])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &conninfo,
+                "-c",
+                &sql,
+            ])
             .env_remove("PGSSLMODE")
             .env_remove("PGHOST")
             .env_remove("PGPORT")
