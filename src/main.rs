@@ -42,8 +42,11 @@ fn main() -> ExitCode {
 fn init_logging(format: &str, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGSIDECAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour codes only for a terminal; log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -264,6 +264,7 @@ impl Metrics {
             shutdown_clients_closed,
             registry: r,
         }
+        .with_series()
     }
 
     pub fn for_pool(&self, pool: &str) -> PoolMetrics {
@@ -274,6 +275,16 @@ impl Metrics {
             connect_duration: self.connect_duration.with_label_values(&[pool]),
             opened: self.server_opened.with_label_values(&[pool]),
             checkout_timeouts: self.checkout_timeouts.with_label_values(&[pool]),
+        }
+    }
+
+    /// Creates series that alerts compute `increase()` over, so the first event counts.
+    fn init_series(&self) {
+        for r in ["ok", "failed"] {
+            self.reloads.with_label_values(&[r]);
+        }
+        for r in ["accepted", "rejected"] {
+            self.client_connections.with_label_values(&[r]);
         }
     }
 
@@ -292,6 +303,13 @@ impl Metrics {
         self.errors
             .with_label_values(&[origin, class.unwrap_or("??")])
             .inc();
+    }
+}
+
+impl Metrics {
+    fn with_series(self) -> Self {
+        self.init_series();
+        self
     }
 }
 

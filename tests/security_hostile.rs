@@ -14,25 +14,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn errors_until_close(c: &mut RawConn) -> Vec<String> {
     let mut codes = Vec::new();
     let drain = async {
-        loop {
-            match c.stream.read_u8().await {
-                Ok(tag) => {
-                    let Ok(len) = c.stream.read_i32().await else {
-                        break;
-                    };
-                    let mut body = vec![0u8; (len.max(4) - 4) as usize];
-                    if c.stream.read_exact(&mut body).await.is_err() {
-                        break;
-                    }
-                    if tag == b'E' {
-                        let m = Msg {
-                            tag,
-                            body: body.into(),
-                        };
-                        codes.push(m.code().unwrap_or_default());
-                    }
-                }
-                Err(_) => break,
+        while let Ok(tag) = c.stream.read_u8().await {
+            let Ok(len) = c.stream.read_i32().await else {
+                break;
+            };
+            let mut body = vec![0u8; (len.clamp(4, 1 << 20) - 4) as usize];
+            if c.stream.read_exact(&mut body).await.is_err() {
+                break;
+            }
+            if tag == b'E' {
+                let m = Msg {
+                    tag,
+                    body: body.into(),
+                };
+                codes.push(m.code().unwrap_or_default());
             }
         }
     };

@@ -125,11 +125,9 @@ async fn query_timeout_cancels_the_query_and_frees_the_slot() {
         a.batch_execute("commit").await.expect("commit");
 
         let started = Instant::now();
-        let e = a
-            .simple_query("select pg_sleep(30)")
-            .await
-            .err()
-            .expect("cancelled");
+        let Err(e) = a.simple_query("select pg_sleep(30)").await else {
+            panic!("cancelled");
+        };
         assert_eq!(code_of(&e), "57014", "{e:?}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -141,11 +139,9 @@ async fn query_timeout_cancels_the_query_and_frees_the_slot() {
         assert_eq!(simple_one(&b, "select 3").await, "3");
         assert_eq!(simple_one(&a, "select 4").await, "4");
         // Extended protocol too.
-        let e = a
-            .query("select pg_sleep($1::float8)", &[&30.0f64])
-            .await
-            .err()
-            .expect("cancelled");
+        let Err(e) = a.query("select pg_sleep($1::float8)", &[&30.0f64]).await else {
+            panic!("cancelled");
+        };
         assert_eq!(code_of(&e), "57014");
         assert_eq!(simple_one(&b, "select 5").await, "5");
     })
@@ -164,10 +160,10 @@ async fn per_user_and_per_database_caps_give_53300_and_are_released() {
         let url = proxy_url(&proxy, "postgres", "postgres");
         let a = connect(&url).await;
         let b = connect(&url).await;
-        let e = try_connect(&url, Duration::from_secs(10))
-            .await
-            .err()
-            .expect("third login of the user refused");
+        let Err(e) = try_connect(&url, Duration::from_secs(10))
+            .await else {
+            panic!("third login of the user refused");
+        };
         assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e:?}");
         assert!(format!("{e:?}").contains("too many connections for role"), "{e:?}");
         drop(a);
@@ -180,15 +176,17 @@ async fn per_user_and_per_database_caps_give_53300_and_are_released() {
         pg.exec("do $$ begin create role sec_cap_user login; exception when duplicate_object then null; end $$");
         let other = proxy_url(&proxy, "sec_cap_user", "postgres");
         let _d = connect(&other).await;
-        let e = try_connect(&other, Duration::from_secs(10))
-            .await
-            .err()
-            .expect("database cap");
+        let Err(e) = try_connect(&other, Duration::from_secs(10))
+            .await else {
+            panic!("database cap");
+        };
         assert!(format!("{e:?}").contains("too many connections for database"), "{e:?}");
         drop(b);
         // A login that fails upstream (no such database) does not leak its count.
         let bad = proxy_url(&proxy, "sec_cap_user", "no_such_db_for_caps");
-        let e = try_connect(&bad, Duration::from_secs(10)).await.err().expect("3D000");
+        let Err(e) = try_connect(&bad, Duration::from_secs(10)).await else {
+            panic!("3D000");
+        };
         assert_eq!(e.code().map(|c| c.code()), Some("3D000"), "{e:?}");
         assert_eq!(
             proxy.shared.client_caps.counts("no_such_db_for_caps", "sec_cap_user"),

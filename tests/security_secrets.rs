@@ -125,13 +125,14 @@ async fn secrets_stay_out_of_logs_metrics_admin_and_errors() {
             (&md5, "nobody_here", MD5_CLIENT_PW),
             (&broken_upstream, APP_USER, CLIENT_PW),
         ] {
-            let e = try_connect(
+            let Err(e) = try_connect(
                 &proxy_url_pw(proxy, user, pw, "postgres"),
                 Duration::from_secs(10),
             )
             .await
-            .err()
-            .expect("login must fail");
+            else {
+                panic!("login must fail");
+            };
             assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e:?}");
             errors.push(format!("{e:?}"));
         }

@@ -438,13 +438,20 @@ async fn post(port: u16, path: &str) -> String {
         .await
         .expect("admin");
     s.write_all(
-        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .expect("post");
     let mut out = String::new();
-    let _ = within(Duration::from_secs(10), "admin answer", s.read_to_string(&mut out)).await;
+    let _ = within(
+        Duration::from_secs(10),
+        "admin answer",
+        s.read_to_string(&mut out),
+    )
+    .await;
     out
 }
 
@@ -478,13 +485,16 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_bad_files() {
     );
     let cfg_path = pki.dir.path().join("proxy.yaml");
     std::fs::write(&cfg_path, yaml).expect("write config");
-    let cli = pgsidecar::cli::Cli::parse_from(["pgsidecar", "--config", &cfg_path.display().to_string()]);
+    let cli =
+        pgsidecar::cli::Cli::parse_from(["pgsidecar", "--config", &cfg_path.display().to_string()]);
     let config = cli.build_config().expect("config");
     config.validate().expect("valid");
     tokio::spawn(pgsidecar::daemon::run(cli, config));
     bounded(async {
         wait_until(Duration::from_secs(10), "proxy listening", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
         })
         .await;
         assert_eq!(presented_cert(port, &pki).await, der_of(&first.cert));
@@ -496,7 +506,10 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_bad_files() {
 
         std::fs::write(&live.key, "not a key").expect("break key");
         let r = post(admin, "/api/reload").await;
-        assert!(!r.starts_with("HTTP/1.1 200"), "a bad key must fail the reload: {r}");
+        assert!(
+            !r.starts_with("HTTP/1.1 200"),
+            "a bad key must fail the reload: {r}"
+        );
         assert_eq!(
             presented_cert(port, &pki).await,
             der_of(&second.cert),
