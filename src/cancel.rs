@@ -3,13 +3,15 @@
 //! real key. A server that went back to the pool is no longer reachable through the key.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::auth::constant_time_eq;
 
@@ -25,11 +27,35 @@ pub struct CancelTarget {
 pub struct CancelSlot {
     secret: i32,
     target: Mutex<Option<CancelTarget>>,
+    /// Cancels forwarded to the current target and not yet delivered. The server is not
+    /// handed to another client until this is 0, so a late signal cannot cancel
+    /// someone else's query.
+    in_flight: AtomicUsize,
+    delivered: Notify,
 }
 
 impl CancelSlot {
     pub fn set(&self, target: Option<CancelTarget>) {
         *self.target.lock() = target;
+    }
+
+    /// Cancels still on their way to the server this client held.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits (bounded) until every forwarded cancel was delivered.
+    pub async fn wait_delivered(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.in_flight() > 0 {
+            let notified = self.delivered.notified();
+            if self.in_flight() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -70,6 +96,8 @@ impl CancelRegistry {
             let slot = Arc::new(CancelSlot {
                 secret,
                 target: Mutex::new(None),
+                in_flight: AtomicUsize::new(0),
+                delivered: Notify::new(),
             });
             slots.insert(pid, slot.clone());
             return CancelGuard {
@@ -81,10 +109,12 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel if the key matches a client with a query in flight. A wrong key
-    /// does nothing and, as in PostgreSQL, the requester learns nothing either way.
+    /// Forwards a cancel if the key matches a client with a query in flight, and returns
+    /// once PostgreSQL has delivered it (it closes the cancel connection after signalling
+    /// the backend), so the requester may close its own cancel connection only then, as
+    /// libpq expects. A wrong key does nothing and reveals nothing.
     pub async fn cancel(&self, pid: i32, secret: &[u8]) -> bool {
-        let target = {
+        let (slot, target) = {
             let slots = self.slots.lock();
             let Some(slot) = slots.get(&pid) else {
                 return false;
@@ -92,13 +122,23 @@ impl CancelRegistry {
             if !constant_time_eq(&slot.secret.to_be_bytes(), secret) {
                 return false;
             }
-            let t = slot.target.lock().clone();
-            t
+            // Counted under the target lock: a session that clears the target afterwards
+            // is sure to see this cancel in flight.
+            let guard = slot.target.lock();
+            let t = guard.clone();
+            if t.is_some() {
+                slot.in_flight.fetch_add(1, Ordering::AcqRel);
+            }
+            drop(guard);
+            (slot.clone(), t)
         };
         let Some(t) = target else {
             return false;
         };
-        send_cancel(&t).await
+        let ok = send_cancel(&t).await;
+        slot.in_flight.fetch_sub(1, Ordering::AcqRel);
+        slot.delivered.notify_waiters();
+        ok
     }
 }
 
@@ -111,7 +151,9 @@ pub async fn send_cancel(t: &CancelTarget) -> bool {
             let mut buf = BytesMut::new();
             postgres_protocol::message::frontend::cancel_request(t.pid, t.secret, &mut buf);
             s.write_all(&buf).await?;
-            s.shutdown().await?;
+            // PostgreSQL closes the connection once the backend has been signalled.
+            let mut sink = [0u8; 64];
+            while s.read(&mut sink).await? > 0 {}
             Ok::<_, std::io::Error>(())
         };
         // The cancel path has its own deadline so a hung upstream cannot pin tasks.

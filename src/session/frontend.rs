@@ -73,8 +73,11 @@ where
         self.stats.bytes_c2s += h.frame_len() as u64;
         match h.tag {
             fe::QUERY | fe::FUNCTION_CALL => {
-                if inspect {
-                    self.inspect_query(h);
+                if inspect && h.tag == fe::QUERY && self.inspect_query(h) {
+                    // Answered by the proxy (DEALLOCATE of a proxy-named statement).
+                    self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                    self.push(Req::LocalCommand("DEALLOCATE"));
+                    return Ok(Outcome::Continue);
                 }
                 self.note_request();
                 self.push(Req::Query);
@@ -240,7 +243,8 @@ where
     }
 
     /// DISCARD ALL / DEALLOCATE ALL / RESET ALL change what the proxy tracks.
-    fn inspect_query(&mut self, h: Header) {
+    /// Returns true when the query is answered by the proxy instead of the server.
+    fn inspect_query(&mut self, h: Header) -> bool {
         let body = self.frame(h);
         let text = body.strip_suffix(b"\0").unwrap_or(body);
         // Cheap filter first, without allocating: only statements whose first word is
@@ -258,8 +262,12 @@ where
             .iter()
             .any(|k| word.eq_ignore_ascii_case(k))
         {
-            return;
+            return false;
         }
+        // Rare statements from here on: an owned copy keeps the borrow checker simple.
+        let text = text.to_vec();
+        let text = &text[..];
+        let word = &text[start..start + word_len];
         if let Some(op) = super::setstmt::parse(text) {
             // Reported settings already follow the client through ParameterStatus.
             let reported = self
@@ -270,7 +278,25 @@ where
                 // note_request() for this Query runs next: it is request number sent + 1.
                 self.pending_sets.push((self.requests_sent + 1, op));
             }
-            return;
+            return false;
+        }
+        if word.eq_ignore_ascii_case(b"deallocate") {
+            // Statements prepared through the protocol exist on servers only under the
+            // proxy's names: DEALLOCATE of one (psycopg 3 evicts this way with libpq < 17)
+            // or of all of them is this client's business and answered here.
+            if let Some(target) = deallocate_target(text) {
+                match target {
+                    None => {
+                        self.stmts.clear();
+                        return true;
+                    }
+                    Some(name) => {
+                        if self.stmts.remove(name.as_bytes()).is_some() {
+                            return true;
+                        }
+                    }
+                }
+            }
         }
         let norm: String = String::from_utf8_lossy(&text[..text.len().min(64)])
             .trim()
@@ -280,9 +306,8 @@ where
             .join(" ")
             .to_ascii_uppercase();
         let discard = norm == "DISCARD ALL";
-        let deallocate = norm == "DEALLOCATE ALL" || norm == "DEALLOCATE PREPARE ALL";
         let reset = norm == "RESET ALL";
-        if discard || deallocate {
+        if discard {
             // The server really drops its statements: forget them on both sides.
             self.stmts.clear();
             if let Some(lease) = self.server.as_mut() {
@@ -301,6 +326,7 @@ where
                 conn.params_fp = 0;
             }
         }
+        false
     }
 
     /// Makes sure the bound server holds `def`, injecting a Parse (and a Close for an
@@ -473,5 +499,49 @@ where
         self.push(Req::Close { injected: false });
         self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
         Ok(())
+    }
+}
+
+/// `DEALLOCATE [PREPARE] name|ALL` as one statement: Some(None) for ALL, Some(Some(name))
+/// for a name (unquoted names fold to lower case, as PostgreSQL does).
+fn deallocate_target(text: &[u8]) -> Option<Option<String>> {
+    let text = std::str::from_utf8(text).ok()?;
+    let text = text.trim().trim_end_matches(';').trim_end();
+    if text.contains(';') {
+        return None;
+    }
+    let mut words = text.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case("prepare") {
+        name = words.next()?;
+    }
+    if words.next().is_some() {
+        return None;
+    }
+    if name.eq_ignore_ascii_case("all") {
+        return Some(None);
+    }
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(quoted) if !quoted.contains('"') => Some(Some(quoted.to_string())),
+        Some(_) => None,
+        None => Some(Some(name.to_ascii_lowercase())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deallocate_target;
+
+    #[test]
+    fn deallocate_forms() {
+        assert_eq!(deallocate_target(b"DEALLOCATE _pg3_0"), Some(Some("_pg3_0".into())));
+        assert_eq!(deallocate_target(b"deallocate prepare S1;"), Some(Some("s1".into())));
+        assert_eq!(deallocate_target(b"DEALLOCATE \"S1\""), Some(Some("S1".into())));
+        assert_eq!(deallocate_target(b"DEALLOCATE ALL"), Some(None));
+        assert_eq!(deallocate_target(b"DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocate_target(b"DEALLOCATE"), None);
     }
 }

@@ -161,10 +161,12 @@ where
     let login = match opening {
         Ok(Ok(Opening::Login(l))) => l,
         Ok(Ok(Opening::Cancel { pid, secret })) => {
-            // Closed before forwarding, as PostgreSQL does: how long the requester waits
-            // must not tell a valid key from a wrong one.
-            drop(client);
+            // As PostgreSQL: the requester's connection closes only after the signal was
+            // delivered (libpq waits for that EOF before its next command, so a late
+            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
+            // makes the timing of a valid key useless to a guesser.
             shared.cancels.cancel(pid, &secret).await;
+            drop(client);
             return;
         }
         Ok(Err(Some(e))) => {
@@ -606,6 +608,14 @@ where
             // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
             self.s_in.drop_unscanned();
             lease.discard("unclean at release");
+        } else if self.cancel.slot.in_flight() > 0 {
+            // A cancel for this client's last query is still on its way: the server
+            // joins the pool only after it was delivered.
+            let slot = self.cancel.slot.clone();
+            tokio::spawn(async move {
+                slot.wait_delivered(Duration::from_secs(5)).await;
+                lease.release();
+            });
         } else {
             lease.release();
         }
@@ -669,6 +679,10 @@ where
                 conn.dirty = false;
             }
         }
+        self.cancel
+            .slot
+            .wait_delivered(Duration::from_secs(5))
+            .await;
         lease.release();
     }
 

@@ -39,6 +39,10 @@ pub enum Req {
     },
     /// Answered by the proxy when it reaches the head of the queue.
     Synthetic(BytesMut),
+    /// A simple query the proxy answers itself (SQL DEALLOCATE of a statement that only
+    /// exists under the proxy's name): CommandComplete with this tag and ReadyForQuery
+    /// carrying the server's current transaction status.
+    LocalCommand(&'static str),
     /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the server said
     /// the COPY started (CopyInResponse). Marks where the server's copy-in mode will end
     /// in the client's stream; gets no answer of its own.
@@ -165,9 +169,23 @@ impl Tracker {
 
     /// Answers the proxy owes at the head of the queue are sent now, in order.
     fn emit_synthetic(&mut self, emit: &mut BytesMut) {
-        while let Some(Req::Synthetic(_)) = self.queue.front() {
-            if let Some(Req::Synthetic(bytes)) = self.queue.pop_front() {
-                emit.extend_from_slice(&bytes);
+        while let Some(Req::Synthetic(_) | Req::LocalCommand(_)) = self.queue.front() {
+            match self.queue.pop_front() {
+                Some(Req::Synthetic(bytes)) => emit.extend_from_slice(&bytes),
+                Some(Req::LocalCommand(tag)) => {
+                    if self.status == b'E' {
+                        // As PostgreSQL in a failed transaction block.
+                        crate::error::ClientError::error(
+                            "25P02",
+                            "current transaction is aborted, commands ignored until end of transaction block",
+                        )
+                        .encode(emit);
+                    } else {
+                        messages::command_complete(emit, tag);
+                    }
+                    messages::ready_for_query(emit, self.status);
+                }
+                _ => {}
             }
         }
     }
