@@ -79,11 +79,20 @@ class CancelDelayRelay:
                 up_w.close()
 
     def close(self):
-        def stop():
+        async def shutdown():
             self.server.close()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(stop)
-        self.thread.join(5)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 @pytest.fixture(scope="module")

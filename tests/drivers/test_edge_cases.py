@@ -172,3 +172,17 @@ def test_psycopg3_prepared_eviction_via_sql_deallocate(proxy, monkeypatch):
         for rnd in range(3):
             for q in range(20):
                 assert conn.execute(f"SELECT %s::int + {q}", (rnd,)).fetchone() == (rnd + q,)
+
+
+async def test_asyncpg_server_settings_search_path_list(proxy, pg):
+    with psycopg.connect(pg.dsn(proxy.dbname), autocommit=True) as c:
+        c.execute("CREATE SCHEMA IF NOT EXISTS edge_s; DROP TABLE IF EXISTS edge_s.only_here; "
+                  "CREATE TABLE edge_s.only_here (v int); INSERT INTO edge_s.only_here VALUES (7)")
+    conn = await asyncpg.connect(proxy.url(), timeout=15, command_timeout=30,
+                                 server_settings={"search_path": "edge_s,public"})
+    try:
+        for _ in range(3):
+            assert await conn.fetchval("SHOW search_path") == "edge_s,public"
+            assert await conn.fetchval("SELECT v FROM only_here") == 7
+    finally:
+        await conn.close()

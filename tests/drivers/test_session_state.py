@@ -108,30 +108,21 @@ def test_search_path_from_startup_options(state_proxy, schemas):
             c.close()
 
 
-@pytest.mark.proxy_bug(
-    modes=("transaction", "session"),
-    reason="startup setting re-applied as SET search_path TO 's_a,public' (one literal = one "
-           "quoted schema name \"s_a,public\"); PostgreSQL parses the raw value as a list")
 def test_search_path_list_from_startup_options(state_proxy, schemas):
     """The usual form, a LIST: options='-c search_path=s_a,public'.
 
     PostgreSQL (direct connection) shows `s_a,public` and resolves `thing` in s_a.
-    Observed through pgsidecar (both modes): SHOW search_path = '"s_a,public"', a single
-    schema named "s_a,public", so `SELECT v FROM thing` fails with UndefinedTable.
+    Regression test: before 58b42f2 pgsidecar re-applied it as SET search_path TO
+    's_a,public' - one schema named "s_a,public" - and `thing` was not found (42P01).
     """
     with psycopg.connect(state_proxy.dsn(options="-c search_path=s_a,public"), autocommit=True) as conn:
         assert conn.execute("SHOW search_path").fetchone()[0] == "s_a,public"
         assert conn.execute("SELECT v FROM thing").fetchone()[0] == "s_a"
 
 
-def test_search_path_set_via_sql(request, state_proxy, schemas):
-    if state_proxy.mode == "transaction":
-        # Observed: client A's next transaction runs with client B's search_path.
-        # PostgreSQL 15 does not report search_path in ParameterStatus, so the proxy does
-        # not learn about the SET (see MATRIX.md). Strict: an XPASS fails the run, so this
-        # becomes a normal test the day the proxy carries it.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="search_path SET via SQL is not carried in transaction mode"))
+def test_search_path_set_via_sql(state_proxy, schemas):
+    # Carried in transaction mode since 58b42f2 (before: xfail "search_path SET via SQL is
+    # not carried in transaction mode" - PostgreSQL 15 does not report search_path).
     conns = {s: psycopg.connect(state_proxy.dsn(), autocommit=True) for s in schemas}
     try:
         for s, conn in conns.items():
@@ -147,18 +138,45 @@ def test_search_path_set_via_sql(request, state_proxy, schemas):
             c.close()
 
 
-def test_unreported_set_does_not_leak_to_other_clients(request, state_proxy):
+def test_unreported_set_does_not_leak_to_other_clients(state_proxy):
     """`SET statement_timeout` (not reported via ParameterStatus) by one client must not
     show up for another client."""
-    if state_proxy.mode == "transaction":
-        # Observed: with pool size 1, client B sees client A's statement_timeout=1234ms
-        # (and A's search_path): the proxy neither tracks nor resets such settings
-        # between transactions of different clients.
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="SET of a setting PostgreSQL does not report leaks to other "
-                                "clients of the same server in transaction mode"))
+    # Before 58b42f2 (transaction mode, pool size 1) B saw A's 1234ms.
     with psycopg.connect(state_proxy.dsn(), autocommit=True) as a, \
             psycopg.connect(state_proxy.dsn(), autocommit=True) as b:
         a.execute("SET statement_timeout = 1234")
         assert a.execute("SHOW statement_timeout").fetchone() == ("1234ms",)
         assert b.execute("SHOW statement_timeout").fetchone() == ("0",)
+
+
+def test_sql_set_follows_transaction_outcome(state_proxy, schemas):
+    """SQL SET of an unreported setting in the ways drivers issue it: inside a driver's
+    implicit transaction (committed / rolled back), SET LOCAL, RESET."""
+    with psycopg.connect(state_proxy.dsn()) as a, psycopg.connect(state_proxy.dsn(), autocommit=True) as b:
+        def show_a():
+            v = a.execute("SHOW search_path").fetchone()[0]
+            a.commit()
+            return v
+
+        default = b.execute("SHOW search_path").fetchone()[0]
+        a.execute("SET search_path = s_a, public")
+        a.commit()
+        b.execute("SELECT 1")  # the server passes through the other client
+        assert show_a() == "s_a, public"
+        assert b.execute("SHOW search_path").fetchone()[0] == default
+
+        a.execute("SET search_path = s_b, public")
+        a.rollback()
+        b.execute("SELECT 1")
+        assert show_a() == "s_a, public"
+
+        a.execute("SET LOCAL search_path = s_b")
+        assert a.execute("SELECT v FROM thing").fetchone()[0] == "s_b"
+        a.commit()
+        b.execute("SELECT 1")
+        assert show_a() == "s_a, public"
+
+        a.execute("RESET search_path")
+        a.commit()
+        b.execute("SELECT 1")
+        assert show_a() == default
