@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Turns the raw measurements bench/run.sh collected into the markdown report.
+
+    python3 bench/report.py WORKDIR > report.md
+
+WORKDIR holds (tab-separated, one header line each):
+  meta.tsv  key, value
+  runs.tsv  scenario, args, rep, target, status, tps, txns, cpu_ticks, clk_tck, reason
+  rss.tsv   clients, target, status, before_kib, after_kib, reason
+  copy.tsv  rep, target, status, seconds, bytes, rows, rss_before_kib, rss_peak_kib, reason
+"""
+
+import csv
+import os
+import statistics
+import sys
+
+TARGETS = ("direct", "pgbouncer", "pgsidecar")
+POOLERS = ("pgbouncer", "pgsidecar")
+
+
+def read_tsv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def fnum(x, digits=0):
+    if x is None:
+        return "n/a"
+    if digits == 0:
+        return "{:,.0f}".format(x)
+    return "{:,.{d}f}".format(x, d=digits)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return "{:.2f}".format(a / b)
+
+
+def ordered(rows, key):
+    seen = []
+    for r in rows:
+        if r[key] not in seen:
+            seen.append(r[key])
+    return seen
+
+
+class Cell:
+    """The repetitions of one (scenario, target): median of the successes, failures noted."""
+
+    def __init__(self, rows, value):
+        self.n = len(rows)
+        ok = [r for r in rows if r["status"] == "ok"]
+        self.values = [v for v in (value(r) for r in ok) if v is not None]
+        self.failed = [r for r in rows if r["status"] != "ok"]
+        self.median = statistics.median(self.values) if self.values else None
+
+    def text(self, digits=0):
+        if self.n == 0:
+            return "skipped"
+        if self.median is None:
+            reason = self.failed[0]["reason"] if self.failed else "no data"
+            return "fail: " + (reason or "unknown")
+        s = fnum(self.median, digits)
+        if self.failed:
+            s += " ({}/{} failed: {})".format(len(self.failed), self.n, self.failed[0]["reason"] or "?")
+        return s
+
+
+def cpu_us(r):
+    txns = float(r["txns"] or 0)
+    if r["cpu_ticks"] in ("", None) or txns <= 0:
+        return None
+    return float(r["cpu_ticks"]) * 1e6 / float(r["clk_tck"]) / txns
+
+
+def tps(r):
+    return float(r["tps"]) if r["tps"] else None
+
+
+def main():
+    work = sys.argv[1]
+    meta = {r["key"]: r["value"] for r in read_tsv(os.path.join(work, "meta.tsv"))}
+    runs = read_tsv(os.path.join(work, "runs.tsv"))
+    rss = read_tsv(os.path.join(work, "rss.tsv"))
+    copy = read_tsv(os.path.join(work, "copy.tsv"))
+    out = []
+    w = out.append
+
+    w("# pgsidecar vs PgBouncer vs direct: pgbench")
+    w("")
+    duration, reps = int(meta.get("duration", "0")), int(meta.get("reps", "0"))
+    if duration < 10 or reps < 3:
+        w("> **Smoke run** (DURATION={}, REPS={}): checks that the harness works; the numbers "
+          "are not a result.".format(duration, reps))
+        w("")
+    for key, label in (
+        ("date", "date"),
+        ("commit", "pgsidecar commit"),
+        ("cpu", "CPU"),
+        ("nproc", "nproc"),
+        ("kernel", "kernel"),
+        ("loadavg", "load average at start"),
+        ("postgres", "PostgreSQL"),
+        ("pgbouncer", "PgBouncer"),
+        ("rustc", "rustc"),
+        ("settings", "settings"),
+    ):
+        if key in meta:
+            w("- {}: {}".format(label, meta[key]))
+    w("")
+    w("Medians of {} repetition(s) of {} s each; in each repetition the three targets run "
+      "back to back per scenario, so ratios compare runs made under the same machine load."
+      .format(reps, duration))
+    w("")
+
+    pgbench = [r for r in runs if not r["scenario"].startswith("batch-")]
+    batch = [r for r in runs if r["scenario"].startswith("batch-")]
+
+    def table(rows, unit):
+        scenarios = ordered(rows, "scenario")
+        w("| scenario | direct | pgbouncer | pgsidecar | sidecar/bouncer | sidecar/direct |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for s in scenarios:
+            cells = {t: Cell([r for r in rows if r["scenario"] == s and r["target"] == t], tps) for t in TARGETS}
+            w("| {} | {} | {} | {} | {} | {} |".format(
+                s, cells["direct"].text(), cells["pgbouncer"].text(), cells["pgsidecar"].text(),
+                ratio(cells["pgsidecar"].median, cells["pgbouncer"].median),
+                ratio(cells["pgsidecar"].median, cells["direct"].median)))
+        w("")
+        w("Scenario arguments (all: `pgbench -n -j 2 -T {}`, {}):".format(duration, unit))
+        w("")
+        for s in scenarios:
+            args = next(r["args"] for r in rows if r["scenario"] == s)
+            w("- `{}`: `{}`".format(s, args))
+        w("")
+
+    def cpu_table(rows, what):
+        w("| scenario | pgbouncer µs/{w} | pgsidecar µs/{w} | sidecar/bouncer |".format(w=what))
+        w("|---|---:|---:|---:|")
+        for s in ordered(rows, "scenario"):
+            cells = {t: Cell([r for r in rows if r["scenario"] == s and r["target"] == t], cpu_us) for t in POOLERS}
+            w("| {} | {} | {} | {} |".format(
+                s, cells["pgbouncer"].text(1), cells["pgsidecar"].text(1),
+                ratio(cells["pgsidecar"].median, cells["pgbouncer"].median)))
+        w("")
+
+    if pgbench:
+        w("## Throughput (tps)")
+        w("")
+        table(pgbench, "tps as pgbench reports it")
+        w("## Proxy CPU per transaction")
+        w("")
+        w("utime+stime of the proxy process (all threads) over the run, divided by the "
+          "transactions pgbench completed. Lower is better.")
+        w("")
+        cpu_table(pgbench, "txn")
+
+    if rss:
+        w("## RSS per idle client")
+        w("")
+        w("Pooler VmRSS before and after N clients completed login and sat idle "
+          "(fresh pooler process for each measurement).")
+        w("")
+        w("| clients | pgbouncer KiB/client | pgsidecar KiB/client | pgbouncer RSS before → after | pgsidecar RSS before → after |")
+        w("|---:|---:|---:|---:|---:|")
+        for n in ordered(rss, "clients"):
+            per, span = {}, {}
+            for t in POOLERS:
+                rows = [r for r in rss if r["clients"] == n and r["target"] == t]
+                if not rows:
+                    per[t], span[t] = "skipped", ""
+                elif rows[0]["status"] != "ok":
+                    per[t], span[t] = "fail: " + rows[0]["reason"], ""
+                else:
+                    b, a = float(rows[0]["before_kib"]), float(rows[0]["after_kib"])
+                    per[t] = fnum((a - b) / int(n), 1)
+                    span[t] = "{} → {} MiB".format(fnum(b / 1024, 1), fnum(a / 1024, 1))
+            w("| {} | {} | {} | {} | {} |".format(fnum(int(n)), per["pgbouncer"], per["pgsidecar"],
+                                                 span["pgbouncer"], span["pgsidecar"]))
+        w("")
+
+    if copy:
+        rows0 = copy[0]
+        mb = float(rows0["bytes"]) / 1e6
+        w("## COPY FROM STDIN ({} rows, {} MB, psql `\\copy` into an unlogged table)".format(
+            fnum(int(rows0["rows"])), fnum(mb, 1)))
+        w("")
+        w("| target | MB/s | vs direct | proxy RSS before | proxy peak RSS during COPY |")
+        w("|---|---:|---:|---:|---:|")
+
+        def mbs(r):
+            return float(r["bytes"]) / 1e6 / float(r["seconds"]) if r["seconds"] else None
+
+        def kib(field):
+            return lambda r: float(r[field]) if r[field] else None
+
+        direct = Cell([r for r in copy if r["target"] == "direct"], mbs)
+        for t in TARGETS:
+            rows = [r for r in copy if r["target"] == t]
+            if not rows:
+                continue
+            c = Cell(rows, mbs)
+            if t == "direct":
+                before, peak = "", ""
+            else:
+                b, p = Cell(rows, kib("rss_before_kib")), Cell(rows, kib("rss_peak_kib"))
+                before = "{} MiB".format(fnum(b.median / 1024, 1)) if b.median else "n/a"
+                # The worst repetition: memory must stay flat in every one.
+                peak = "{} MiB".format(fnum(max(p.values) / 1024, 1)) if p.values else "n/a"
+            w("| {} | {} | {} | {} | {} |".format(t, c.text(1), ratio(c.median, direct.median), before, peak))
+        w("")
+
+    if batch:
+        w("## Batch insert (multi-row INSERT of 100 rows, 50 clients)")
+        w("")
+        w("| target | statements/s | rows/s | vs direct | proxy CPU µs/statement |")
+        w("|---|---:|---:|---:|---:|")
+        direct = Cell([r for r in batch if r["target"] == "direct"], tps)
+        for t in TARGETS:
+            rows = [r for r in batch if r["target"] == t]
+            if not rows:
+                continue
+            c = Cell(rows, tps)
+            cpu = Cell(rows, cpu_us).text(1) if t != "direct" else ""
+            rows_s = fnum(c.median * 100) if c.median is not None else "n/a"
+            w("| {} | {} | {} | {} | {} |".format(t, c.text(), rows_s, ratio(c.median, direct.median), cpu))
+        w("")
+        args = batch[0]["args"]
+        w("`pgbench -n -j 2 -T {} {}`; sidecar/bouncer: {}".format(
+            duration, args,
+            ratio(Cell([r for r in batch if r["target"] == "pgsidecar"], tps).median,
+                  Cell([r for r in batch if r["target"] == "pgbouncer"], tps).median)))
+        w("")
+
+    failures = [r for r in runs if r["status"] != "ok"]
+    if failures:
+        w("## Failed runs")
+        w("")
+        for r in failures:
+            w("- {} rep {} {}: {}".format(r["scenario"], r["rep"], r["target"], r["reason"]))
+        w("")
+
+    sys.stdout.write("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,602 @@
+#!/usr/bin/env bash
+# pgbench comparison of direct PostgreSQL, PgBouncer and pgsidecar on one throwaway
+# cluster. See bench/README.md for what each scenario means and how to read the report.
+#
+#   bash bench/run.sh                        # full run: REPS=3 x DURATION=10 s per scenario
+#   DURATION=2 REPS=1 bash bench/run.sh      # smoke run
+#   SCENARIOS='select-*,copy' bash bench/run.sh
+#
+# Environment:
+#   DURATION        seconds per pgbench run (10)
+#   REPS            repetitions, interleaved (3)
+#   SCENARIOS       comma/space separated names or globs; sections: rss, copy (all)
+#   SKIP_PGBOUNCER  1: direct and pgsidecar only
+#   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
+#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer)
+#   PGSIDECAR_BIN   pgsidecar binary; default: cargo build --release, target/release/pgsidecar
+#   SCALE           pgbench scale (10); POOL_SIZE pooler server connections (16)
+#   RSS_CLIENTS     idle-client counts for the RSS section ("1000 5000")
+#   COPY_ROWS       rows in the COPY file (1000000, ~106 MB)
+#   OUT             report path (bench/results/latest.md)
+#   KEEP_WORK       1: keep the temporary directory (logs, raw TSVs) and print its path
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+
+DURATION=${DURATION:-10}
+REPS=${REPS:-3}
+SCENARIOS=${SCENARIOS:-}
+SKIP_PGBOUNCER=${SKIP_PGBOUNCER:-0}
+SCALE=${SCALE:-10}
+POOL_SIZE=${POOL_SIZE:-16}
+RSS_CLIENTS=${RSS_CLIENTS:-1000 5000}
+COPY_ROWS=${COPY_ROWS:-1000000}
+OUT=${OUT:-$HERE/results/latest.md}
+KEEP_WORK=${KEEP_WORK:-0}
+PYTHON=${PYTHON:-python3}
+JOBS=2
+
+# name|pgbench arguments (@BATCH@ is the generated batch-insert script).
+SCENARIO_DEFS=(
+    "select-simple-c1|-S -M simple -c 1"
+    "select-simple-c16|-S -M simple -c 16"
+    "select-simple-c64|-S -M simple -c 64"
+    "select-simple-c256|-S -M simple -c 256"
+    "select-extended-c64|-S -M extended -c 64"
+    "select-prepared-c64|-S -M prepared -c 64"
+    "tpcb-simple-c32|-M simple -c 32"
+    "select-connect-c16|-S -M simple -C -c 16"
+    "batch-insert-c50|-M simple -f @BATCH@ -c 50"
+)
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# --- tools -------------------------------------------------------------------------------
+
+if [[ -z ${PG_BIN:-} ]]; then
+    if command -v pg_config >/dev/null && [[ -x $(pg_config --bindir)/postgres ]]; then
+        PG_BIN=$(pg_config --bindir)
+    else
+        PG_BIN=/usr/lib/postgresql/15/bin
+    fi
+fi
+for tool in initdb pg_ctl postgres psql pgbench; do
+    [[ -x $PG_BIN/$tool ]] || die "$PG_BIN/$tool not found (set PG_BIN)"
+done
+if [[ $SKIP_PGBOUNCER != 1 ]]; then
+    PGBOUNCER=${PGBOUNCER:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}
+    [[ -x $PGBOUNCER ]] || die "pgbouncer not found: apt-get install -y pgbouncer, or SKIP_PGBOUNCER=1"
+fi
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON)"
+
+TARGETS=(direct pgbouncer pgsidecar)
+POOLERS=(pgbouncer pgsidecar)
+if [[ $SKIP_PGBOUNCER == 1 ]]; then
+    TARGETS=(direct pgsidecar)
+    POOLERS=(pgsidecar)
+fi
+
+# PostgreSQL and PgBouncer refuse to run as root.
+as_pg() {
+    if [[ $(id -u) == 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# Thousands of idle clients need file descriptors (pooler and client helper alike).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+selected() {
+    [[ -z $SCENARIOS ]] && return 0
+    local pat
+    for pat in ${SCENARIOS//,/ }; do
+        # shellcheck disable=SC2053 # glob match on purpose
+        [[ $1 == $pat ]] && return 0
+    done
+    return 1
+}
+
+if [[ -z ${PGSIDECAR_BIN:-} ]]; then
+    log "building pgsidecar (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+    PGSIDECAR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgsidecar
+fi
+[[ -x $PGSIDECAR_BIN ]] || die "$PGSIDECAR_BIN not found"
+
+# --- temporary directory and cleanup ------------------------------------------------------
+
+WORK=$(mktemp -d /tmp/pgsidecar-bench.XXXXXX)
+[[ $(id -u) == 0 ]] && chown postgres: "$WORK"
+PG_STARTED=0
+SIDECAR_PID=
+BOUNCER_PID=
+HOLDER_PID=
+SAMPLER_PID=
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    for pid in "$HOLDER_PID" "$SAMPLER_PID"; do
+        [[ -n $pid ]] && kill "$pid" 2>/dev/null
+    done
+    declare -F stop_sidecar >/dev/null && stop_sidecar
+    declare -F stop_bouncer >/dev/null && stop_bouncer
+    if [[ $PG_STARTED == 1 ]]; then
+        as_pg "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -m immediate -w stop >/dev/null 2>&1
+    fi
+    wait 2>/dev/null
+    if [[ $KEEP_WORK == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_ports() {
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+read -r PG_PORT BOUNCER_PORT SIDECAR_PORT SIDECAR_ADMIN_PORT <<<"$(free_ports 4)"
+
+# --- helpers ------------------------------------------------------------------------------
+
+sql() { # PORT SQL...
+    local port=$1
+    shift
+    "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -tA "$@"
+}
+
+wait_sql() { # PORT NAME
+    local i
+    for ((i = 0; i < 300; i++)); do
+        sql "$1" -c 'select 1' >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "$2 does not answer on port $1"
+}
+
+alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
+
+# utime+stime of a whole process (all threads), in clock ticks.
+cpu_ticks() {
+    local s
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    # shellcheck disable=SC2086 # split into fields on purpose
+    set -- $s
+    echo $((${12} + ${13}))
+}
+
+proc_kib() { # PID FIELD (VmRSS, VmHWM)
+    local k v _
+    while read -r k v _; do
+        if [[ $k == "$2:" ]]; then
+            echo "$v"
+            return
+        fi
+    done <"/proc/$1/status"
+    echo 0
+}
+
+clean_reason() { tr '\t|\n' '  ;' | cut -c1-200; }
+
+port_of() {
+    case $1 in
+    direct) echo "$PG_PORT" ;;
+    pgbouncer) echo "$BOUNCER_PORT" ;;
+    pgsidecar) echo "$SIDECAR_PORT" ;;
+    esac
+}
+
+pid_of() {
+    case $1 in
+    direct) echo "" ;;
+    pgbouncer) echo "$BOUNCER_PID" ;;
+    pgsidecar) echo "$SIDECAR_PID" ;;
+    esac
+}
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+log "PostgreSQL on port $PG_PORT ($PG_BIN)"
+as_pg "$PG_BIN/initdb" -D "$WORK/pgdata" -U postgres --auth=trust -E UTF8 --no-sync >"$WORK/initdb.log" 2>&1 ||
+    die "initdb failed: $(tail -5 "$WORK/initdb.log")"
+cat >>"$WORK/pgdata/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$WORK'
+max_connections = 400
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+EOF
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/postgres.log" -w -t 60 start >/dev/null ||
+    die "PostgreSQL did not start: $(tail -5 "$WORK/postgres.log")"
+PG_STARTED=1
+wait_sql "$PG_PORT" PostgreSQL
+
+log "pgbench -i -s $SCALE"
+"$PG_BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$WORK/pgbench-init.log" 2>&1 ||
+    die "pgbench -i failed: $(tail -5 "$WORK/pgbench-init.log")"
+sql "$PG_PORT" -c 'CREATE TABLE bench_batch (k bigint, v text, t timestamptz)' \
+    -c 'CREATE UNLOGGED TABLE bench_copy (id int, a text, b text, c text)' -c 'VACUUM ANALYZE'
+
+# The batch-insert script: one multi-row INSERT of 100 rows (~100 bytes each) per transaction.
+BATCH_SQL=$WORK/batch.sql
+{
+    echo '\set k random(1, 1000000000)'
+    echo 'INSERT INTO bench_batch (k, v, t) VALUES'
+    for ((i = 1; i <= 100; i++)); do
+        sep=,
+        ((i == 100)) && sep=';'
+        printf "  (:k + %d, 'row %03d abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz', now())%s\n" "$i" "$i" "$sep"
+    done
+} >"$BATCH_SQL"
+
+# --- poolers ------------------------------------------------------------------------------
+
+BOUNCER_VERSION=
+if [[ $SKIP_PGBOUNCER != 1 ]]; then
+    BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR==1 {print $2}')
+    printf '"postgres" ""\n' >"$WORK/userlist.txt"
+    cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+max_client_conn = 10000
+ignore_startup_parameters = extra_float_digits,options
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+; pgsidecar does not log each connection either
+log_connections = 0
+log_disconnections = 0
+EOF
+    # Protocol-level prepared statements in transaction mode arrived in 1.21.
+    if [[ $(printf '%s\n' 1.21.0 "$BOUNCER_VERSION" | sort -V | head -1) == 1.21.0 ]]; then
+        echo "max_prepared_statements = 256" >>"$WORK/pgbouncer.ini"
+    fi
+    chown postgres: "$WORK/userlist.txt" "$WORK/pgbouncer.ini" 2>/dev/null || true
+fi
+
+start_bouncer() {
+    [[ $SKIP_PGBOUNCER == 1 ]] && return 0
+    rm -f "$WORK/pgbouncer.pid"
+    # runuser goes through PAM, which resets the soft fd limit (to 1024 here): raise it
+    # again inside, up to the hard limit, or max_client_conn cannot be reached.
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    as_pg bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' pgbouncer \
+        "$PGBOUNCER" "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.out" 2>&1 &
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ -s $WORK/pgbouncer.pid ]] && break
+        sleep 0.1
+    done
+    [[ -s $WORK/pgbouncer.pid ]] || die "pgbouncer did not start: $(tail -5 "$WORK/pgbouncer.log" "$WORK/pgbouncer.out" 2>/dev/null)"
+    BOUNCER_PID=$(<"$WORK/pgbouncer.pid")
+    wait_sql "$BOUNCER_PORT" pgbouncer
+}
+
+stop_bouncer() {
+    alive "$BOUNCER_PID" || {
+        BOUNCER_PID=
+        return 0
+    }
+    kill -TERM "$BOUNCER_PID" 2>/dev/null
+    local i
+    for ((i = 0; i < 100; i++)); do
+        alive "$BOUNCER_PID" || break
+        sleep 0.05
+    done
+    alive "$BOUNCER_PID" && kill -KILL "$BOUNCER_PID" 2>/dev/null
+    BOUNCER_PID=
+    return 0
+}
+
+start_sidecar() {
+    "$PGSIDECAR_BIN" --upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+        --listen "127.0.0.1:$SIDECAR_PORT" --admin-listen "127.0.0.1:$SIDECAR_ADMIN_PORT" \
+        --pool-mode transaction --pool-size "$POOL_SIZE" >>"$WORK/pgsidecar.log" 2>&1 &
+    SIDECAR_PID=$!
+    wait_sql "$SIDECAR_PORT" pgsidecar
+}
+
+stop_sidecar() {
+    alive "$SIDECAR_PID" || {
+        SIDECAR_PID=
+        return 0
+    }
+    # The first SIGTERM drains; a second one exits at once.
+    kill -TERM "$SIDECAR_PID" 2>/dev/null
+    sleep 0.1
+    kill -TERM "$SIDECAR_PID" 2>/dev/null
+    local i
+    for ((i = 0; i < 100; i++)); do
+        alive "$SIDECAR_PID" || break
+        sleep 0.05
+    done
+    alive "$SIDECAR_PID" && kill -KILL "$SIDECAR_PID" 2>/dev/null
+    wait "$SIDECAR_PID" 2>/dev/null
+    SIDECAR_PID=
+    return 0
+}
+
+restart() { # TARGET
+    case $1 in
+    pgbouncer) stop_bouncer && start_bouncer ;;
+    pgsidecar) stop_sidecar && start_sidecar ;;
+    esac
+}
+
+# A pooler that died during a run is restarted for the next one (the run is a failure).
+ensure_up() { # TARGET
+    local pid
+    pid=$(pid_of "$1")
+    [[ $1 == direct ]] && return 0
+    if ! alive "$pid"; then
+        log "$1 is not running; restarting it"
+        restart "$1"
+    fi
+}
+
+start_bouncer
+start_sidecar
+log "pgbouncer ${BOUNCER_VERSION:-skipped} on port $BOUNCER_PORT, pgsidecar on port $SIDECAR_PORT"
+
+# --- report metadata ----------------------------------------------------------------------
+
+meta() { printf '%s\t%s\n' "$1" "$(printf '%s' "$2" | clean_reason)" >>"$WORK/meta.tsv"; }
+printf 'key\tvalue\n' >"$WORK/meta.tsv"
+meta date "$(date -u '+%Y-%m-%d %H:%M UTC')"
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+    commit="$commit (with uncommitted changes in src/ or Cargo.*)"
+fi
+meta commit "$commit"
+meta cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+meta nproc "$(nproc)"
+meta kernel "$(uname -sr)"
+meta loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
+meta postgres "$("$PG_BIN/postgres" --version)"
+meta pgbouncer "${BOUNCER_VERSION:-skipped (SKIP_PGBOUNCER=1)}"
+meta rustc "$(rustc --version 2>/dev/null || echo unknown)"
+meta settings "scale $SCALE; pool size $POOL_SIZE, transaction mode; max_connections 400, shared_buffers 128MB, fsync off, synchronous_commit off; DURATION=$DURATION REPS=$REPS"
+meta duration "$DURATION"
+meta reps "$REPS"
+
+# --- pgbench scenarios --------------------------------------------------------------------
+
+printf 'scenario\targs\trep\ttarget\tstatus\ttps\ttxns\tcpu_ticks\tclk_tck\treason\n' >"$WORK/runs.tsv"
+CLK_TCK=$(getconf CLK_TCK)
+
+# Vacuum directly (pgbench -n through a pooler cannot): what pgbench itself does first.
+prepare_run() { # SCENARIO
+    if [[ $1 == batch-* ]]; then
+        sql "$PG_PORT" -c 'TRUNCATE bench_batch'
+    else
+        sql "$PG_PORT" -c 'VACUUM pgbench_branches' -c 'VACUUM pgbench_tellers' -c 'TRUNCATE pgbench_history'
+    fi
+}
+
+run_pgbench() { # SCENARIO ARGS REP TARGET
+    local name=$1 args=$2 rep=$3 target=$4
+    local port pid logf rc=0 before=0 after ticks="" status=ok reason="" tps="" txns=""
+    ensure_up "$target"
+    port=$(port_of "$target")
+    pid=$(pid_of "$target")
+    logf=$WORK/pgbench-$name-$rep-$target.log
+    prepare_run "$name"
+    [[ -n $pid ]] && before=$(cpu_ticks "$pid")
+    # shellcheck disable=SC2086 # ARGS is a word list
+    timeout -k 5 $((DURATION + 60)) "$PG_BIN/pgbench" -n -j "$JOBS" -T "$DURATION" \
+        -h 127.0.0.1 -p "$port" -U postgres ${args//@BATCH@/$BATCH_SQL} postgres >"$logf" 2>&1 || rc=$?
+    if [[ -n $pid ]]; then
+        if alive "$pid"; then
+            after=$(cpu_ticks "$pid")
+            ticks=$((after - before))
+        else
+            status=fail
+            reason="$target exited during the run"
+        fi
+    fi
+    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$logf" | head -1)
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$logf" | head -1)
+    if [[ $status == ok ]] && { ((rc != 0)) || [[ -z $tps ]] || grep -q 'aborted' "$logf"; }; then
+        status=fail
+        reason=$(grep -m1 -iE 'error|fatal|aborted' "$logf" | sed 's/^pgbench: //')
+        [[ -z $reason ]] && reason="pgbench exit status $rc"
+        ((rc == 124)) && reason="timed out; $reason"
+    fi
+    reason=$(printf '%s' "$reason" | clean_reason)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "${args//@BATCH@/batch.sql}" "$rep" "$target" "$status" \
+        "$tps" "$txns" "$ticks" "$CLK_TCK" "$reason" >>"$WORK/runs.tsv"
+    if [[ $status == ok ]]; then
+        log "  $name rep $rep $target: $tps tps"
+    else
+        log "  $name rep $rep $target: FAIL $reason"
+    fi
+}
+
+for ((rep = 1; rep <= REPS; rep++)); do
+    for def in "${SCENARIO_DEFS[@]}"; do
+        name=${def%%|*}
+        args=${def#*|}
+        selected "$name" || continue
+        for target in "${TARGETS[@]}"; do
+            run_pgbench "$name" "$args" "$rep" "$target"
+        done
+    done
+done
+
+# --- RSS per idle client ------------------------------------------------------------------
+
+printf 'clients\ttarget\tstatus\tbefore_kib\tafter_kib\treason\n' >"$WORK/rss.tsv"
+
+measure_idle() { # N TARGET
+    local n=$1 target=$2 pid before after i status=ok reason=""
+    restart "$target"
+    sql "$(port_of "$target")" -c 'select 1' >/dev/null
+    sleep 1
+    pid=$(pid_of "$target")
+    before=$(proc_kib "$pid" VmRSS)
+    rm -f "$WORK/idle.out" "$WORK/idle.err"
+    "$PYTHON" "$HERE/idle_clients.py" --port "$(port_of "$target")" -n "$n" \
+        >"$WORK/idle.out" 2>"$WORK/idle.err" &
+    HOLDER_PID=$!
+    for ((i = 0; i < 1200; i++)); do
+        grep -qs '^ready' "$WORK/idle.out" && break
+        alive "$HOLDER_PID" || break
+        sleep 0.1
+    done
+    if grep -qs '^ready' "$WORK/idle.out"; then
+        sleep 2
+        after=$(proc_kib "$pid" VmRSS)
+        alive "$pid" || {
+            status=fail
+            reason="$target exited"
+        }
+    else
+        status=fail
+        reason=$(head -c 300 "$WORK/idle.err" 2>/dev/null || true)
+        [[ -z $reason ]] && reason="clients not ready in 120 s"
+        after=0
+    fi
+    kill -TERM "$HOLDER_PID" 2>/dev/null || true
+    wait "$HOLDER_PID" 2>/dev/null || true
+    HOLDER_PID=
+    reason=$(printf '%s' "$reason" | clean_reason)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$target" "$status" "$before" "$after" "$reason" >>"$WORK/rss.tsv"
+    if [[ $status == ok ]]; then
+        log "  rss $n idle clients $target: $before -> $after KiB ($(((after - before) / n)) KiB/client)"
+    else
+        log "  rss $n idle clients $target: FAIL $reason"
+    fi
+}
+
+if selected rss; then
+    for n in $RSS_CLIENTS; do
+        for target in "${POOLERS[@]}"; do
+            measure_idle "$n" "$target"
+        done
+    done
+fi
+
+# --- COPY ---------------------------------------------------------------------------------
+
+printf 'rep\ttarget\tstatus\tseconds\tbytes\trows\trss_before_kib\trss_peak_kib\treason\n' >"$WORK/copy.tsv"
+
+# Peak VmRSS of PID, sampled, written to FILE until killed.
+sample_rss() { # PID FILE
+    local peak=0 r
+    while alive "$1"; do
+        r=$(proc_kib "$1" VmRSS)
+        if ((r > peak)); then
+            peak=$r
+            echo "$peak" >"$2"
+        fi
+        sleep 0.05
+    done
+}
+
+run_copy() { # REP TARGET FILE BYTES
+    local rep=$1 target=$2 file=$3 bytes=$4 port pid t0 t1 secs="" before="" peak="" hwm rows status=ok reason=""
+    ensure_up "$target"
+    port=$(port_of "$target")
+    pid=$(pid_of "$target")
+    sql "$PG_PORT" -c 'TRUNCATE bench_copy' -c 'CHECKPOINT'
+    if [[ -n $pid ]]; then
+        before=$(proc_kib "$pid" VmRSS)
+        # Reset the kernel's peak-RSS mark (VmHWM) where allowed; the sampler covers the rest.
+        echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+        echo "$before" >"$WORK/peak"
+        sample_rss "$pid" "$WORK/peak" &
+        SAMPLER_PID=$!
+    fi
+    t0=$(date +%s.%N)
+    if sql "$port" -c "\\copy bench_copy from '$file'" >"$WORK/copy-$rep-$target.log" 2>&1; then
+        t1=$(date +%s.%N)
+        secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
+        rows=$(sql "$PG_PORT" -c 'SELECT count(*) FROM bench_copy')
+        if [[ $rows != "$COPY_ROWS" ]]; then
+            status=fail
+            reason="copied $rows rows, expected $COPY_ROWS"
+        fi
+    else
+        status=fail
+        reason=$(head -c 300 "$WORK/copy-$rep-$target.log")
+    fi
+    if [[ -n $pid ]]; then
+        kill "$SAMPLER_PID" 2>/dev/null || true
+        wait "$SAMPLER_PID" 2>/dev/null || true
+        SAMPLER_PID=
+        peak=$(<"$WORK/peak")
+        if alive "$pid"; then
+            hwm=$(proc_kib "$pid" VmHWM)
+            # VmHWM is only meaningful here if the reset worked (it is then <= lifetime peak).
+            [[ -w /proc/$pid/clear_refs ]] && ((hwm > peak)) && peak=$hwm
+        else
+            status=fail
+            reason="$target exited during the COPY"
+        fi
+    fi
+    reason=$(printf '%s' "$reason" | clean_reason)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$target" "$status" "$secs" "$bytes" \
+        "$COPY_ROWS" "$before" "$peak" "$reason" >>"$WORK/copy.tsv"
+    if [[ $status == ok ]]; then
+        log "  copy rep $rep $target: $secs s${peak:+, peak RSS $peak KiB (before $before)}"
+    else
+        log "  copy rep $rep $target: FAIL $reason"
+    fi
+}
+
+if selected copy; then
+    # Fresh poolers: the RSS section leaves memory behind that would hide the COPY's own.
+    for target in "${POOLERS[@]}"; do
+        restart "$target"
+    done
+    COPY_FILE=$WORK/copy.txt
+    log "generating $COPY_ROWS COPY rows"
+    sql "$PG_PORT" -c "\\copy (SELECT i, md5(i::text), md5((i + 1)::text), md5((i + 2)::text) FROM generate_series(1, $COPY_ROWS) i) to '$COPY_FILE'"
+    COPY_BYTES=$(stat -c %s "$COPY_FILE")
+    for ((rep = 1; rep <= REPS; rep++)); do
+        for target in "${TARGETS[@]}"; do
+            run_copy "$rep" "$target" "$COPY_FILE" "$COPY_BYTES"
+        done
+    done
+    rm -f "$COPY_FILE"
+fi
+
+# --- report -------------------------------------------------------------------------------
+
+mkdir -p "$(dirname "$OUT")"
+"$PYTHON" "$HERE/report.py" "$WORK" >"$WORK/report.md"
+cp "$WORK/report.md" "$OUT"
+cat "$WORK/report.md"
+echo
+log "report written to $OUT"
