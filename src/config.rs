@@ -104,6 +104,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Health checks of server connections and of the upstream.
+    #[serde(default)]
+    pub health: HealthConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -185,8 +188,8 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Most server connections per (database, user) pool. Default `20`.
-    #[serde(default = "default_pool_size")]
+    /// Most server connections per (database, user) pool (alias `max_size`). Default `20`.
+    #[serde(default = "default_pool_size", alias = "max_size")]
     pub size: u32,
     /// Connections kept open even when idle. Default `0`.
     #[serde(default)]
@@ -208,6 +211,103 @@ pub struct PoolConfig {
     /// Close server connections older than this when released (jittered). Default `1h`.
     #[serde(default = "default_server_lifetime", with = "humantime_serde")]
     pub server_lifetime: Duration,
+    /// Fraction of open connections the sizing controller aims to keep busy; it opens
+    /// connections ahead of demand above it and closes idle ones below it. In (0, 1].
+    /// Default `0.8`.
+    #[serde(default = "default_target_utilization")]
+    pub target_utilization: f64,
+    /// How long load must stay below the target before idle connections are closed
+    /// (down to `min_size`). Default `30s`.
+    #[serde(default = "default_shrink_delay", with = "humantime_serde")]
+    pub shrink_delay: Duration,
+    /// Congestion control: when PostgreSQL refuses a connection with 53300 (or connecting
+    /// gets sharply slower), halve the pool's ceiling and let clients wait for a released
+    /// connection; raise it by one per `aimd_interval`. Sidecars sharing a database
+    /// converge to a fair share of its max_connections. Default `true`.
+    #[serde(default = "default_true")]
+    pub aimd: bool,
+    /// AIMD additive-increase period. Default `1s`.
+    #[serde(default = "default_aimd_interval", with = "humantime_serde")]
+    pub aimd_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Query that tests a server connection; empty sends an empty query (one round trip,
+    /// no parsing). Default empty.
+    #[serde(default)]
+    pub check_query: String,
+    /// Time a check query has to answer. Default `2s`.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub check_timeout: Duration,
+    /// A connection unverified (idle) for longer is checked before it is handed out.
+    /// `0s` checks before every use. Default `30s`.
+    #[serde(default = "default_server_check_delay", with = "humantime_serde")]
+    pub server_check_delay: Duration,
+    /// Idle connections unverified this long are checked in the background; `0s`
+    /// disables it. Default `30s`.
+    #[serde(default = "default_idle_check_interval", with = "humantime_serde")]
+    pub idle_check_interval: Duration,
+    /// How often each pool probes the upstream with a fresh connection (connect, login,
+    /// check query); `0s` probes only to recover from an open breaker. Default `10s`.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Time a probe has for all of it. Default `5s`.
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub probe_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            check_query: String::new(),
+            check_timeout: default_check_timeout(),
+            server_check_delay: default_server_check_delay(),
+            idle_check_interval: default_idle_check_interval(),
+            probe_interval: default_probe_interval(),
+            probe_timeout: default_probe_timeout(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_target_utilization() -> f64 {
+    0.8
+}
+fn default_shrink_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_aimd_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_server_check_delay() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_check_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// What checkouts do while the circuit breaker is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerOnOpen {
+    /// Fail at once with SQLSTATE 08006, saying since when and when the next try is.
+    #[default]
+    FailFast,
+    /// Keep clients queued (up to `pool.query_wait_timeout`) to ride out short outages.
+    Queue,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -257,6 +357,9 @@ pub struct BreakerConfig {
     /// Longest wait between trials. Default `30s`.
     #[serde(default = "default_backoff_cap", with = "humantime_serde")]
     pub backoff_cap: Duration,
+    /// `fail_fast` (default) or `queue`: what a checkout does while the breaker is open.
+    #[serde(default)]
+    pub on_open: BreakerOnOpen,
 }
 
 impl Default for BreakerConfig {
@@ -265,6 +368,7 @@ impl Default for BreakerConfig {
             failure_threshold: default_failure_threshold(),
             backoff_base: default_backoff_base(),
             backoff_cap: default_backoff_cap(),
+            on_open: BreakerOnOpen::default(),
         }
     }
 }
@@ -383,6 +487,10 @@ impl Default for PoolConfig {
             max_prepared_statements: default_max_prepared(),
             server_idle_timeout: default_server_idle_timeout(),
             server_lifetime: default_server_lifetime(),
+            target_utilization: default_target_utilization(),
+            shrink_delay: default_shrink_delay(),
+            aimd: true,
+            aimd_interval: default_aimd_interval(),
         }
     }
 }
@@ -451,6 +559,7 @@ impl Config {
             pool: PoolConfig::default(),
             limits: LimitsConfig::default(),
             breaker: BreakerConfig::default(),
+            health: HealthConfig::default(),
             admin: AdminConfig::default(),
             logging: LoggingConfig::default(),
             tls: Default::default(),
@@ -524,6 +633,21 @@ impl Config {
                 "limits.client_login_timeout",
                 self.limits.client_login_timeout,
             ),
+        ] {
+            if d.is_zero() {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if !(self.pool.target_utilization > 0.0 && self.pool.target_utilization <= 1.0) {
+            return bad(format!(
+                "pool.target_utilization must be in (0, 1], not {}",
+                self.pool.target_utilization
+            ));
+        }
+        for (name, d) in [
+            ("pool.aimd_interval", self.pool.aimd_interval),
+            ("health.check_timeout", self.health.check_timeout),
+            ("health.probe_timeout", self.health.probe_timeout),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be greater than 0"));

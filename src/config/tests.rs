@@ -84,3 +84,46 @@ fn shipped_example_is_valid() {
     let c = Config::parse(text, &env).expect("proxy.yaml parses");
     c.validate().expect("proxy.yaml is valid");
 }
+
+#[test]
+fn managed_pool_settings_have_documented_defaults_and_are_validated() {
+    let c = Config::parse(MINIMAL, &env).expect("parses");
+    assert_eq!(c.pool.target_utilization, 0.8);
+    assert_eq!(c.pool.shrink_delay, Duration::from_secs(30));
+    assert!(c.pool.aimd);
+    assert_eq!(c.pool.aimd_interval, Duration::from_secs(1));
+    assert_eq!(c.breaker.on_open, BreakerOnOpen::FailFast);
+    assert_eq!(c.health.check_query, "");
+    assert_eq!(c.health.check_timeout, Duration::from_secs(2));
+    assert_eq!(c.health.server_check_delay, Duration::from_secs(30));
+    assert_eq!(c.health.idle_check_interval, Duration::from_secs(30));
+    assert_eq!(c.health.probe_interval, Duration::from_secs(10));
+    assert_eq!(c.health.probe_timeout, Duration::from_secs(5));
+
+    let c = Config::parse(
+        "upstream:\n  host: db\nauth:\n  method: trust\npool:\n  max_size: 7\n  min_size: 2\n  aimd: false\nbreaker:\n  on_open: queue\nhealth:\n  check_query: SELECT 1\n  server_check_delay: 0s\n",
+        &env,
+    )
+    .expect("parses");
+    assert_eq!((c.pool.size, c.pool.min_size, c.pool.aimd), (7, 2, false));
+    assert_eq!(c.breaker.on_open, BreakerOnOpen::Queue);
+    assert_eq!(c.health.server_check_delay, Duration::ZERO);
+    c.validate().expect("valid");
+
+    for bad in [
+        "pool:\n  target_utilization: 0\n",
+        "pool:\n  target_utilization: 1.5\n",
+        "health:\n  check_timeout: 0s\n",
+        "health:\n  probe_timeout: 0s\n",
+        "pool:\n  aimd_interval: 0s\n",
+    ] {
+        let text = format!("upstream:\n  host: db\nauth:\n  method: trust\n{bad}");
+        let c = Config::parse(&text, &env).expect("parses");
+        let e = c.validate().expect_err(bad).to_string();
+        assert!(
+            e.contains("target_utilization") || e.contains("must be greater than 0"),
+            "{e}"
+        );
+    }
+    assert!(Config::parse("upstream:\n  host: db\nbreaker:\n  on_open: retry\n", &env).is_err());
+}

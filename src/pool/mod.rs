@@ -1,11 +1,27 @@
 //! A pool of server connections for one (database, user), with a fair FIFO wait queue.
 //!
-//! Checkout takes the most recently used idle connection (warm caches), else opens a new
-//! one while under the size limit, else queues. Check-in hands the connection straight to
-//! the longest waiter. A `Lease` that is dropped without being released counts the
-//! connection as closed, so no code path can leak a slot.
+//! Checkout takes the most recently used idle connection (warm caches) after making sure
+//! it is alive, else opens a new one while under the limit, else queues. Check-in hands
+//! the connection straight to the longest waiter. A `Lease` that is dropped without being
+//! released counts the connection as closed, so no code path can leak a slot.
+//!
+//! The pool manages itself:
+//! - `checkout`: checkout, check-in, the wait queue, replacing dead connections;
+//! - `health`: peeks, check queries and the upstream probe;
+//! - `breaker`: the circuit breaker's effects on the pool, and metrics;
+//! - `sizing`: the pure sizing controller and congestion control (AIMD);
+//! - `maintain`: the per-pool task that runs checks, probes and the controllers.
+//!
+//! Locks: `state` may be held while taking `breaker` (never the other way round), and
+//! nothing that can change the breaker's state is called with `state` held, because a
+//! transition to Open closes idle connections (which takes `state`).
 
+mod breaker;
+mod checkout;
+pub mod health;
+mod maintain;
 pub mod registry;
+pub mod sizing;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,11 +32,15 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::circuit::{Admit, Breaker, BreakerSettings, BreakerView, Event};
-use crate::config::PoolMode;
+use crate::circuit::{Breaker, BreakerSettings};
+use crate::config::{BreakerOnOpen, PoolMode};
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ConnectError, ServerConn, ServerIdentity};
+use sizing::{Aimd, AimdConfig, Sizer};
+
+/// A connection with more I/O or protocol errors than this is retired.
+pub const MAX_CONN_ERRORS: u32 = 3;
 
 /// Everything the admin API and metrics report about a pool.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,10 +51,15 @@ pub struct PoolSnapshot {
     pub mode: String,
     pub min_size: usize,
     pub max_size: usize,
+    /// What the sizing controller aims for (between min_size and ceiling).
     pub target_size: usize,
+    /// The congestion-control ceiling (max_size unless the upstream refused connections).
+    pub ceiling: usize,
     pub open: usize,
     pub idle: usize,
     pub connecting: usize,
+    /// Taken out of the idle list for a health check.
+    pub testing: usize,
     pub active_servers: usize,
     pub waiting_in_queue: usize,
     pub clients: usize,
@@ -43,6 +68,8 @@ pub struct PoolSnapshot {
     pub clients_idle: usize,
     pub paused: bool,
     pub oldest_idle_secs: f64,
+    /// Connect + login + check query time of the last successful upstream probe.
+    pub probe_latency_secs: Option<f64>,
     pub checkouts: u64,
     pub wait_timeouts: u64,
     pub connects: u64,
@@ -72,6 +99,34 @@ impl std::fmt::Display for PoolKey {
     }
 }
 
+/// How server connections and the upstream are checked (`health:` in the config).
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// Sent to test a connection; empty sends an empty Query (cheapest round trip).
+    pub check_query: String,
+    pub check_timeout: Duration,
+    /// A connection idle (unverified) longer than this is checked before reuse.
+    pub server_check_delay: Duration,
+    /// Idle connections unverified for this long are checked in the background (0: off).
+    pub idle_check_interval: Duration,
+    /// How often the upstream is probed with a fresh connection (0: only to recover).
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            check_query: String::new(),
+            check_timeout: Duration::from_secs(2),
+            server_check_delay: Duration::from_secs(30),
+            idle_check_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Settings a pool reads on every checkout; replaced as a whole on reload.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -85,6 +140,28 @@ pub struct PoolSettings {
     pub server_lifetime: Duration,
     pub identity: ServerIdentity,
     pub breaker: BreakerSettings,
+    /// What checkouts do while the breaker is open.
+    pub on_open: BreakerOnOpen,
+    /// Busy / open fraction the sizing controller aims for.
+    pub target_utilization: f64,
+    /// How long load must stay below the target before idle connections are closed.
+    pub shrink_delay: Duration,
+    /// Congestion control on 53300 refusals and connect-latency spikes.
+    pub aimd: bool,
+    /// AIMD additive-increase period.
+    pub aimd_interval: Duration,
+    pub health: HealthSettings,
+}
+
+impl PoolSettings {
+    fn aimd_config(&self) -> AimdConfig {
+        AimdConfig {
+            enabled: self.aimd,
+            max: self.max_size,
+            floor: self.min_size.max(1).min(self.max_size),
+            interval: self.aimd_interval,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -140,45 +217,42 @@ pub type StartupParams = Arc<Vec<(String, String)>>;
 
 type Waiter = oneshot::Sender<Result<Lease, CheckoutError>>;
 
-/// One checkout's place in the wait queue. However the wait ends (answered, timed out,
-/// or the checkout future dropped because the client disconnected), the entry leaves
-/// the queue at once. Left in place until the next check-in, a dead entry counted as a
-/// waiting client, kept `try_checkout` from handing out idle connections, and made
-/// `trim_and_fill` open connections for nobody.
-struct QueueSlot<'a> {
-    pool: &'a Pool,
-    rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
-    /// The sender was taken off the queue and answered; nothing to clean up.
-    answered: bool,
-}
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        self.rx.close();
-        // A connection handed over just before the waiter left goes back to the pool
-        // instead of being closed.
-        if let Ok(Ok(lease)) = self.rx.try_recv() {
-            lease.release();
-        }
-        self.pool.forget_abandoned_waiters();
-    }
+/// An idle connection and when it was last known to work.
+struct Idle {
+    conn: ServerConn,
+    /// Last clean release or passed health check; a pre-use check is due once this is
+    /// older than `server_check_delay`.
+    checked: Instant,
 }
 
 struct PoolState {
     /// Idle connections, most recently used last.
-    idle: Vec<ServerConn>,
-    /// Open or opening connections (idle + leased + connecting).
+    idle: Vec<Idle>,
+    /// Open or opening connections (idle + leased + connecting + testing).
     open: usize,
     /// Clients waiting for a connection, oldest first.
     waiters: VecDeque<Waiter>,
     /// Connections being opened (counted in `open`).
     connecting: usize,
+    /// Connections out for a health check (counted in `open`).
+    testing: usize,
     /// Paused pools hand out nothing; checkouts queue until resume.
     paused: bool,
     closed: bool,
+    sizer: Sizer,
+    aimd: Aimd,
+    /// After a 53300 refusal (with AIMD on): no new connection attempts before this;
+    /// clients wait for a connection to be released instead.
+    congested_until: Option<Instant>,
+    probe_running: bool,
+    last_probe: Option<Instant>,
+    probe_latency: Option<Duration>,
+    /// Last maintenance tick that saw clients queued: a pool under contention probes
+    /// every aimd_interval, so one that already holds its max still learns that the
+    /// upstream is full (the signal for giving others their share).
+    last_contended: Option<Instant>,
+    /// Last time a contended pool at its limit yielded a connection (`maybe_probe`).
+    last_yield: Option<Instant>,
 }
 
 /// Counters for observability; plain atomics so the hot path takes no extra lock.
@@ -248,6 +322,14 @@ impl Lease {
         &self.pool
     }
 
+    /// Counts an I/O or protocol error on this connection that did not end it; one with
+    /// more than `MAX_CONN_ERRORS` is retired when released.
+    pub fn note_error(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            c.errors += 1;
+        }
+    }
+
     /// Returns a clean connection (ReadyForQuery 'I', nothing in flight) to the pool.
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
@@ -274,7 +356,7 @@ impl Drop for Lease {
 impl Pool {
     pub fn new(key: PoolKey, settings: PoolSettings, metrics: Arc<Metrics>) -> Arc<Pool> {
         let name = key.to_string();
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             m: metrics.for_pool(&name),
             name,
             metrics,
@@ -283,18 +365,29 @@ impl Pool {
             clients_active: AtomicUsize::new(0),
             key,
             breaker: Mutex::new(Breaker::new(settings.breaker.clone())),
-            settings: Mutex::new(Arc::new(settings)),
             state: Mutex::new(PoolState {
                 idle: Vec::new(),
                 open: 0,
                 waiters: VecDeque::new(),
                 connecting: 0,
+                testing: 0,
                 paused: false,
                 closed: false,
+                sizer: Sizer::new(settings.min_size),
+                aimd: Aimd::new(settings.max_size),
+                congested_until: None,
+                probe_running: false,
+                last_probe: None,
+                probe_latency: None,
+                last_contended: None,
+                last_yield: None,
             }),
+            settings: Mutex::new(Arc::new(settings)),
             stats: PoolStats::default(),
             startup_params: Mutex::new(None),
-        })
+        });
+        maintain::spawn(&pool);
+        pool
     }
 
     pub fn settings(&self) -> Arc<PoolSettings> {
@@ -304,6 +397,7 @@ impl Pool {
     /// Applies new settings; a larger size serves waiters at once, a smaller one closes
     /// idle connections above it (leased ones close when they come back).
     pub fn update_settings(self: &Arc<Self>, settings: PoolSettings) {
+        self.breaker.lock().settings = settings.breaker.clone();
         *self.settings.lock() = Arc::new(settings);
         self.trim_and_fill();
     }
@@ -318,393 +412,15 @@ impl Pool {
         (st.idle.len(), st.open, st.waiters.len())
     }
 
-    /// Takes an idle connection if one is free right now (never waits, never connects).
-    pub fn try_checkout(self: &Arc<Self>) -> Option<Lease> {
-        let settings = self.settings();
-        let now = Instant::now();
-        let mut st = self.state.lock();
-        if st.closed || st.paused || !st.waiters.is_empty() {
-            // Waiters are first in line.
-            return None;
-        }
-        while let Some(conn) = st.idle.pop() {
-            if expired(&conn, &settings, now) {
-                st.open -= 1;
-                self.stats.closed.fetch_add(1, Ordering::Relaxed);
-                drop_later(conn);
-                continue;
-            }
-            drop(st);
-            self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-            return Some(self.lease(conn));
-        }
-        None
-    }
-
-    /// Takes a connection, waiting up to `query_wait_timeout` in FIFO order.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
-        let settings = self.settings();
-        let started = Instant::now();
-        let rx = {
-            let mut st = self.state.lock();
-            if st.closed {
-                return Err(CheckoutError::Closed);
-            }
-            let now = Instant::now();
-            while let Some(conn) = (!st.paused).then(|| st.idle.pop()).flatten() {
-                if expired(&conn, &settings, now) {
-                    st.open -= 1;
-                    self.closed_metric("lifetime");
-                    drop_later(conn);
-                    continue;
-                }
-                drop(st);
-                self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-                self.m
-                    .checkout_wait
-                    .observe(started.elapsed().as_secs_f64());
-                return Ok(self.lease(conn));
-            }
-            if !st.paused && st.open < settings.max_size {
-                st.open += 1;
-                st.connecting += 1;
-                None
-            } else {
-                let (tx, rx) = oneshot::channel();
-                st.waiters.push_back(tx);
-                Some(rx)
-            }
-        };
-        let Some(rx) = rx else {
-            if let Err(e) = self.admit() {
-                let mut st = self.state.lock();
-                st.open -= 1;
-                st.connecting -= 1;
-                return Err(e);
-            }
-            return match self.open_new(&settings).await {
-                Ok(conn) => {
-                    self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-                    self.m
-                        .checkout_wait
-                        .observe(started.elapsed().as_secs_f64());
-                    Ok(self.lease(conn))
-                }
-                Err(e) => Err(CheckoutError::Connect(e)),
-            };
-        };
-        let mut slot = QueueSlot {
-            pool: self,
-            rx,
-            answered: false,
-        };
-        self.stats.waits.fetch_add(1, Ordering::Relaxed);
-        let deadline = started + settings.query_wait_timeout;
-        let result = match tokio::time::timeout_at(deadline, &mut slot.rx).await {
-            Ok(Ok(r)) => {
-                slot.answered = true;
-                r
-            }
-            Ok(Err(_)) => {
-                slot.answered = true;
-                Err(CheckoutError::Closed)
-            }
-            Err(_) => {
-                // A connection may have been handed over just as the timer fired.
-                slot.rx.close();
-                match slot.rx.try_recv() {
-                    Ok(r) => r,
-                    Err(_) => {
-                        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                        self.m.checkout_timeouts.inc();
-                        Err(CheckoutError::Timeout {
-                            waited: settings.query_wait_timeout,
-                            size: settings.max_size,
-                        })
-                    }
-                }
-            }
-        };
-        self.stats
-            .wait_micros_total
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if result.is_ok() {
-            self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        }
-        self.m
-            .checkout_wait
-            .observe(started.elapsed().as_secs_f64());
-        result
-    }
-
-    /// Drops wait-queue entries whose waiter is gone (timed out, or its client left).
-    fn forget_abandoned_waiters(&self) {
-        self.state.lock().waiters.retain(|w| !w.is_closed());
+    /// Most connections the pool may hold now: max_size, lowered by congestion control.
+    fn limit(st: &PoolState, settings: &PoolSettings) -> usize {
+        settings.max_size.min(st.aimd.ceiling())
     }
 
     fn lease(self: &Arc<Self>, conn: ServerConn) -> Lease {
         Lease {
             conn: Some(conn),
             pool: self.clone(),
-        }
-    }
-
-    /// Opens a connection for a slot already counted in `open`.
-    async fn open_new(
-        self: &Arc<Self>,
-        settings: &PoolSettings,
-    ) -> Result<ServerConn, Arc<ConnectError>> {
-        let lifetime = jitter(settings.server_lifetime);
-        let started = Instant::now();
-        let r = ServerConn::connect(
-            &settings.identity,
-            "pgsidecar",
-            settings.max_prepared,
-            lifetime,
-        )
-        .await;
-        self.state.lock().connecting -= 1;
-        self.m
-            .connect_duration
-            .observe(started.elapsed().as_secs_f64());
-        match r {
-            Ok(conn) => {
-                self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                self.m.opened.inc();
-                self.breaker_event(Event::Success);
-                let mut sp = self.startup_params.lock();
-                if sp.is_none() {
-                    let mut v: Vec<_> = conn
-                        .original_params
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect();
-                    v.sort();
-                    *sp = Some(Arc::new(v));
-                }
-                Ok(conn)
-            }
-            Err(e) => {
-                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(pool = %self.key, error = %e, "server connection failed");
-                self.state.lock().open -= 1;
-                if let Some(crate::circuit::State::Open) =
-                    self.breaker_event(Event::Failure(e.to_string()))
-                {
-                    // Everyone queued would only wait out their timeout: fail them now.
-                    self.fail_all_waiters();
-                }
-                let e = Arc::new(e);
-                // Waiters would otherwise sit out their whole timeout: tell the oldest one
-                // why, and try again for the rest (one attempt per waiter, no herd).
-                self.fail_one_waiter(&e);
-                Err(e)
-            }
-        }
-    }
-
-    /// Feeds the breaker; records and logs a transition. Returns the new state if changed.
-    pub fn breaker_event(&self, ev: Event) -> Option<crate::circuit::State> {
-        let changed = self.breaker.lock().on(ev, Instant::now());
-        if let Some(to) = changed {
-            self.on_breaker_transition(to);
-        }
-        changed
-    }
-
-    fn on_breaker_transition(&self, to: crate::circuit::State) {
-        self.metrics
-            .breaker_transitions
-            .with_label_values(&[&self.name, to.as_str()])
-            .inc();
-        match to {
-            crate::circuit::State::Open => {
-                tracing::error!(pool = %self.name, "circuit breaker open: upstream unreachable")
-            }
-            crate::circuit::State::HalfOpen => {
-                tracing::info!(pool = %self.name, "circuit breaker half-open: trying the upstream")
-            }
-            crate::circuit::State::Closed => {
-                tracing::info!(pool = %self.name, "circuit breaker closed: upstream reachable")
-            }
-        }
-    }
-
-    /// May a new connection be opened now?
-    fn admit(&self) -> Result<(), CheckoutError> {
-        let (admit, changed) = self.breaker.lock().admit(Instant::now());
-        if let Some(to) = changed {
-            self.on_breaker_transition(to);
-        }
-        match admit {
-            Admit::Yes | Admit::Trial => Ok(()),
-            Admit::No {
-                down_for,
-                retry_in,
-                last_error,
-            } => Err(CheckoutError::Unavailable {
-                down_for,
-                retry_in,
-                last_error,
-            }),
-        }
-    }
-
-    pub fn breaker_open(&self) -> bool {
-        self.breaker.lock().state != crate::circuit::State::Closed
-    }
-
-    pub fn breaker_view(&self) -> BreakerView {
-        self.breaker.lock().view(Instant::now())
-    }
-
-    fn fail_all_waiters(&self) {
-        let waiters = std::mem::take(&mut self.state.lock().waiters);
-        let view = self.breaker_view();
-        for w in waiters {
-            let _ = w.send(Err(CheckoutError::Unavailable {
-                down_for: Duration::from_secs_f64(view.down_for_secs.unwrap_or(0.0)),
-                retry_in: Duration::from_secs_f64(view.retry_in_secs.unwrap_or(0.0)),
-                last_error: view.last_error.clone().unwrap_or_default(),
-            }));
-        }
-    }
-
-    fn fail_one_waiter(self: &Arc<Self>, e: &Arc<ConnectError>) {
-        let waiter = self.state.lock().waiters.pop_front();
-        if let Some(w) = waiter {
-            let _ = w.send(Err(CheckoutError::Connect(e.clone())));
-        }
-        self.trim_and_fill();
-    }
-
-    /// Returns a connection: to the oldest waiter, else to the idle stack.
-    fn checkin(self: Arc<Self>, mut conn: ServerConn) {
-        let settings = self.settings();
-        let now = Instant::now();
-        conn.last_used = now;
-        if conn.errors > 3 {
-            self.discarded(conn, "errors");
-            return;
-        }
-        if expired(&conn, &settings, now) {
-            self.discarded(conn, "lifetime");
-            return;
-        }
-        let mut st = self.state.lock();
-        if st.closed || st.open > settings.max_size {
-            st.open -= 1;
-            drop(st);
-            self.closed_metric(if settings.max_size == 0 {
-                "closed"
-            } else {
-                "resize"
-            });
-            drop_later(conn);
-            return;
-        }
-        let mut lease = self.lease(conn);
-        while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
-            match w.send(Ok(lease)) {
-                Ok(()) => return,
-                // That waiter gave up (timeout or client gone): try the next one.
-                Err(Ok(back)) => lease = back,
-                Err(Err(_)) => return,
-            }
-        }
-        if let Some(conn) = lease.conn.take() {
-            st.idle.push(conn);
-        }
-    }
-
-    /// Accounts for a connection that is closed rather than returned.
-    fn discarded(self: Arc<Self>, conn: ServerConn, reason: &'static str) {
-        tracing::debug!(pool = %self.key, server = conn.id, reason, "closing server connection");
-        self.closed_metric(reason);
-        self.state.lock().open -= 1;
-        drop_later(conn);
-        self.trim_and_fill();
-    }
-
-    fn closed_metric(&self, reason: &str) {
-        self.stats.closed.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .server_closed
-            .with_label_values(&[&self.name, reason])
-            .inc();
-    }
-
-    /// Opens connections for waiters while under the limit and closes idle connections
-    /// above it.
-    fn trim_and_fill(self: &Arc<Self>) {
-        let settings = self.settings();
-        let mut st = self.state.lock();
-        while st.open > settings.max_size {
-            match st.idle.pop() {
-                Some(c) => {
-                    st.open -= 1;
-                    self.closed_metric("resize");
-                    drop_later(c);
-                }
-                None => break,
-            }
-        }
-        if st.paused || st.closed {
-            return;
-        }
-        // Idle connections go to waiters first (after a resume).
-        while !st.waiters.is_empty() {
-            let Some(conn) = st.idle.pop() else { break };
-            let mut lease = self.lease(conn);
-            while let Some(w) = st.waiters.pop_front() {
-                match w.send(Ok(lease)) {
-                    Ok(()) => {
-                        lease = Lease::empty(self.clone());
-                        break;
-                    }
-                    Err(Ok(back)) => lease = back,
-                    Err(Err(_)) => {
-                        lease = Lease::empty(self.clone());
-                        break;
-                    }
-                }
-            }
-            if let Some(c) = lease.conn.take() {
-                st.idle.push(c);
-                break;
-            }
-        }
-        let mut wanted = st
-            .waiters
-            .len()
-            .min(settings.max_size.saturating_sub(st.open));
-        if wanted == 0 {
-            return;
-        }
-        if self.breaker_open() {
-            // One trial at a time while the upstream is considered down.
-            match self.admit() {
-                Ok(()) => wanted = 1,
-                Err(_) => return,
-            }
-        }
-        st.open += wanted;
-        st.connecting += wanted;
-        drop(st);
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            let mut st = self.state.lock();
-            st.open -= wanted;
-            st.connecting -= wanted;
-            return;
-        };
-        for _ in 0..wanted {
-            let pool = self.clone();
-            let settings = settings.clone();
-            rt.spawn(async move {
-                if let Ok(conn) = pool.open_new(&settings).await {
-                    pool.checkin(conn);
-                }
-            });
         }
     }
 
@@ -721,6 +437,10 @@ impl Pool {
         self.state.lock().paused
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
     /// A snapshot for metrics and the admin API.
     pub fn snapshot(&self) -> PoolSnapshot {
         let settings = self.settings();
@@ -729,7 +449,7 @@ impl Pool {
         let oldest = st
             .idle
             .iter()
-            .map(|c| now.duration_since(c.created))
+            .map(|i| now.duration_since(i.conn.created))
             .max()
             .unwrap_or_default();
         let clients = self.clients.load(Ordering::Relaxed);
@@ -742,11 +462,15 @@ impl Pool {
             mode: settings.mode.to_string(),
             min_size: settings.min_size,
             max_size: settings.max_size,
-            target_size: settings.max_size,
+            target_size: st.sizer.target(),
+            ceiling: Self::limit(&st, &settings),
             open: st.open,
             idle: st.idle.len(),
             connecting: st.connecting,
-            active_servers: st.open.saturating_sub(st.idle.len() + st.connecting),
+            testing: st.testing,
+            active_servers: st
+                .open
+                .saturating_sub(st.idle.len() + st.connecting + st.testing),
             waiting_in_queue: st.waiters.len(),
             clients,
             clients_waiting: waiting,
@@ -754,6 +478,7 @@ impl Pool {
             clients_idle: clients.saturating_sub(waiting + active),
             paused: st.paused,
             oldest_idle_secs: oldest.as_secs_f64(),
+            probe_latency_secs: st.probe_latency.map(|d| d.as_secs_f64()),
             checkouts: self.stats.checkouts.load(Ordering::Relaxed),
             wait_timeouts: self.stats.wait_timeouts.load(Ordering::Relaxed),
             connects: self.stats.connects.load(Ordering::Relaxed),
@@ -763,7 +488,6 @@ impl Pool {
         }
     }
 
-    /// Closes idle connections past their idle timeout or lifetime; returns how many.
     /// Idle connections for the admin console's SHOW SERVERS.
     pub fn idle_servers(&self) -> Vec<ServerView> {
         let now = Instant::now();
@@ -771,34 +495,18 @@ impl Pool {
             .lock()
             .idle
             .iter()
-            .map(|c| ServerView {
-                backend_pid: c.backend_pid,
-                age_secs: now.duration_since(c.created).as_secs_f64(),
-                idle_secs: now.duration_since(c.last_used).as_secs_f64(),
+            .map(|i| ServerView {
+                backend_pid: i.conn.backend_pid,
+                age_secs: now.duration_since(i.conn.created).as_secs_f64(),
+                idle_secs: now.duration_since(i.conn.last_used).as_secs_f64(),
             })
             .collect()
     }
 
+    /// Closes idle connections past their idle timeout (down to min_size) or lifetime;
+    /// returns how many. The pool's own maintenance task calls this every tick.
     pub fn reap_idle(&self) -> usize {
-        let settings = self.settings();
-        let now = Instant::now();
-        let mut st = self.state.lock();
-        let before = st.idle.len();
-        let min = settings.min_size;
-        let mut keep = Vec::with_capacity(st.idle.len());
-        let mut open = st.open;
-        for c in st.idle.drain(..) {
-            let idle_too_long = now.duration_since(c.last_used) > settings.server_idle_timeout;
-            if (expired(&c, &settings, now) || idle_too_long) && open > min {
-                open -= 1;
-                drop_later(c);
-            } else {
-                keep.push(c);
-            }
-        }
-        st.idle = keep;
-        st.open = open;
-        before - st.idle.len()
+        self.reap(&self.settings(), Instant::now())
     }
 
     /// Closes every idle connection and refuses new checkouts.
@@ -809,26 +517,21 @@ impl Pool {
         st.open -= idle.len();
         st.waiters.clear();
         drop(st);
-        for c in idle {
-            drop_later(c);
+        for i in idle {
+            self.closed_metric("closed");
+            drop_later(i.conn);
         }
     }
 
     /// Closes idle connections so that new ones are opened (after a password change etc.).
     pub fn reconnect(&self) {
-        let mut st = self.state.lock();
-        let idle = std::mem::take(&mut st.idle);
-        st.open -= idle.len();
-        drop(st);
-        for c in idle {
-            drop_later(c);
-        }
+        self.close_idle("reconnect");
     }
 }
 
-fn expired(conn: &ServerConn, settings: &PoolSettings, now: Instant) -> bool {
-    now.duration_since(conn.created) > conn.lifetime
-        || now.duration_since(conn.last_used) > settings.server_idle_timeout
+/// 53300 (too_many_connections): the server is full, not down.
+fn is_congestion(e: &ConnectError) -> bool {
+    matches!(e, ConnectError::Server { code, .. } if code == sqlstate::TOO_MANY_CONNECTIONS)
 }
 
 /// Up to -10% so connections opened together do not all expire at once.

@@ -85,6 +85,7 @@ impl Registry {
             &m.pool_target,
             &m.pool_current,
             &m.pool_paused,
+            &m.aimd_ceiling,
         ] {
             g.reset();
         }
@@ -112,7 +113,7 @@ impl Registry {
                 .set(s.connecting as i64);
             m.server_connections
                 .with_label_values(&[n, "testing"])
-                .set(0);
+                .set(s.testing as i64);
             m.pool_min.with_label_values(&[n]).set(s.min_size as i64);
             m.pool_max.with_label_values(&[n]).set(s.max_size as i64);
             m.pool_target
@@ -120,6 +121,7 @@ impl Registry {
                 .set(s.target_size as i64);
             m.pool_current.with_label_values(&[n]).set(s.open as i64);
             m.pool_paused.with_label_values(&[n]).set(s.paused as i64);
+            m.aimd_ceiling.with_label_values(&[n]).set(s.ceiling as i64);
             m.server_age_max
                 .with_label_values(&[n])
                 .set(s.oldest_idle_secs);
@@ -171,6 +173,19 @@ pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
             failure_threshold: config.breaker.failure_threshold,
             backoff_base: config.breaker.backoff_base,
             backoff_cap: config.breaker.backoff_cap,
+        },
+        on_open: config.breaker.on_open,
+        target_utilization: config.pool.target_utilization,
+        shrink_delay: config.pool.shrink_delay,
+        aimd: config.pool.aimd,
+        aimd_interval: config.pool.aimd_interval,
+        health: super::HealthSettings {
+            check_query: config.health.check_query.clone(),
+            check_timeout: config.health.check_timeout,
+            server_check_delay: config.health.server_check_delay,
+            idle_check_interval: config.health.idle_check_interval,
+            probe_interval: config.health.probe_interval,
+            probe_timeout: config.health.probe_timeout,
         },
         identity: ServerIdentity {
             host: config.upstream.host.clone(),

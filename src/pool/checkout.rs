@@ -1,0 +1,586 @@
+//! Checkout and check-in: the FIFO wait queue, dead-connection replacement before a
+//! client's bytes are sent, connects that survive a client leaving, and the bookkeeping
+//! that keeps `open` equal to what PostgreSQL sees.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::health::{self, CheckOutcome, Testing};
+use super::{
+    drop_later, is_congestion, jitter, CheckoutError, Idle, Lease, Pool, PoolSettings, PoolState,
+    MAX_CONN_ERRORS,
+};
+use crate::circuit::Event;
+use crate::config::BreakerOnOpen;
+use crate::server::{ConnectError, ServerConn};
+
+/// One checkout's place in the wait queue. However the wait ends (answered, timed out,
+/// or the checkout future dropped because the client disconnected), the entry leaves
+/// the queue at once. Left in place until the next check-in, a dead entry counted as a
+/// waiting client, kept `try_checkout` from handing out idle connections, and made
+/// `trim_and_fill` open connections for nobody.
+struct QueueSlot<'a> {
+    pool: &'a Pool,
+    rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
+    /// The sender was taken off the queue and answered; nothing to clean up.
+    answered: bool,
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.rx.close();
+        // A connection handed over just before the waiter left goes back to the pool
+        // instead of being closed.
+        if let Ok(Ok(lease)) = self.rx.try_recv() {
+            lease.release();
+        }
+        self.pool.forget_abandoned_waiters();
+    }
+}
+
+/// What a checkout does next, decided under the state lock.
+enum Next {
+    Ready(ServerConn),
+    /// Run a pre-use check first (counted in `testing`).
+    Check(ServerConn),
+    /// A slot is reserved (counted in `open` and `connecting`).
+    Connect,
+    Wait(oneshot::Receiver<Result<Lease, CheckoutError>>),
+    Fail(CheckoutError),
+}
+
+impl Pool {
+    /// Takes an idle connection if one is free right now and needs no pre-use check
+    /// (never waits, never connects).
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Lease> {
+        let settings = self.settings();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        if st.closed || st.paused || !st.waiters.is_empty() {
+            // Waiters are first in line.
+            return None;
+        }
+        while let Some(idle) = st.idle.pop() {
+            if let Some(reason) = Self::unusable(&idle, now) {
+                self.close_unusable(&mut st, idle, reason);
+                continue;
+            }
+            if now.duration_since(idle.checked) >= settings.health.server_check_delay {
+                // Needs a check: that is async, so leave it to `checkout`.
+                st.idle.push(idle);
+                return None;
+            }
+            drop(st);
+            self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+            return Some(self.lease(idle.conn));
+        }
+        None
+    }
+
+    /// Takes a connection, waiting up to `query_wait_timeout` in FIFO order.
+    ///
+    /// A connection that proves dead before anything of the client's was sent (closed
+    /// while idle, failed pre-use check) is replaced here, so the client never notices.
+    /// With congestion control on, a connection attempt refused with 53300 puts the
+    /// client back at the head of the queue to wait for a released connection.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
+        let settings = self.settings();
+        let started = Instant::now();
+        let deadline = started + settings.query_wait_timeout;
+        let mut front = false;
+        // After a check timed out the upstream may be hung: test no more idle
+        // connections in this checkout (each would cost check_timeout).
+        let mut no_checks = false;
+        let result = loop {
+            match self.next(&settings, front, no_checks) {
+                Next::Ready(conn) => break Ok(self.lease(conn)),
+                Next::Fail(e) => break Err(e),
+                Next::Wait(rx) => break self.wait(rx, deadline, &settings).await,
+                Next::Check(conn) => match self.pre_use_check(conn, &settings).await {
+                    Ok(conn) => break Ok(self.lease(conn)),
+                    Err(timed_out) => no_checks |= timed_out,
+                },
+                Next::Connect => {
+                    if let Err(e) = self.admit() {
+                        self.unreserve();
+                        if settings.on_open == BreakerOnOpen::FailFast {
+                            break Err(e);
+                        }
+                        let rx = self.enqueue(front);
+                        break self.wait(rx, deadline, &settings).await;
+                    }
+                    match self.connect_for_client(&settings).await {
+                        Ok(conn) => break Ok(self.lease(conn)),
+                        Err(e) if settings.aimd && is_congestion(&e) => front = true,
+                        Err(e) => break Err(CheckoutError::Connect(e)),
+                    }
+                }
+            }
+        };
+        if result.is_ok() {
+            self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .wait_micros_total
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.m
+            .checkout_wait
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Decides the next checkout step under the state lock.
+    fn next(&self, settings: &PoolSettings, front: bool, no_checks: bool) -> Next {
+        let breaker_closed = !self.breaker_open();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        if st.closed {
+            return Next::Fail(CheckoutError::Closed);
+        }
+        if !st.paused {
+            while let Some(idle) = st.idle.pop() {
+                if let Some(reason) = Self::unusable(&idle, now) {
+                    self.close_unusable(&mut st, idle, reason);
+                    continue;
+                }
+                if now.duration_since(idle.checked) >= settings.health.server_check_delay {
+                    if no_checks {
+                        st.idle.push(idle);
+                        break;
+                    }
+                    st.testing += 1;
+                    return Next::Check(idle.conn);
+                }
+                return Next::Ready(idle.conn);
+            }
+            let congested = st.congested_until.is_some_and(|t| now < t);
+            if st.open < Self::limit(&st, settings) && !congested {
+                st.open += 1;
+                st.connecting += 1;
+                return Next::Connect;
+            }
+            if !breaker_closed && settings.on_open == BreakerOnOpen::FailFast {
+                drop(st);
+                return Next::Fail(self.unavailable());
+            }
+        }
+        Next::Wait(Self::push_waiter(&mut st, front))
+    }
+
+    fn push_waiter(
+        st: &mut PoolState,
+        front: bool,
+    ) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
+        let (tx, rx) = oneshot::channel();
+        if front {
+            st.waiters.push_front(tx);
+        } else {
+            st.waiters.push_back(tx);
+        }
+        rx
+    }
+
+    fn enqueue(&self, front: bool) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
+        Self::push_waiter(&mut self.state.lock(), front)
+    }
+
+    /// Gives back a connect slot reserved by `next`.
+    fn unreserve(&self) {
+        let mut st = self.state.lock();
+        st.open -= 1;
+        st.connecting -= 1;
+    }
+
+    /// Waits in the queue until `deadline`.
+    async fn wait(
+        &self,
+        rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
+        deadline: Instant,
+        settings: &PoolSettings,
+    ) -> Result<Lease, CheckoutError> {
+        self.stats.waits.fetch_add(1, Ordering::Relaxed);
+        let mut slot = QueueSlot {
+            pool: self,
+            rx,
+            answered: false,
+        };
+        match tokio::time::timeout_at(deadline, &mut slot.rx).await {
+            Ok(Ok(r)) => {
+                slot.answered = true;
+                r
+            }
+            Ok(Err(_)) => {
+                slot.answered = true;
+                Err(CheckoutError::Closed)
+            }
+            Err(_) => {
+                // A connection may have been handed over just as the timer fired.
+                slot.rx.close();
+                match slot.rx.try_recv() {
+                    Ok(r) => {
+                        slot.answered = true;
+                        r
+                    }
+                    Err(_) if self.breaker_open() => Err(self.unavailable()),
+                    Err(_) => {
+                        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                        self.m.checkout_timeouts.inc();
+                        let size = Self::limit(&self.state.lock(), settings);
+                        Err(CheckoutError::Timeout {
+                            waited: settings.query_wait_timeout,
+                            size,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops wait-queue entries whose waiter is gone (timed out, or its client left).
+    fn forget_abandoned_waiters(&self) {
+        self.state.lock().waiters.retain(|w| !w.is_closed());
+    }
+
+    /// Runs the pre-use check on a connection taken by `next`. Err(true): it timed out.
+    async fn pre_use_check(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        settings: &PoolSettings,
+    ) -> Result<ServerConn, bool> {
+        let mut t = Testing::new(self.clone(), conn);
+        let started = Instant::now();
+        let h = &settings.health;
+        let outcome = health::check(t.conn(), &h.check_query, h.check_timeout).await;
+        self.record_check("reuse", outcome.is_ok(), Some(started.elapsed()));
+        match outcome {
+            CheckOutcome::Ok => Ok(t.passed()),
+            CheckOutcome::ServerError(e) => {
+                // The server answered and is idle: usable, but count it against the
+                // connection (and retire it if it keeps failing).
+                tracing::warn!(pool = %self.name, error = %e, "pre-use check query failed");
+                t.conn().errors += 1;
+                if t.conn().errors > MAX_CONN_ERRORS {
+                    t.failed("errors");
+                    return Err(false);
+                }
+                Ok(t.passed())
+            }
+            CheckOutcome::Broken(e) => {
+                tracing::info!(pool = %self.name, error = %e, "pre-use check: connection broken; replacing it");
+                t.failed("health_check_failed");
+                Err(false)
+            }
+            CheckOutcome::TimedOut(d) => {
+                tracing::warn!(pool = %self.name, timeout = ?d, "pre-use check got no answer; closing the connection");
+                t.failed("health_check_timeout");
+                self.breaker_event(Event::Failure(format!(
+                    "health check got no answer within {d:?}"
+                )));
+                Err(true)
+            }
+        }
+    }
+
+    /// Opens a connection for a client in its own task, so a client that leaves while
+    /// it connects neither leaks the slot nor wastes the connection.
+    async fn connect_for_client(
+        self: &Arc<Self>,
+        settings: &Arc<PoolSettings>,
+    ) -> Result<ServerConn, Arc<ConnectError>> {
+        let (tx, rx) = oneshot::channel();
+        let pool = self.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let r = pool.open_new(&settings).await;
+            if let Err(Ok(conn)) = tx.send(r) {
+                pool.checkin(conn);
+            }
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(Arc::new(ConnectError::Protocol(
+                "the connect task ended without an answer".into(),
+            )))
+        })
+    }
+
+    /// Opens a connection for a slot already counted in `open` and `connecting`, and
+    /// feeds the outcome to the breaker and to congestion control.
+    async fn open_new(
+        self: &Arc<Self>,
+        settings: &PoolSettings,
+    ) -> Result<ServerConn, Arc<ConnectError>> {
+        let lifetime = jitter(settings.server_lifetime);
+        let started = Instant::now();
+        let r = ServerConn::connect(
+            &settings.identity,
+            "pgsidecar",
+            settings.max_prepared,
+            lifetime,
+        )
+        .await;
+        let took = started.elapsed();
+        let now = Instant::now();
+        self.m.connect_duration.observe(took.as_secs_f64());
+        let aimd = settings.aimd_config();
+        match r {
+            Ok(conn) => {
+                let change = {
+                    let mut st = self.state.lock();
+                    st.connecting -= 1;
+                    let established = st.open - st.connecting;
+                    st.aimd.on_connected(&aimd, took, established, now)
+                };
+                if let Some(ch) = change {
+                    self.log_ceiling(ch, &format!("connecting took {took:?}"));
+                }
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                self.m.opened.inc();
+                self.breaker_event(Event::Success);
+                let mut sp = self.startup_params.lock();
+                if sp.is_none() {
+                    let mut v: Vec<_> = conn
+                        .original_params
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    v.sort();
+                    *sp = Some(Arc::new(v));
+                }
+                Ok(conn)
+            }
+            Err(e) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                let congestion = is_congestion(&e);
+                let change = {
+                    let mut st = self.state.lock();
+                    st.connecting -= 1;
+                    st.open -= 1;
+                    if congestion && settings.aimd {
+                        // Retry after a quarter interval: soon enough for waiters, slow
+                        // enough not to hammer a full server.
+                        let pause = (settings.aimd_interval / 4)
+                            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+                        st.congested_until = Some(now + pause);
+                        let established = st.open - st.connecting;
+                        st.aimd.on_refused(&aimd, established, now)
+                    } else {
+                        None
+                    }
+                };
+                if congestion {
+                    tracing::info!(pool = %self.name, error = %e, "upstream refused a connection: too many connections");
+                    if let Some(ch) = change {
+                        self.log_ceiling(ch, "the upstream refused a connection (53300)");
+                    }
+                    // The server answered: congestion, not an outage. This also ends a
+                    // HalfOpen trial that met a full server.
+                    self.breaker_event(Event::Success);
+                } else {
+                    tracing::warn!(pool = %self.name, error = %e, "server connection failed");
+                    self.breaker_event(Event::Failure(e.to_string()));
+                }
+                Err(Arc::new(e))
+            }
+        }
+    }
+
+    /// Returns a connection after a transaction: to the oldest waiter, else idle.
+    pub(super) fn checkin(self: Arc<Self>, mut conn: ServerConn) {
+        let settings = self.settings();
+        let now = Instant::now();
+        conn.last_used = now;
+        if conn.errors > MAX_CONN_ERRORS {
+            tracing::warn!(pool = %self.name, server = conn.id, errors = conn.errors, "retiring a server connection that keeps failing");
+            self.discarded(conn, "errors");
+            return;
+        }
+        if now.duration_since(conn.created) > conn.lifetime {
+            self.discarded(conn, "lifetime");
+            return;
+        }
+        // Just used cleanly: known good.
+        self.put_back(conn, now, &settings);
+    }
+
+    /// Hands a good connection to the oldest waiter, else to the idle list (kept in
+    /// last-use order), unless the pool is over its limit.
+    pub(super) fn put_back(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        checked: Instant,
+        settings: &PoolSettings,
+    ) {
+        let mut st = self.state.lock();
+        let limit = Self::limit(&st, settings);
+        if st.closed || st.open > limit {
+            st.open -= 1;
+            drop(st);
+            self.closed_metric(if settings.max_size == 0 {
+                "closed"
+            } else if limit < settings.max_size {
+                "congestion"
+            } else {
+                "resize"
+            });
+            drop_later(conn);
+            return;
+        }
+        let mut lease = self.lease(conn);
+        while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
+            match w.send(Ok(lease)) {
+                Ok(()) => return,
+                // That waiter gave up (timeout or client gone): try the next one.
+                Err(Ok(back)) => lease = back,
+                Err(Err(_)) => return,
+            }
+        }
+        if let Some(conn) = lease.conn.take() {
+            let at = st
+                .idle
+                .iter()
+                .rposition(|i| i.conn.last_used <= conn.last_used)
+                .map_or(0, |p| p + 1);
+            st.idle.insert(at, Idle { conn, checked });
+        }
+    }
+
+    /// Accounts for a connection that is closed rather than returned.
+    pub(super) fn discarded(self: Arc<Self>, conn: ServerConn, reason: &'static str) {
+        tracing::debug!(pool = %self.key, server = conn.id, reason, "closing server connection");
+        self.closed_metric(reason);
+        self.state.lock().open -= 1;
+        drop_later(conn);
+        self.trim_and_fill();
+    }
+
+    /// Closes idle connections above the limit, hands idle ones to waiters (after a
+    /// resume), and opens connections for waiters while under the limit. Opens nothing
+    /// while the breaker is not closed: recovery is the probe's job.
+    pub(super) fn trim_and_fill(self: &Arc<Self>) {
+        let settings = self.settings();
+        let breaker_closed = !self.breaker_open();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        let limit = Self::limit(&st, &settings);
+        while st.open > limit && !st.idle.is_empty() {
+            // Least recently used first.
+            let idle = st.idle.remove(0);
+            st.open -= 1;
+            self.closed_metric(if limit < settings.max_size {
+                "congestion"
+            } else {
+                "resize"
+            });
+            drop_later(idle.conn);
+        }
+        if st.paused || st.closed {
+            return;
+        }
+        while !st.waiters.is_empty() {
+            let Some(idle) = st.idle.pop() else { break };
+            if let Some(reason) = Self::unusable(&idle, now) {
+                self.close_unusable(&mut st, idle, reason);
+                continue;
+            }
+            let mut lease = self.lease(idle.conn);
+            while let Some(w) = st.waiters.pop_front() {
+                match w.send(Ok(lease)) {
+                    Ok(()) => {
+                        lease = Lease::empty(self.clone());
+                        break;
+                    }
+                    Err(Ok(back)) => lease = back,
+                    Err(Err(_)) => {
+                        lease = Lease::empty(self.clone());
+                        break;
+                    }
+                }
+            }
+            if let Some(conn) = lease.conn.take() {
+                st.idle.push(Idle { conn, checked: now });
+                break;
+            }
+        }
+        let congested = st.congested_until.is_some_and(|t| now < t);
+        let wanted = st.waiters.len().min(limit.saturating_sub(st.open));
+        if wanted == 0 || congested || !breaker_closed {
+            return;
+        }
+        st.open += wanted;
+        st.connecting += wanted;
+        drop(st);
+        self.spawn_connects(wanted, &settings, true);
+    }
+
+    /// Opens `n` connections (slots already reserved) in the background; each goes to
+    /// the oldest waiter or the idle list. `for_waiters`: a failure is reported to the
+    /// oldest waiter (one attempt per waiter, no herd), unless it is congestion that the
+    /// waiter should sit out.
+    pub(super) fn spawn_connects(
+        self: &Arc<Self>,
+        n: usize,
+        settings: &Arc<PoolSettings>,
+        for_waiters: bool,
+    ) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            let mut st = self.state.lock();
+            st.open -= n;
+            st.connecting -= n;
+            return;
+        };
+        for _ in 0..n {
+            let pool = self.clone();
+            let settings = settings.clone();
+            rt.spawn(async move {
+                match pool.open_new(&settings).await {
+                    Ok(conn) => pool.checkin(conn),
+                    Err(e) if for_waiters && !(settings.aimd && is_congestion(&e)) => {
+                        pool.fail_one_waiter(&e)
+                    }
+                    Err(_) => {}
+                }
+            });
+        }
+    }
+
+    /// Closes every idle connection (breaker opened, reconnect requested).
+    pub(super) fn close_idle(&self, reason: &str) {
+        let idle = {
+            let mut st = self.state.lock();
+            let idle = std::mem::take(&mut st.idle);
+            st.open -= idle.len();
+            idle
+        };
+        for i in idle {
+            self.closed_metric(reason);
+            drop_later(i.conn);
+        }
+    }
+
+    /// Why an idle connection must not be handed out (found dead or too old), if so.
+    fn unusable(idle: &Idle, now: Instant) -> Option<&'static str> {
+        if now.duration_since(idle.conn.created) > idle.conn.lifetime {
+            return Some("lifetime");
+        }
+        health::peek_dead(&idle.conn.stream).map(|_| "broken")
+    }
+
+    /// Closes an idle connection found unusable (state lock held by the caller).
+    fn close_unusable(&self, st: &mut PoolState, idle: Idle, reason: &'static str) {
+        st.open -= 1;
+        if reason == "broken" {
+            tracing::info!(pool = %self.name, server = idle.conn.id, backend_pid = idle.conn.backend_pid,
+                "idle server connection was closed by the server; replacing it");
+            self.record_check("peek", false, None);
+        }
+        self.closed_metric(reason);
+        drop_later(idle.conn);
+    }
+}

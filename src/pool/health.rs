@@ -1,0 +1,456 @@
+//! Health of server connections and of the upstream, cheapest check first:
+//!
+//! - **peek**: every idle connection handed out is first peeked without blocking. An idle
+//!   server has nothing to say, so readable data (PostgreSQL's FATAL on
+//!   `pg_terminate_backend` or shutdown) or EOF means it is gone. One syscall, no round
+//!   trip; it catches most dead connections before any of the client's bytes are sent.
+//! - **check query** (`health.check_query`, empty by default: an empty Query answered
+//!   by EmptyQueryResponse + ReadyForQuery): before reuse of a connection unverified for
+//!   `server_check_delay`, and in the background for idle connections unverified for
+//!   `idle_check_interval`. A check that gets no answer in `check_timeout` means a hung
+//!   upstream and counts as a breaker failure; a connection that is merely closed does
+//!   not (one terminated backend is not an outage; the failed reconnect would be).
+//! - **probe**: a fresh connection (connect, login, check query, close) within
+//!   `probe_timeout`, every `probe_interval` per pool. It measures reachability and
+//!   latency, feeds the breaker and congestion control, and is the HalfOpen trial that
+//!   lets an Open breaker recover without client traffic.
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{PoolSettings, MAX_CONN_ERRORS};
+use crate::circuit::{Event, State};
+use crate::protocol::framing::{backend_header, be, HEADER_LEN};
+use crate::protocol::messages;
+use crate::server::{ServerConn, ServerIdentity, ServerStream};
+use crate::tls::MaybeTls;
+
+use super::Pool;
+
+/// Largest message a check query may return (its rows are read and dropped).
+const CHECK_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// How a check query went.
+#[derive(Debug)]
+pub enum CheckOutcome {
+    Ok,
+    /// The server answered with an error but the connection is idle and usable.
+    ServerError(String),
+    /// The connection is unusable (closed, reset, FATAL, protocol violation).
+    Broken(String),
+    /// No answer in time: the upstream may be hung; the connection is unusable.
+    TimedOut(Duration),
+}
+
+impl CheckOutcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, CheckOutcome::Ok)
+    }
+}
+
+/// The TCP socket under a server stream, TLS or not.
+fn raw_tcp(s: &ServerStream) -> Option<&TcpStream> {
+    match s {
+        MaybeTls::Plain(t) => Some(t),
+        MaybeTls::Tls(t) => Some(t.get_ref().0),
+        MaybeTls::Broken => None,
+    }
+}
+
+/// Whether an idle connection is known dead, without blocking: Some(why) if the socket
+/// has data (an idle server sends nothing, so it is an error or a TLS alert), EOF, or an
+/// error. Works under TLS too, since it looks at the socket, not the session.
+pub fn peek_dead(stream: &ServerStream) -> Option<&'static str> {
+    let Some(tcp) = raw_tcp(stream) else {
+        return Some("stream unusable");
+    };
+    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
+    // The socket is non-blocking (tokio), so an empty receive queue is WouldBlock.
+    match socket2::SockRef::from(tcp).peek(&mut buf) {
+        Ok(0) => Some("closed by the server"),
+        Ok(_) => Some("unexpected data from the server while idle"),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::Interrupted =>
+        {
+            None
+        }
+        Err(_) => Some("socket error"),
+    }
+}
+
+/// Runs the check query on an idle connection within `limit`.
+pub async fn check(conn: &mut ServerConn, query: &str, limit: Duration) -> CheckOutcome {
+    match tokio::time::timeout(limit, check_inner(conn, query)).await {
+        Ok(r) => r,
+        Err(_) => CheckOutcome::TimedOut(limit),
+    }
+}
+
+async fn check_inner(conn: &mut ServerConn, query: &str) -> CheckOutcome {
+    let mut buf = BytesMut::with_capacity(64);
+    messages::fe_query(&mut buf, query);
+    if let Err(e) = conn.stream.write_all(&buf).await {
+        return CheckOutcome::Broken(e.to_string());
+    }
+    buf.clear();
+    let mut failed = None;
+    loop {
+        let (tag, body) = match read_frame(&mut conn.stream, &mut buf).await {
+            Ok(f) => f,
+            Err(e) => return CheckOutcome::Broken(e),
+        };
+        match tag {
+            be::READY_FOR_QUERY => {
+                return match (body.first(), failed) {
+                    (Some(b'I'), None) => CheckOutcome::Ok,
+                    (Some(b'I'), Some(e)) => CheckOutcome::ServerError(e),
+                    (s, _) => CheckOutcome::Broken(format!(
+                        "check query left the server in state {:?}",
+                        s.map(|b| *b as char)
+                    )),
+                };
+            }
+            be::ERROR_RESPONSE => {
+                let (code, msg, severity) = messages::error_fields(&body);
+                let text = format!("{}: {}", code.unwrap_or_default(), msg.unwrap_or_default());
+                if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
+                    return CheckOutcome::Broken(text);
+                }
+                failed = Some(text);
+            }
+            be::PARAMETER_STATUS => {
+                if let Some((k, v)) = messages::parse_parameter_status(&body) {
+                    conn.params.insert(k, v);
+                }
+            }
+            be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => {
+                return CheckOutcome::Broken("check query started a COPY".into())
+            }
+            // EmptyQueryResponse, rows, CommandComplete, notices.
+            _ => {}
+        }
+    }
+}
+
+/// Reads one backend message (type, body).
+async fn read_frame(
+    stream: &mut ServerStream,
+    buf: &mut BytesMut,
+) -> Result<(u8, BytesMut), String> {
+    loop {
+        if let Some(h) = backend_header(buf, CHECK_MESSAGE_LIMIT).map_err(|e| e.to_string())? {
+            if buf.len() >= h.frame_len() {
+                let mut frame = buf.split_to(h.frame_len());
+                frame.advance(HEADER_LEN);
+                return Ok((h.tag, frame));
+            }
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) => return Err("server closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// How a probe went.
+#[derive(Debug)]
+pub enum ProbeOutcome {
+    /// Connected, logged in and answered; `connect` is the connect + login part. The
+    /// connection is returned so the pool can keep it.
+    Up {
+        connect: Duration,
+        conn: Box<ServerConn>,
+    },
+    /// The server refused the login as too many connections (53300): up but full.
+    Full(String),
+    Down(String),
+}
+
+/// Connects, logs in and runs the check query within `limit`.
+pub async fn probe(settings: &PoolSettings, lifetime: Duration) -> ProbeOutcome {
+    let limit = settings.health.probe_timeout;
+    let started = Instant::now();
+    let mut ident: ServerIdentity = settings.identity.clone();
+    ident.connect_timeout = ident.connect_timeout.min(limit);
+    let connected = ServerConn::connect(&ident, "pgsidecar", settings.max_prepared, lifetime).await;
+    let mut conn = match connected {
+        Ok(c) => c,
+        Err(e) if super::is_congestion(&e) => return ProbeOutcome::Full(e.to_string()),
+        Err(e) => return ProbeOutcome::Down(e.to_string()),
+    };
+    let connect = started.elapsed();
+    let left = limit.saturating_sub(connect).max(Duration::from_millis(1));
+    match check(&mut conn, &settings.health.check_query, left).await {
+        // A check query that errors is a configuration problem the idle checks report;
+        // the server answered, so it is up.
+        CheckOutcome::Ok | CheckOutcome::ServerError(_) => ProbeOutcome::Up {
+            connect,
+            conn: Box::new(conn),
+        },
+        CheckOutcome::Broken(e) => ProbeOutcome::Down(e),
+        CheckOutcome::TimedOut(d) => {
+            ProbeOutcome::Down(format!("probe got no answer within {d:?}"))
+        }
+    }
+}
+
+/// A connection taken out of the idle list for a check; counted in `testing`. Dropped
+/// unfinished (the checking task was cancelled), it closes the connection.
+pub(super) struct Testing {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+}
+
+impl Testing {
+    /// `conn` must already be counted in `testing` (and `open`).
+    pub(super) fn new(pool: Arc<Pool>, conn: ServerConn) -> Testing {
+        Testing {
+            conn: Some(conn),
+            pool,
+        }
+    }
+
+    pub(super) fn conn(&mut self) -> &mut ServerConn {
+        // Only None after passed/failed, which consume self.
+        self.conn.as_mut().unwrap_or_else(|| unreachable!())
+    }
+
+    pub(super) fn passed(mut self) -> ServerConn {
+        self.pool.state.lock().testing -= 1;
+        self.conn.take().unwrap_or_else(|| unreachable!())
+    }
+
+    pub(super) fn failed(mut self, reason: &'static str) {
+        if let Some(c) = self.conn.take() {
+            self.pool.state.lock().testing -= 1;
+            self.pool.clone().discarded(c, reason);
+        }
+    }
+}
+
+impl Drop for Testing {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            {
+                let mut st = self.pool.state.lock();
+                st.testing -= 1;
+                st.open -= 1;
+            }
+            self.pool.closed_metric("check_cancelled");
+            super::drop_later(c);
+        }
+    }
+}
+
+impl Pool {
+    /// Takes idle connections unverified for `idle_check_interval` out for a background
+    /// check: at most half the idle list per tick, so arrivals still find some.
+    pub(super) fn start_idle_checks(self: &Arc<Self>, settings: &Arc<PoolSettings>, now: Instant) {
+        let every = settings.health.idle_check_interval;
+        if every.is_zero() {
+            return;
+        }
+        let batch: Vec<ServerConn> = {
+            let mut st = self.state.lock();
+            if st.paused || st.closed {
+                return;
+            }
+            let most = (st.idle.len() / 2).max(1);
+            let mut taken = Vec::new();
+            let mut i = 0;
+            while i < st.idle.len() && taken.len() < most {
+                if now.duration_since(st.idle[i].checked) >= every {
+                    taken.push(st.idle.remove(i).conn);
+                } else {
+                    i += 1;
+                }
+            }
+            st.testing += taken.len();
+            taken
+        };
+        for conn in batch {
+            let t = Testing::new(self.clone(), conn);
+            let pool = self.clone();
+            let settings = settings.clone();
+            tokio::spawn(async move { pool.idle_check(t, &settings).await });
+        }
+    }
+
+    async fn idle_check(self: Arc<Self>, mut t: Testing, settings: &PoolSettings) {
+        let h = &settings.health;
+        let started = Instant::now();
+        let outcome = check(t.conn(), &h.check_query, h.check_timeout).await;
+        self.record_check("idle", outcome.is_ok(), Some(started.elapsed()));
+        match outcome {
+            CheckOutcome::Ok => {
+                let conn = t.passed();
+                self.put_back(conn, Instant::now(), settings);
+            }
+            CheckOutcome::ServerError(e) => {
+                tracing::warn!(pool = %self.name, error = %e, "idle check query failed");
+                t.conn().errors += 1;
+                if t.conn().errors > MAX_CONN_ERRORS {
+                    t.failed("errors");
+                } else {
+                    let conn = t.passed();
+                    self.put_back(conn, Instant::now(), settings);
+                }
+            }
+            CheckOutcome::Broken(e) => {
+                tracing::info!(pool = %self.name, error = %e, "idle check: connection broken; closing it");
+                t.failed("health_check_failed");
+            }
+            CheckOutcome::TimedOut(d) => {
+                tracing::warn!(pool = %self.name, timeout = ?d, "idle check got no answer; closing the connection");
+                t.failed("health_check_timeout");
+                self.breaker_event(Event::Failure(format!(
+                    "health check got no answer within {d:?}"
+                )));
+            }
+        }
+    }
+
+    /// Starts a probe when one is due: as the HalfOpen trial of an Open breaker whose
+    /// backoff has expired, or every `probe_interval` while closed (for a pool that has
+    /// connected at least once, so a login to a database that does not exist is not
+    /// probed forever).
+    ///
+    /// A probe takes a pool slot, so the pool never holds more than its size upstream.
+    /// A pool at its limit skips the probe (its own traffic shows the upstream's
+    /// health). Under contention with AIMD on, it yields a connection instead (see
+    /// `Aimd::yield_one`): growing back is refused if another sidecar took the slot,
+    /// which is how one that already holds its max learns that others want a share.
+    pub(super) fn maybe_probe(self: &Arc<Self>, settings: &Arc<PoolSettings>, now: Instant) {
+        // +-20% so pools and sidecars do not act in lockstep.
+        let jittered = |d: Duration| d.mul_f64(0.8 + rand::random::<f64>() * 0.4);
+        let due = |last: Option<Instant>, every: Duration| match last {
+            None => true,
+            Some(t) => now.duration_since(t) >= jittered(every),
+        };
+        {
+            let mut st = self.state.lock();
+            if st.probe_running || st.closed {
+                return;
+            }
+            let limit = Self::limit(&st, settings);
+            if self.breaker.lock().state == State::Closed {
+                let contended = st
+                    .last_contended
+                    .is_some_and(|t| now.duration_since(t) <= settings.aimd_interval * 2);
+                if settings.aimd && contended && st.open >= limit {
+                    // max/ceiling times the interval: a pool holding more yields more
+                    // often, so it is the likelier one to meet a full server when it
+                    // grows back (like TCP, where the flow sending more packets sees
+                    // more of the drops).
+                    let ratio = settings.max_size as f64 / limit.max(1) as f64;
+                    if due(st.last_yield, settings.aimd_interval.mul_f64(ratio)) {
+                        st.last_yield = Some(now);
+                        let change = st.aimd.yield_one(&settings.aimd_config(), now);
+                        drop(st);
+                        if let Some(ch) = change {
+                            self.log_ceiling(ch, "yielding a connection under contention");
+                        }
+                    }
+                    return;
+                }
+                let every = settings.health.probe_interval;
+                if every.is_zero() || !due(st.last_probe, every) || self.startup_params().is_none()
+                {
+                    return;
+                }
+            }
+            if st.open >= limit {
+                return;
+            }
+            // Reserve the slot before asking the breaker: an admitted trial must run.
+            st.open += 1;
+            st.testing += 1;
+            st.probe_running = true;
+        }
+        // Closed: Yes. Open with the backoff expired: the single trial. Otherwise No.
+        if self.admit().is_err() {
+            let mut st = self.state.lock();
+            st.open -= 1;
+            st.testing -= 1;
+            st.probe_running = false;
+            return;
+        }
+        self.state.lock().last_probe = Some(now);
+        let pool = self.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move { pool.run_probe(&settings).await });
+    }
+
+    async fn run_probe(self: Arc<Self>, settings: &PoolSettings) {
+        let started = Instant::now();
+        let outcome = probe(settings, super::jitter(settings.server_lifetime)).await;
+        let took = started.elapsed();
+        let now = Instant::now();
+        let aimd = settings.aimd_config();
+        self.record_check(
+            "probe",
+            !matches!(outcome, ProbeOutcome::Down(_)),
+            Some(took),
+        );
+        let (change, adopt) = {
+            let mut st = self.state.lock();
+            st.probe_running = false;
+            st.testing -= 1;
+            let established = st.open - st.connecting - 1;
+            match &outcome {
+                ProbeOutcome::Up { connect, .. } => {
+                    st.probe_latency = Some(took);
+                    let change = st.aimd.on_connected(&aimd, *connect, established, now);
+                    // Keep the connection if the pool wants one more; else close it.
+                    let adopt = st.open <= st.sizer.target().max(settings.min_size) && !st.closed;
+                    if !adopt {
+                        st.open -= 1;
+                    }
+                    (change, adopt)
+                }
+                ProbeOutcome::Full(_) => {
+                    st.open -= 1;
+                    (st.aimd.on_refused(&aimd, established, now), false)
+                }
+                ProbeOutcome::Down(_) => {
+                    st.open -= 1;
+                    (None, false)
+                }
+            }
+        };
+        if let Some(ch) = change {
+            self.log_ceiling(ch, "probe");
+        }
+        match outcome {
+            ProbeOutcome::Up { conn, .. } => {
+                tracing::debug!(pool = %self.name, latency = ?took, "upstream probe ok");
+                self.breaker_event(Event::Success);
+                if adopt {
+                    self.stats
+                        .connects
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.m.opened.inc();
+                    self.put_back(*conn, Instant::now(), settings);
+                } else {
+                    super::drop_later(*conn);
+                }
+            }
+            ProbeOutcome::Full(e) => {
+                tracing::info!(pool = %self.name, error = %e, "upstream probe: server full");
+                self.breaker_event(Event::Success);
+            }
+            ProbeOutcome::Down(e) => {
+                tracing::warn!(pool = %self.name, error = %e, latency = ?took, "upstream probe failed");
+                self.breaker_event(Event::Failure(e));
+            }
+        }
+    }
+}

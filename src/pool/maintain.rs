@@ -1,0 +1,185 @@
+//! The task that manages one pool: every `TICK` it probes the upstream when due (and
+//! lets an Open breaker recover), closes idle connections past their lifetime or idle
+//! timeout, starts background checks of idle connections, runs congestion control and
+//! the sizing controller, and serves waiters that a congestion pause or a breaker held
+//! back. It ends when the pool is closed or dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::sizing::{Load, SizingConfig};
+use super::{drop_later, Pool, PoolSettings};
+
+/// Short enough that growth and recovery react within a blink, long enough that an idle
+/// pool costs nothing measurable.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Starts the pool's maintenance task (if there is a runtime: unit tests of the data
+/// structures may build pools without one).
+pub(super) fn spawn(pool: &Arc<Pool>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(pool);
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = weak.upgrade() else { return };
+            if pool.is_closed() {
+                return;
+            }
+            pool.tick();
+        }
+    });
+}
+
+/// Spreads idle timeouts over -10%..0 per connection, so connections that went idle
+/// together are not all closed (and, below min_size, reopened) together. Derived from
+/// the connection id, so it is stable for a connection's life without storing it.
+fn idle_timeout_of(id: u64, base: Duration) -> Duration {
+    // splitmix64: a good spread from sequential ids.
+    let mut z = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    base.mul_f64(0.9 + (z % 1000) as f64 / 10_000.0)
+}
+
+impl Pool {
+    fn tick(self: &Arc<Self>) {
+        let settings = self.settings();
+        let now = Instant::now();
+        self.maybe_probe(&settings, now);
+        self.reap(&settings, now);
+        self.start_idle_checks(&settings, now);
+        self.resize(&settings, now);
+        self.trim_and_fill();
+    }
+
+    /// Closes idle connections past their lifetime (always; the sizing controller
+    /// reopens up to min_size) or idle longer than their jittered `server_idle_timeout`
+    /// (only above min_size). Oldest-used first.
+    pub(super) fn reap(&self, settings: &PoolSettings, now: Instant) -> usize {
+        let mut closed = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let mut i = 0;
+            while i < st.idle.len() {
+                let c = &st.idle[i].conn;
+                let reason = if now.duration_since(c.created) > c.lifetime {
+                    Some("lifetime")
+                } else if st.open > settings.min_size
+                    && now.duration_since(c.last_used)
+                        > idle_timeout_of(c.id, settings.server_idle_timeout)
+                {
+                    Some("idle_timeout")
+                } else {
+                    None
+                };
+                match reason {
+                    Some(r) => {
+                        let idle = st.idle.remove(i);
+                        st.open -= 1;
+                        closed.push((idle.conn, r));
+                    }
+                    None => i += 1,
+                }
+            }
+        }
+        let n = closed.len();
+        for (conn, reason) in closed {
+            tracing::debug!(pool = %self.name, server = conn.id, reason, "closing idle server connection");
+            self.closed_metric(reason);
+            drop_later(conn);
+        }
+        n
+    }
+
+    /// Runs congestion control's additive increase and the sizing controller, then
+    /// closes idle connections above the target or opens connections up to it.
+    fn resize(self: &Arc<Self>, settings: &Arc<PoolSettings>, now: Instant) {
+        // Warm-up waits for the first successful connection, so a pool for a database
+        // that does not exist is not filled with failing attempts.
+        let may_open = !self.breaker_open() && self.startup_params().is_some();
+        let cfg = SizingConfig {
+            min: settings.min_size,
+            max: settings.max_size,
+            target_utilization: settings.target_utilization,
+            shrink_delay: settings.shrink_delay,
+        };
+        let mut shrunk = Vec::new();
+        let (aimd_change, target_change, to_open) = {
+            let mut st = self.state.lock();
+            st.waiters.retain(|w| !w.is_closed());
+            if !st.waiters.is_empty() {
+                st.last_contended = Some(now);
+            }
+            let aimd_change = st.aimd.tick(&settings.aimd_config(), now);
+            let before = st.sizer.target();
+            let load = Load {
+                open: st.open,
+                idle: st.idle.len(),
+                busy: st
+                    .open
+                    .saturating_sub(st.idle.len() + st.connecting + st.testing),
+                waiting: st.waiters.len(),
+                ceiling: st.aimd.ceiling(),
+            };
+            let plan = st.sizer.step(&cfg, load, now);
+            for _ in 0..plan.close.min(st.idle.len()) {
+                // Least recently used first: the ones the load is not using.
+                let idle = st.idle.remove(0);
+                st.open -= 1;
+                shrunk.push(idle.conn);
+            }
+            let congested = st.congested_until.is_some_and(|t| now < t);
+            let limit = Self::limit(&st, settings);
+            let n = if may_open && !congested && !st.paused && !st.closed {
+                plan.open.min(limit.saturating_sub(st.open))
+            } else {
+                0
+            };
+            st.open += n;
+            st.connecting += n;
+            let target_change = (plan.target != before).then_some((before, plan.target));
+            (aimd_change, target_change, n)
+        };
+        if let Some(ch) = aimd_change {
+            self.log_ceiling(ch, "no refusals for an interval");
+        }
+        if let Some((from, to)) = target_change {
+            tracing::debug!(pool = %self.name, from, to, "pool target size changed");
+        }
+        if !shrunk.is_empty() {
+            tracing::debug!(pool = %self.name, closing = shrunk.len(), "shrinking the pool: load stayed below the target");
+        }
+        for conn in shrunk {
+            self.closed_metric("shrink");
+            drop_later(conn);
+        }
+        if to_open > 0 {
+            tracing::debug!(pool = %self.name, opening = to_open, "growing the pool toward its target");
+            self.spawn_connects(to_open, settings, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_timeout_jitter_stays_within_ten_percent_and_spreads() {
+        let base = Duration::from_secs(100);
+        let v: Vec<Duration> = (1..200).map(|id| idle_timeout_of(id, base)).collect();
+        assert!(v
+            .iter()
+            .all(|d| *d >= Duration::from_secs(90) && *d <= base));
+        let distinct: std::collections::HashSet<_> = v.iter().map(|d| d.as_millis()).collect();
+        assert!(distinct.len() > 100, "spread: {}", distinct.len());
+    }
+}
