@@ -5,6 +5,7 @@ values, startup parameters sent by asyncpg's server_settings."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import asyncpg
 import psycopg
@@ -63,8 +64,27 @@ def test_client_dies_inside_transaction(proxy):
             c.close()
 
 
-def test_discard_all_with_prepared_statements(proxy):
-    with connect(proxy, autocommit=True, prepare_threshold=0) as conn:
+ONE_SERVER = [("transaction", 1), ("session", 2)]
+
+
+@pytest.fixture(params=ONE_SERVER, ids=[m for m, _ in ONE_SERVER])
+def one_server_proxy(request, proxy_factory):
+    """Transaction mode with pool size 1: every transaction of a client lands on the same
+    server, so per-server bookkeeping bugs show deterministically."""
+    mode, size = request.param
+    return proxy_factory.get(mode, size, db="state")
+
+
+EXTENDED_RESET_BUG = dict(
+    modes=("transaction",),
+    reason="DISCARD ALL / DEALLOCATE ALL run through the extended protocol (psycopg 3 with "
+           "prepare_threshold=0, JDBC, ...) drops the server's pgsc_* statements but the proxy "
+           "keeps its bookkeeping: next Bind of that statement on that server -> 26000")
+
+
+@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
+def test_discard_all_with_prepared_statements(one_server_proxy):
+    with connect(one_server_proxy, autocommit=True, prepare_threshold=0) as conn:
         for _ in range(3):
             assert conn.execute("SELECT %s::int + 1", (1,)).fetchone() == (2,)
             conn.execute("SET TimeZone = 'Asia/Tokyo'")
@@ -73,8 +93,9 @@ def test_discard_all_with_prepared_statements(proxy):
             assert conn.execute("SHOW TimeZone").fetchone()[0] != "Asia/Tokyo"
 
 
-def test_deallocate_all_and_reprepare(proxy):
-    with connect(proxy, autocommit=True, prepare_threshold=0) as conn:
+@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
+def test_deallocate_all_and_reprepare(one_server_proxy):
+    with connect(one_server_proxy, autocommit=True, prepare_threshold=0) as conn:
         assert conn.execute("SELECT %s::text", ("a",)).fetchone() == ("a",)
         conn.execute("DEALLOCATE ALL")
         assert conn.execute("SELECT %s::text", ("b",)).fetchone() == ("b",)
@@ -135,15 +156,13 @@ def _status(res) -> tuple[str, str]:
     return psycopg.pq.ExecStatus(res.status).name, state.decode()
 
 
-@pytest.mark.proxy_bug(
-    modes=("transaction",),
-    reason="SQL DEALLOCATE <name> of a protocol-level statement is forwarded verbatim; the server "
-           "knows it as pgsc_<hash>, so it fails (26000) and the proxy keeps the name (next Parse: 42P05)")
 def test_sql_deallocate_of_protocol_prepared_statement(proxy):
-    """Minimal repro, raw libpq calls (what psycopg 3 with libpq < 17, Rails' pg gem and
-    others send): Parse "s1" / SQL `DEALLOCATE s1` / Parse "s1" with new text / execute.
+    """Raw libpq calls (what psycopg 3 with libpq < 17, Rails' pg gem and others send):
+    Parse "s1" / SQL `DEALLOCATE s1` / Parse "s1" with new text / execute.
 
     PostgreSQL: COMMAND_OK, COMMAND_OK, COMMAND_OK, returns the NEW statement's row.
+    Regression test: before d45097e pgsidecar forwarded `DEALLOCATE s1` to a server that
+    knows the statement as pgsc_<hash> (26000) and kept the name (next Parse: 42P05).
     """
     with connect(proxy, autocommit=True) as conn:
         pgc = conn.pgconn
@@ -154,10 +173,6 @@ def test_sql_deallocate_of_protocol_prepared_statement(proxy):
         assert _status(res) == ("TUPLES_OK", "") and res.get_value(0, 0) == b"2"
 
 
-@pytest.mark.proxy_bug(
-    modes=("transaction",),
-    reason="psycopg 3 + libpq < 17 evicts with SQL DEALLOCATE _pg3_N: fails with 26000 "
-           "prepared statement \"_pg3_0\" does not exist")
 def test_psycopg3_prepared_eviction_via_sql_deallocate(proxy, monkeypatch):
     """psycopg 3 linked to libpq < 17 (the `psycopg[c]` / pure-python install on a distro
     with libpq 15/16) evicts statements past prepared_max with SQL `DEALLOCATE _pg3_N`.
@@ -186,3 +201,93 @@ async def test_asyncpg_server_settings_search_path_list(proxy, pg):
             assert await conn.fetchval("SELECT v FROM only_here") == 7
     finally:
         await conn.close()
+
+
+@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
+@pytest.mark.parametrize("reset", [b"DEALLOCATE ALL", b"DISCARD ALL"], ids=["deallocate_all", "discard_all"])
+def test_extended_protocol_reset_statements(one_server_proxy, reset):
+    """Minimal repro with raw libpq calls, one server: Parse "s1" "SELECT $1::text"/Sync,
+    Bind/Execute s1/Sync; Parse ""(reset)/Bind/Execute/Sync (extended protocol); Parse
+    "s1" again/Sync; Bind/Execute s1/Sync. PostgreSQL: every step succeeds."""
+    with connect(one_server_proxy, autocommit=True) as conn:
+        pgc = conn.pgconn
+        assert _status(pgc.prepare(b"s1", b"SELECT $1::text")) == ("COMMAND_OK", "")
+        assert _status(pgc.exec_prepared(b"s1", [b"a"])) == ("TUPLES_OK", "")
+        assert _status(pgc.exec_params(reset, [])) == ("COMMAND_OK", "")
+        assert _status(pgc.prepare(b"s1", b"SELECT $1::text")) == ("COMMAND_OK", "")
+        res = pgc.exec_prepared(b"s1", [b"b"])
+        assert _status(res) == ("TUPLES_OK", "") and res.get_value(0, 0) == b"b"
+
+
+# ---------------------------------------------------------------------------
+# statements the proxy answers itself must not pin a server
+# ---------------------------------------------------------------------------
+
+PIN_BUG = dict(
+    modes=("transaction",),
+    reason="a simple-Query DEALLOCATE answered by the proxy itself (since d45097e) leaves the "
+           "client holding its server connection: other clients wait query_wait_timeout (53300)")
+
+
+def _other_client_gets_through(proxy, holder) -> object:
+    """Runs SELECT 1 on a second client; returns its result, or the string 'blocked' if it
+    has not finished after 3 s (then closes `holder`, which frees the server)."""
+    other = psycopg.connect(proxy.dsn(), autocommit=True)
+    res: dict = {}
+
+    def go():
+        try:
+            res["v"] = other.execute("SELECT 1").fetchone()
+        except Exception as e:  # noqa: BLE001
+            res["v"] = repr(e)
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(3)
+    blocked = th.is_alive()
+    if blocked:
+        holder.close()
+        th.join(10)
+    other.close()
+    return "blocked" if blocked else res["v"]
+
+
+@pytest.mark.proxy_bug(**PIN_BUG)
+@pytest.mark.parametrize("stmt", [b"DEALLOCATE ALL", b"DEALLOCATE s1"], ids=["all", "name"])
+def test_locally_answered_deallocate_releases_server(one_server_proxy, stmt):
+    """Minimal repro, pool size 1: client A Parse "s1"/Sync, then Query `DEALLOCATE ...`
+    (A idle afterwards); client B Query `SELECT 1`. PostgreSQL/expected: B runs at once.
+    Observed: B waits until A disconnects (or gets 53300 after query_wait_timeout)."""
+    a = connect(one_server_proxy, autocommit=True)
+    try:
+        assert _status(a.pgconn.prepare(b"s1", b"SELECT 1")) == ("COMMAND_OK", "")
+        res = a.pgconn.exec_(stmt)
+        assert _status(res) == ("COMMAND_OK", "")
+        assert a.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert _other_client_gets_through(one_server_proxy, a) == (1,)
+    finally:
+        a.close()
+
+
+@pytest.mark.proxy_bug(**PIN_BUG)
+def test_psycopg3_rollback_with_prepared_statements_releases_server(one_server_proxy):
+    """psycopg 3 defaults: once a query ran 5 times it is prepared; after a ROLLBACK psycopg
+    sends `DEALLOCATE ALL` (simple Query). That client must not keep the server."""
+    a = connect(one_server_proxy, autocommit=True)
+    try:
+        for i in range(6):
+            assert a.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        with pytest.raises(E.DivisionByZero):
+            with a.transaction():
+                a.execute("SELECT 1/0")
+        assert _other_client_gets_through(one_server_proxy, a) == (1,)
+    finally:
+        a.close()
+
+
+@pytest.mark.proxy_bug(modes=("transaction",),
+                       reason="locally answered DEALLOCATE ALL has command tag DEALLOCATE")
+def test_deallocate_all_command_tag(one_server_proxy):
+    with connect(one_server_proxy, autocommit=True) as a:
+        a.pgconn.prepare(b"s1", b"SELECT 1")
+        assert a.pgconn.exec_(b"DEALLOCATE ALL").command_status == b"DEALLOCATE ALL"
