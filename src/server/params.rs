@@ -103,7 +103,7 @@ pub type RawSettings = std::collections::BTreeMap<String, String>;
 pub fn fingerprint(m: &HashMap<String, String>, raw: &RawSettings) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut acc: u64 = 0x9e37_79b9_7f4a_7c15;
-    for (k, v) in m.iter().chain(raw.iter().map(|(k, v)| (k, v))) {
+    for (k, v) in m.iter().chain(raw.iter()) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         k.hash(&mut h);
         v.hash(&mut h);

@@ -73,11 +73,20 @@ where
         self.stats.bytes_c2s += h.frame_len() as u64;
         match h.tag {
             fe::QUERY | fe::FUNCTION_CALL => {
-                if inspect && h.tag == fe::QUERY && self.inspect_query(h) {
-                    // Answered by the proxy (DEALLOCATE of a proxy-named statement).
-                    self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-                    self.push(Req::LocalCommand("DEALLOCATE"));
-                    return Ok(Outcome::Continue);
+                if inspect && h.tag == fe::QUERY {
+                    if let Some(tag) = self.inspect_query(h) {
+                        // Answered by the proxy (DEALLOCATE of proxy-named statements).
+                        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                        self.push(Req::LocalCommand(tag));
+                        if self.tracker.is_empty()
+                            && self.tracker.status == b'I'
+                            && !self.batch_open
+                        {
+                            // Nothing else in flight: the server is free again.
+                            return Ok(Outcome::Stop(Step::Release));
+                        }
+                        return Ok(Outcome::Continue);
+                    }
                 }
                 self.note_request();
                 self.push(Req::Query);
@@ -174,19 +183,37 @@ where
                 self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
                 Outcome::Continue
             }
-            _ => {
-                if let Some(lease) = self.pool.try_checkout() {
-                    self.attach(lease);
+            fe::QUERY
+                if self.mode == PoolMode::Transaction
+                    && self.c_in.unscanned().len() >= h.frame_len() =>
+            {
+                // A DEALLOCATE of this client's statements needs no server at all.
+                if let Some(tag) = self.inspect_query(h) {
+                    self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                    let mut out = BytesMut::with_capacity(32);
+                    messages::command_complete(&mut out, tag);
+                    messages::ready_for_query(&mut out, b'I');
+                    self.s_in.push_own(&out);
                     return Outcome::Continue;
                 }
-                if self.mode == PoolMode::Transaction && h.tag == fe::PARSE {
-                    if let Some(outcome) = self.prepare_locally(h) {
-                        return outcome;
-                    }
-                }
-                Outcome::Stop(Step::NeedServer)
+                self.checkout_now_or_stop(h)
+            }
+            _ => self.checkout_now_or_stop(h),
+        }
+    }
+
+    /// Binds an idle server at once if there is one; otherwise the session must wait.
+    fn checkout_now_or_stop(&mut self, h: Header) -> Outcome {
+        if let Some(lease) = self.pool.try_checkout() {
+            self.attach(lease);
+            return Outcome::Continue;
+        }
+        if self.mode == PoolMode::Transaction && h.tag == fe::PARSE {
+            if let Some(outcome) = self.prepare_locally(h) {
+                return outcome;
             }
         }
+        Outcome::Stop(Step::NeedServer)
     }
 
     /// A lone `Parse(name)` + `Sync` (libpq's PQprepare) while every server is busy is
@@ -243,8 +270,9 @@ where
     }
 
     /// DISCARD ALL / DEALLOCATE ALL / RESET ALL change what the proxy tracks.
-    /// Returns true when the query is answered by the proxy instead of the server.
-    fn inspect_query(&mut self, h: Header) -> bool {
+    /// Returns the command tag when the query is answered by the proxy instead of the
+    /// server.
+    fn inspect_query(&mut self, h: Header) -> Option<&'static str> {
         let body = self.frame(h);
         let text = body.strip_suffix(b"\0").unwrap_or(body);
         // Cheap filter first, without allocating: only statements whose first word is
@@ -262,7 +290,7 @@ where
             .iter()
             .any(|k| word.eq_ignore_ascii_case(k))
         {
-            return false;
+            return None;
         }
         // Rare statements from here on: an owned copy keeps the borrow checker simple.
         let text = text.to_vec();
@@ -278,7 +306,7 @@ where
                 // note_request() for this Query runs next: it is request number sent + 1.
                 self.pending_sets.push((self.requests_sent + 1, op));
             }
-            return false;
+            return None;
         }
         if word.eq_ignore_ascii_case(b"deallocate") {
             // Statements prepared through the protocol exist on servers only under the
@@ -288,11 +316,11 @@ where
                 match target {
                     None => {
                         self.stmts.clear();
-                        return true;
+                        return Some("DEALLOCATE ALL");
                     }
                     Some(name) => {
                         if self.stmts.remove(name.as_bytes()).is_some() {
-                            return true;
+                            return Some("DEALLOCATE");
                         }
                     }
                 }
@@ -305,16 +333,9 @@ where
             .collect::<Vec<_>>()
             .join(" ")
             .to_ascii_uppercase();
-        let discard = norm == "DISCARD ALL";
-        let reset = norm == "RESET ALL";
-        if discard {
-            // The server really drops its statements: forget them on both sides.
-            self.stmts.clear();
-            if let Some(lease) = self.server.as_mut() {
-                lease.conn().prepared.clear();
-            }
-        }
-        if discard || reset {
+        // DISCARD ALL takes effect when the server confirms it (its CommandComplete),
+        // see `forget_server_state`; RESET ALL's tag does not tell it from RESET x.
+        if norm == "RESET ALL" {
             self.wanted = self.startup_settings.clone();
             self.wanted_raw.clear();
             self.pending_sets.clear();
@@ -326,7 +347,7 @@ where
                 conn.params_fp = 0;
             }
         }
-        false
+        None
     }
 
     /// Makes sure the bound server holds `def`, injecting a Parse (and a Close for an
@@ -537,9 +558,18 @@ mod tests {
 
     #[test]
     fn deallocate_forms() {
-        assert_eq!(deallocate_target(b"DEALLOCATE _pg3_0"), Some(Some("_pg3_0".into())));
-        assert_eq!(deallocate_target(b"deallocate prepare S1;"), Some(Some("s1".into())));
-        assert_eq!(deallocate_target(b"DEALLOCATE \"S1\""), Some(Some("S1".into())));
+        assert_eq!(
+            deallocate_target(b"DEALLOCATE _pg3_0"),
+            Some(Some("_pg3_0".into()))
+        );
+        assert_eq!(
+            deallocate_target(b"deallocate prepare S1;"),
+            Some(Some("s1".into()))
+        );
+        assert_eq!(
+            deallocate_target(b"DEALLOCATE \"S1\""),
+            Some(Some("S1".into()))
+        );
         assert_eq!(deallocate_target(b"DEALLOCATE ALL"), Some(None));
         assert_eq!(deallocate_target(b"DEALLOCATE a; SELECT 1"), None);
         assert_eq!(deallocate_target(b"DEALLOCATE"), None);

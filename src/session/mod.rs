@@ -844,6 +844,17 @@ where
                     | be::FUNCTION_CALL_RESPONSE
                     | be::PARAMETER_DESCRIPTION
             );
+            if !streamed && h.len > crate::protocol::framing::BACKEND_WHOLE_MESSAGE_LIMIT {
+                // Only rows and COPY data can be large; a server announcing a huge
+                // message of another kind is broken or hostile, and buffering it whole
+                // would let it make the proxy hold up to 1 GiB per connection.
+                return Err(format!(
+                    "server sent a message of type {} of {} bytes, over the {} bytes allowed for it",
+                    h.tag as char,
+                    h.len,
+                    crate::protocol::framing::BACKEND_WHOLE_MESSAGE_LIMIT
+                ));
+            }
             if !streamed && avail_len < h.frame_len() {
                 self.s_in.need = h.frame_len();
                 break;
@@ -854,6 +865,7 @@ where
             } else {
                 &self.s_in.buf[self.s_in.scanned + 5..self.s_in.scanned + h.frame_len()]
             };
+            let mut forget: Option<bool> = None;
             match h.tag {
                 be::PARAMETER_STATUS => {
                     if let Some((k, v)) = messages::parse_parameter_status(body) {
@@ -875,9 +887,16 @@ where
                         }
                     }
                 }
-                be::COMMAND_COMPLETE if !self.pending_sets.is_empty() => {
-                    if body.starts_with(b"ROLLBACK") {
+                be::COMMAND_COMPLETE => {
+                    if !self.pending_sets.is_empty() && body.starts_with(b"ROLLBACK") {
                         self.txn_failed = true;
+                    }
+                    // Whichever protocol carried them, these really dropped the server's
+                    // statements (and DISCARD ALL its settings): forget them here too.
+                    if body.starts_with(b"DISCARD ALL\0") {
+                        forget = Some(true);
+                    } else if body.starts_with(b"DEALLOCATE ALL\0") {
+                        forget = Some(false);
                     }
                 }
                 be::ERROR_RESPONSE => {
@@ -898,6 +917,9 @@ where
             let forward = self
                 .tracker
                 .on_server(h.tag, body, &mut self.emit, &mut self.fx);
+            if let Some(settings_too) = forget {
+                self.forget_server_state(settings_too);
+            }
             self.s_in.take_frame(
                 h.frame_len(),
                 if forward {
@@ -943,6 +965,27 @@ where
                     .m
                     .transaction_duration
                     .observe((now - t).as_secs_f64());
+            }
+        }
+    }
+
+    /// After DISCARD ALL / DEALLOCATE ALL ran on the server: the client's statements are
+    /// gone, the server's cache is empty, and (DISCARD) settings are back to defaults.
+    pub(super) fn forget_server_state(&mut self, settings_too: bool) {
+        self.stmts.clear();
+        if let Some(lease) = self.server.as_mut() {
+            lease.conn().prepared.clear();
+        }
+        if settings_too {
+            self.wanted = self.startup_settings.clone();
+            self.wanted_raw.clear();
+            self.pending_sets.clear();
+            self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+            if let Some(lease) = self.server.as_mut() {
+                let conn = lease.conn();
+                conn.params = conn.original_params.clone();
+                conn.raw_settings.clear();
+                conn.params_fp = 0;
             }
         }
     }

@@ -46,7 +46,10 @@ pub fn parse(sql: &[u8]) -> Option<SetOp> {
         }
     }
     let (name, rest) = name(rest)?;
-    if matches!(name.as_str(), "role" | "time" | "names" | "schema" | "session_authorization") {
+    if matches!(
+        name.as_str(),
+        "role" | "time" | "names" | "schema" | "session_authorization"
+    ) {
         // Forms with their own grammar or privileges; not carried.
         return None;
     }
@@ -134,14 +137,26 @@ mod tests {
 
     #[test]
     fn plain_forms() {
-        assert_eq!(parse(b"SET search_path TO app, public"), set("search_path", "app, public"));
-        assert_eq!(parse(b"set Statement_Timeout = '5s';"), set("statement_timeout", "'5s'"));
-        assert_eq!(parse(b"SET SESSION work_mem TO '64MB'"), set("work_mem", "'64MB'"));
+        assert_eq!(
+            parse(b"SET search_path TO app, public"),
+            set("search_path", "app, public")
+        );
+        assert_eq!(
+            parse(b"set Statement_Timeout = '5s';"),
+            set("statement_timeout", "'5s'")
+        );
+        assert_eq!(
+            parse(b"SET SESSION work_mem TO '64MB'"),
+            set("work_mem", "'64MB'")
+        );
         assert_eq!(
             parse(b"SET search_path = \"$user\", public"),
             set("search_path", "\"$user\", public")
         );
-        assert_eq!(parse(b"SET myapp.tenant = '42'"), set("myapp.tenant", "'42'"));
+        assert_eq!(
+            parse(b"SET myapp.tenant = '42'"),
+            set("myapp.tenant", "'42'")
+        );
         assert_eq!(
             parse(b"RESET search_path"),
             Some(SetOp {

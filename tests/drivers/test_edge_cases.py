@@ -75,14 +75,7 @@ def one_server_proxy(request, proxy_factory):
     return proxy_factory.get(mode, size, db="state")
 
 
-EXTENDED_RESET_BUG = dict(
-    modes=("transaction",),
-    reason="DISCARD ALL / DEALLOCATE ALL run through the extended protocol (psycopg 3 with "
-           "prepare_threshold=0, JDBC, ...) drops the server's pgsc_* statements but the proxy "
-           "keeps its bookkeeping: next Bind of that statement on that server -> 26000")
 
-
-@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
 def test_discard_all_with_prepared_statements(one_server_proxy):
     with connect(one_server_proxy, autocommit=True, prepare_threshold=0) as conn:
         for _ in range(3):
@@ -93,7 +86,6 @@ def test_discard_all_with_prepared_statements(one_server_proxy):
             assert conn.execute("SHOW TimeZone").fetchone()[0] != "Asia/Tokyo"
 
 
-@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
 def test_deallocate_all_and_reprepare(one_server_proxy):
     with connect(one_server_proxy, autocommit=True, prepare_threshold=0) as conn:
         assert conn.execute("SELECT %s::text", ("a",)).fetchone() == ("a",)
@@ -203,7 +195,6 @@ async def test_asyncpg_server_settings_search_path_list(proxy, pg):
         await conn.close()
 
 
-@pytest.mark.proxy_bug(**EXTENDED_RESET_BUG)
 @pytest.mark.parametrize("reset", [b"DEALLOCATE ALL", b"DISCARD ALL"], ids=["deallocate_all", "discard_all"])
 def test_extended_protocol_reset_statements(one_server_proxy, reset):
     """Minimal repro with raw libpq calls, one server: Parse "s1" "SELECT $1::text"/Sync,
@@ -222,11 +213,6 @@ def test_extended_protocol_reset_statements(one_server_proxy, reset):
 # ---------------------------------------------------------------------------
 # statements the proxy answers itself must not pin a server
 # ---------------------------------------------------------------------------
-
-PIN_BUG = dict(
-    modes=("transaction",),
-    reason="a simple-Query DEALLOCATE answered by the proxy itself (since d45097e) leaves the "
-           "client holding its server connection: other clients wait query_wait_timeout (53300)")
 
 
 def _other_client_gets_through(proxy, holder) -> object:
@@ -252,7 +238,6 @@ def _other_client_gets_through(proxy, holder) -> object:
     return "blocked" if blocked else res["v"]
 
 
-@pytest.mark.proxy_bug(**PIN_BUG)
 @pytest.mark.parametrize("stmt", [b"DEALLOCATE ALL", b"DEALLOCATE s1"], ids=["all", "name"])
 def test_locally_answered_deallocate_releases_server(one_server_proxy, stmt):
     """Minimal repro, pool size 1: client A Parse "s1"/Sync, then Query `DEALLOCATE ...`
@@ -269,7 +254,6 @@ def test_locally_answered_deallocate_releases_server(one_server_proxy, stmt):
         a.close()
 
 
-@pytest.mark.proxy_bug(**PIN_BUG)
 def test_psycopg3_rollback_with_prepared_statements_releases_server(one_server_proxy):
     """psycopg 3 defaults: once a query ran 5 times it is prepared; after a ROLLBACK psycopg
     sends `DEALLOCATE ALL` (simple Query). That client must not keep the server."""
@@ -285,8 +269,6 @@ def test_psycopg3_rollback_with_prepared_statements_releases_server(one_server_p
         a.close()
 
 
-@pytest.mark.proxy_bug(modes=("transaction",),
-                       reason="locally answered DEALLOCATE ALL has command tag DEALLOCATE")
 def test_deallocate_all_command_tag(one_server_proxy):
     with connect(one_server_proxy, autocommit=True) as a:
         a.pgconn.prepare(b"s1", b"SELECT 1")
