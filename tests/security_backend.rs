@@ -32,6 +32,8 @@ enum Bad {
     AfterLogin,
     /// Logs in; never answers a query nor a cancel.
     Silent,
+    /// Logs in; answers a query with the header of a 768 MiB RowDescription, then waits.
+    HugeRowDescription,
 }
 
 fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -97,6 +99,15 @@ async fn serve_fake(mut s: TcpStream, bad: Bad) {
             cont.extend(std::iter::repeat_n(b'A', 500_000));
             cont.extend_from_slice(b",s=c2FsdA==,i=4096");
             s.write_all(&msg(b'R', &cont)).await
+        }
+        Bad::HugeRowDescription => {
+            if s.write_all(&login_ok()).await.is_err() {
+                return;
+            }
+            let _ = s.read(&mut [0u8; 1024]).await;
+            let _ = s.write_all(&[b'T', 0x30, 0, 0, 0, 0, 1]).await;
+            let _ = tokio::time::timeout(Duration::from_secs(20), s.read(&mut [0u8; 64])).await;
+            return;
         }
         Bad::AfterLogin | Bad::Silent => {
             if s.write_all(&login_ok()).await.is_err() {
@@ -271,6 +282,28 @@ async fn query_timeout_closes_a_server_that_ignores_the_cancel() {
             "{took:?}"
         );
         assert!(c.try_read_msg().await.is_none());
+    })
+    .await;
+}
+
+/// A server announcing a huge message of a kind the proxy must buffer whole is dropped at
+/// once, instead of making the proxy wait for (and hold) hundreds of megabytes.
+#[tokio::test]
+async fn a_huge_non_row_message_from_the_server_is_refused_at_once() {
+    bounded(async {
+        let up = fake_backend(Bad::HugeRowDescription).await;
+        let proxy = proxy_for(up, |_| {}).await;
+        let mut c = RawConn::login(proxy.addr, "u", "d").await;
+        let started = Instant::now();
+        c.send(&query_msg("select 1")).await;
+        let msgs = read_some(&mut c).await;
+        let e = msgs.iter().find(|m| m.tag == b'E').expect("error");
+        assert_eq!(e.code().as_deref(), Some("08006"));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     })
     .await;
 }

@@ -8,6 +8,10 @@
 pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
 /// Cap for SASL/password messages (PostgreSQL's `PG_MAX_AUTH_TOKEN_LENGTH` + framing).
 pub const AUTH_MESSAGE_LIMIT: usize = 65_535 + 1024;
+/// Cap for server messages the proxy buffers whole before forwarding (everything but
+/// DataRow, CopyData, FunctionCallResponse and ParameterDescription, which stream). The
+/// largest legitimate one, a RowDescription of 1,664 columns, is far below this.
+pub const BACKEND_WHOLE_MESSAGE_LIMIT: usize = 64 << 20;
 /// Length of a typed message header: type byte + i32 length.
 pub const HEADER_LEN: usize = 5;
 

@@ -278,3 +278,77 @@ where
     *stream = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(cert: bool, mode: Option<ClientTlsMode>) -> ClientTlsConfig {
+        ClientTlsConfig {
+            cert_file: cert.then(|| "c.pem".into()),
+            key_file: cert.then(|| "k.pem".into()),
+            mode,
+        }
+    }
+
+    #[test]
+    fn mode_defaults_and_validation() {
+        assert_eq!(cfg(false, None).effective_mode(), ClientTlsMode::Disable);
+        assert_eq!(
+            cfg(true, None).effective_mode(),
+            ClientTlsMode::RequireNonLoopback
+        );
+        assert!(cfg(false, Some(ClientTlsMode::Require)).validate().is_err());
+        assert!(cfg(true, Some(ClientTlsMode::Allow)).validate().is_ok());
+        let half = ClientTlsConfig {
+            cert_file: Some("c.pem".into()),
+            ..Default::default()
+        };
+        assert!(half.validate().is_err());
+        let parsed: ClientTlsConfig =
+            serde_yaml::from_str("{cert_file: a, key_file: b, mode: require_non_loopback}")
+                .expect("alias");
+        assert_eq!(parsed.mode, Some(ClientTlsMode::RequireNonLoopback));
+    }
+
+    #[test]
+    fn who_must_use_tls() {
+        let state = |mode| ClientTlsState {
+            mode,
+            acceptor: None,
+        };
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let lo6: IpAddr = "::1".parse().expect("ip");
+        let remote: IpAddr = "10.1.2.3".parse().expect("ip");
+        let rnl = state(ClientTlsMode::RequireNonLoopback);
+        assert!(!rnl.requires_tls(Some(lo)));
+        assert!(!rnl.requires_tls(Some(lo6)));
+        assert!(rnl.requires_tls(Some(remote)));
+        assert!(rnl.requires_tls(None), "unknown peers count as remote");
+        assert!(state(ClientTlsMode::Require).requires_tls(Some(lo)));
+        assert!(!state(ClientTlsMode::Allow).requires_tls(Some(remote)));
+        assert!(!state(ClientTlsMode::Disable).requires_tls(Some(remote)));
+    }
+
+    #[test]
+    fn unreadable_files_are_reported_without_key_material() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n").expect("write");
+        let c = ClientTlsConfig {
+            cert_file: Some(dir.path().join("missing.pem")),
+            key_file: Some(key.clone()),
+            mode: None,
+        };
+        let e = ClientTlsState::load(&c).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("missing.pem")),
+            "{e:?}"
+        );
+        let e = read_key(&key, "tls.key_file").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| !e.contains("c2VjcmV0")),
+            "{e:?}"
+        );
+    }
+}

@@ -337,3 +337,27 @@ impl ServerCertVerifier for ChainOnly {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_validation_follows_libpq() {
+        let parse = |y: &str| serde_yaml::from_str::<UpstreamTlsConfig>(y).expect("yaml");
+        assert_eq!(parse("{}").sslmode, SslMode::Prefer, "libpq's default");
+        assert!(parse("{sslmode: verify-full}").validate().is_err());
+        assert!(parse("{sslmode: verify-ca}").validate().is_err());
+        assert!(parse("{sslmode: verify-full, root_cert: ca.pem}")
+            .validate()
+            .is_ok());
+        assert!(parse("{sslmode: require, client_cert: c.pem}")
+            .validate()
+            .is_err());
+        assert!(serde_yaml::from_str::<UpstreamTlsConfig>("{sslmode: allow}").is_err());
+        let built = UpstreamTls::build(&parse("{sslmode: disable}")).expect("build");
+        assert!(built.connector.is_none());
+        let built = UpstreamTls::build(&parse("{sslmode: require}")).expect("build");
+        assert!(built.connector.is_some());
+    }
+}
