@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::relay::BodyMode;
 use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
-use super::{Session, Step};
+use super::{ReadReady, Session, Step};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
 use crate::protocol::framing::{fe, Header};
@@ -30,7 +30,7 @@ fn malformed(what: &str) -> ClientError {
 
 impl<C> Session<C>
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// Handles the client message whose header is at the front of the unscanned input.
     pub(super) fn on_client_message(&mut self, h: Header) -> Result<Outcome, ClientError> {

@@ -64,7 +64,8 @@ pub struct Session<C> {
     max_message: usize,
     c_in: Inbound,
     s_in: Inbound,
-    server: Option<Lease>,
+    /// Boxed: a Lease holds a whole server connection, and idle clients hold none.
+    server: Option<Box<Lease>>,
     tracker: Tracker,
     /// The client's named statements (transaction mode), by the client's name.
     stmts: HashMap<Box<[u8]>, Arc<StmtDef>>,
@@ -139,9 +140,33 @@ impl Drop for PoolClientGuard {
 }
 
 /// Serves one accepted client connection to the end.
+/// Streams that can say whether a read would find data without a buffer to read into,
+/// so idle sessions need not hold one. The default says "read now".
+pub trait ReadReady {
+    fn poll_read_ready_hint(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl<S: ReadReady> ReadReady for crate::tls::MaybeTls<S> {
+    fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            crate::tls::MaybeTls::Plain(s) => s.poll_read_ready_hint(cx),
+            // TLS may hold decrypted bytes the socket no longer shows: always read.
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 pub async fn serve<C>(client: C, shared: Arc<Shared>, peer: String)
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     // Plain until the opening negotiates TLS; the settings are those at connect time.
     let mut client = crate::tls::MaybeTls::Plain(client);
@@ -150,13 +175,13 @@ where
     let config = shared.registry.config();
     let mut leftover = BytesMut::new();
     let login_timeout = config.limits.client_login_timeout;
-    let opening = tokio::time::timeout(login_timeout, async {
+    let opening = Box::pin(tokio::time::timeout(login_timeout, async {
         let opening = handshake::read_opening(&mut client, &mut leftover, &tls, peer_ip).await?;
         if let Opening::Login(login) = &opening {
             handshake::authenticate(&mut client, &config, &login.user, &mut leftover).await?;
         }
         Ok::<_, handshake::OpeningError>(opening)
-    })
+    }))
     .await;
     let login = match opening {
         Ok(Ok(Opening::Login(l))) => l,
@@ -165,13 +190,13 @@ where
             // delivered (libpq waits for that EOF before its next command, so a late
             // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
             // makes the timing of a valid key useless to a guesser.
-            shared.cancels.cancel(pid, &secret).await;
+            Box::pin(shared.cancels.cancel(pid, &secret)).await;
             drop(client);
             return;
         }
         Ok(Err(Some(e))) => {
             tracing::info!(%peer, error = %e, "client login refused");
-            refuse(&mut client, &e).await;
+            Box::pin(refuse(&mut client, &e)).await;
             return;
         }
         Ok(Err(None)) => return,
@@ -180,7 +205,7 @@ where
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
             );
-            refuse(&mut client, &e).await;
+            Box::pin(refuse(&mut client, &e)).await;
             return;
         }
     };
@@ -194,14 +219,14 @@ where
                     login.user
                 ),
             );
-            let _ = client.write_all(&e.to_bytes()).await;
+            let _ = Box::pin(client.write_all(&e.to_bytes())).await;
             return;
         }
         let _entry =
             shared
                 .client_list
                 .register(&peer, &login.user, &login.database, "admin console");
-        crate::admin::console::serve(&mut client, shared, leftover).await;
+        Box::pin(crate::admin::console::serve(&mut client, shared, leftover)).await;
         return;
     }
     // Counted from here until the session ends, however it ends.
@@ -212,7 +237,7 @@ where
         Ok(g) => g,
         Err(e) => {
             tracing::info!(%peer, error = %e, "client refused by a connection cap");
-            refuse(&mut client, &e).await;
+            Box::pin(refuse(&mut client, &e)).await;
             return;
         }
     };
@@ -228,10 +253,10 @@ where
     let span =
         tracing::info_span!("client", %peer, user = %login.user, db = %login.database, app = %app);
     let fut = async move {
-        let mut session = match Session::start(client, shared, login, leftover).await {
+        let mut session = match Box::pin(Session::start(client, shared, login, leftover)).await {
             Ok(s) => s,
             Err((mut client, e)) => {
-                refuse(&mut client, &e).await;
+                Box::pin(refuse(&mut client, &e)).await;
                 return;
             }
         };
@@ -245,7 +270,11 @@ where
         session.info = Some(entry.info.clone());
         session.run().await;
         // Ends TLS with close_notify (and flushes what it buffered); FIN for plain TCP.
-        let _ = tokio::time::timeout(Duration::from_secs(1), session.client.shutdown()).await;
+        let _ = Box::pin(tokio::time::timeout(
+            Duration::from_secs(1),
+            session.client.shutdown(),
+        ))
+        .await;
         drop(entry);
     };
     tracing::Instrument::instrument(fut, span).await;
@@ -262,7 +291,7 @@ async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, e: &ClientError) {
 
 impl<C> Session<C>
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// Completes login: checks the database, picks the pool, sends parameters and the
     /// proxy's cancel key.
@@ -271,7 +300,7 @@ where
         shared: Arc<Shared>,
         login: Login,
         leftover: BytesMut,
-    ) -> Result<Self, (C, ClientError)> {
+    ) -> Result<Box<Self>, (C, ClientError)> {
         let config = shared.registry.config();
         if !config.databases.is_empty() && config.find_database(&login.database).is_none() {
             return Err((
@@ -380,23 +409,39 @@ where
             .client_connections
             .with_label_values(&["accepted"])
             .inc();
-        Ok(session)
+        Ok(Box::new(session))
     }
 
+    /// The relay loop. Everything but the byte pump is boxed on demand, so the future
+    /// an idle client parks in stays small (RSS per idle client).
     async fn run(&mut self) {
         loop {
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
+                Step::Release => self.release(),
+                other => {
+                    if Box::pin(self.handle(other)).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a step that needs waiting; true when the session is over.
+    async fn handle(&mut self, step: Step) -> bool {
+        {
+            match step {
                 Step::NeedServer => {
                     if !self.acquire().await {
                         self.finish_client_gone().await;
-                        return;
+                        return true;
                     }
                 }
                 Step::Release => self.release(),
                 Step::ClientGone => {
                     self.finish_client_gone().await;
-                    return;
+                    return true;
                 }
                 Step::ClientProtocol(e) => {
                     self.shared.metrics.error("client", e.code);
@@ -404,7 +449,7 @@ where
                     let _ = self.flush_client().await;
                     let _ = self.client.write_all(&e.to_bytes()).await;
                     self.finish_client_gone().await;
-                    return;
+                    return true;
                 }
                 Step::Shutdown => {
                     let _ = self.flush_client().await;
@@ -415,11 +460,11 @@ where
                         "pgsidecar is shutting down; reconnect to continue",
                     );
                     let _ = self.client.write_all(&e.to_bytes()).await;
-                    return;
+                    return true;
                 }
                 Step::Timeout(what) => {
                     self.on_timeout(what).await;
-                    return;
+                    return true;
                 }
                 Step::ForceShutdown => {
                     if let Some(lease) = self.server.take() {
@@ -433,7 +478,7 @@ where
                         "terminating connection: pgsidecar shutdown_timeout reached before this transaction finished",
                     );
                     let _ = self.client.write_all(&e.to_bytes()).await;
-                    return;
+                    return true;
                 }
                 Step::ServerGone(reason) => {
                     tracing::warn!(%reason, pool = %self.pool.key, "server connection lost");
@@ -449,10 +494,11 @@ where
                         .with_hint("reconnect and retry the transaction");
                         let _ = self.client.write_all(&e.to_bytes()).await;
                     }
-                    return;
+                    return true;
                 }
             }
         }
+        false
     }
 
     /// Writes everything queued for the client (best effort, bounded in time).
@@ -588,7 +634,7 @@ where
             self.tracker
                 .push(Req::Injected, &mut self.emit, &mut self.fx);
         }
-        self.server = Some(lease);
+        self.server = Some(Box::new(lease));
     }
 
     /// Returns the server to the pool at a transaction boundary.
@@ -764,7 +810,15 @@ where
             if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
                 return Poll::Ready(Step::ClientGone);
             }
-            if self.c_in.wants_read() {
+            // An idle client holds no read buffer: wait for readability first, and take
+            // a buffer only when there is something to read.
+            let may_read = self.c_in.buf.capacity() > 0
+                || match self.client.poll_read_ready_hint(cx) {
+                    Poll::Ready(Ok(())) => true,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
+                    Poll::Pending => false,
+                };
+            if may_read && self.c_in.wants_read() {
                 match self.c_in.poll_fill(cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
                     Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
@@ -810,6 +864,12 @@ where
             if !progress {
                 if let Some(step) = self.poll_timer(cx) {
                     return Poll::Ready(step);
+                }
+                if self.server.is_none() {
+                    self.s_in.recycle();
+                    if self.c_in.unscanned().is_empty() && self.c_in.body_left == 0 {
+                        self.c_in.recycle();
+                    }
                 }
                 return Poll::Pending;
             }
@@ -1095,5 +1155,36 @@ fn frame_error(e: FrameError) -> ClientError {
                 .with_hint("raise limits.max_message_size if this message is legitimate")
         }
         _ => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgsidecar: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    impl ReadReady for tokio::io::DuplexStream {}
+
+    #[tokio::test]
+    async fn session_future_size() {
+        let cfg = crate::config::Config::with_upstream(crate::config::UpstreamConfig::new(
+            "127.0.0.1".into(),
+            1,
+        ));
+        let shared = crate::proxy::Shared::new(Arc::new(cfg));
+        let (a, _b) = tokio::io::duplex(64);
+        let fut = serve(a, shared, "x".into());
+        eprintln!("serve future: {} bytes", std::mem::size_of_val(&fut));
+        eprintln!(
+            "Session: {} bytes",
+            std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>()
+        );
+        eprintln!("Inbound: {} bytes", std::mem::size_of::<Inbound>());
+        eprintln!("Tracker: {} bytes", std::mem::size_of::<Tracker>());
+        eprintln!("Timers: {} bytes", std::mem::size_of::<timers::Timers>());
+        eprintln!(
+            "SessionStats: {} bytes",
+            std::mem::size_of::<SessionStats>()
+        );
+        eprintln!("Effects: {} bytes", std::mem::size_of::<Effects>());
     }
 }

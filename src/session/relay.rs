@@ -32,9 +32,48 @@ pub enum BodyMode {
     Skip,
 }
 
+/// Read buffers are recycled per thread: an idle session holds none, and a busy one takes
+/// a warm buffer instead of allocating one per transaction.
+mod cache {
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    const KEEP: usize = 256;
+
+    thread_local! {
+        static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take(min: usize) -> BytesMut {
+        let b = FREE.with(|f| f.borrow_mut().pop());
+        match b {
+            Some(mut b) => {
+                // Empty and unique: reserve reclaims the whole allocation, no copy.
+                b.reserve(min);
+                b
+            }
+            None => BytesMut::with_capacity(min),
+        }
+    }
+
+    pub fn give(mut b: BytesMut) {
+        b.clear();
+        // Only ordinary buffers are kept; a huge one from a big message is freed.
+        if b.capacity() == 0 || b.capacity() > 4 * super::READ_CHUNK {
+            return;
+        }
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(b);
+            }
+        });
+    }
+}
+
 /// Reading more stops at this many buffered bytes unless a whole message must be seen.
 pub const READ_HIGH_WATER: usize = 256 * 1024;
-const READ_CHUNK: usize = 16 * 1024;
+pub const READ_CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, Default)]
 pub struct Inbound {
@@ -138,6 +177,14 @@ impl Inbound {
         self.need = 0;
     }
 
+    /// Gives an empty buffer back to the thread's cache (an idle session holds none).
+    pub fn recycle(&mut self) {
+        if self.buf.is_empty() && self.segs.is_empty() && self.buf.capacity() > 0 {
+            cache::give(std::mem::take(&mut self.buf));
+            self.scanned = 0;
+        }
+    }
+
     /// Whether another read may be issued without exceeding the buffer limit.
     #[inline]
     pub fn wants_read(&self) -> bool {
@@ -150,7 +197,9 @@ impl Inbound {
         cx: &mut Context<'_>,
         r: &mut R,
     ) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
+        if self.buf.capacity() == 0 {
+            self.buf = cache::take(READ_CHUNK.max(self.need));
+        } else if self.buf.capacity() - self.buf.len() < 1024 {
             let want = if self.need > self.buf.len() {
                 (self.need - self.buf.len()).max(READ_CHUNK)
             } else {

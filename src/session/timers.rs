@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use super::{Session, Step};
+use super::{ReadReady, Session, Step};
 use crate::cancel::CancelTarget;
 use crate::config::LimitsConfig;
 use crate::error::{sqlstate, ClientError};
@@ -87,7 +87,7 @@ impl Timers {
 
 impl<C> Session<C>
 where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// Moves the timer to what the session's state calls for. `client_progress`: a
     /// client message was consumed in this pass (restarts an idle deadline).
