@@ -182,6 +182,22 @@ async fn malformed_client_input_is_refused_and_others_are_unaffected() {
             );
         }
 
+        // Truncated frames: the client announces more than it sends, then hangs up
+        // (inside a transaction); the proxy lets go of it and of the server.
+        for (tag, announced, sent) in [(b'Q', 100i32, 10usize), (b'P', 5000, 4000), (b'B', 9, 0)] {
+            let mut c = RawConn::login(addr, "postgres", "postgres").await;
+            c.query_rows("begin").await;
+            let mut f = frame(tag, announced, &vec![b'x'; sent]);
+            f.truncate(5 + sent);
+            c.send(&f).await;
+            let _ = c.stream.shutdown().await;
+            assert!(
+                errors_until_close(&mut c).await.is_empty(),
+                "{}",
+                tag as char
+            );
+        }
+
         // Out-of-order extended protocol: errors inside the protocol, session goes on.
         let mut c = RawConn::login(addr, "postgres", "postgres").await;
         let mut batch = bind_msg("", "never_parsed");
