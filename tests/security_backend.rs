@@ -113,28 +113,43 @@ async fn serve_fake(mut s: TcpStream, bad: Bad) {
             if s.write_all(&login_ok()).await.is_err() {
                 return;
             }
-            let mut n = 0;
-            let mut buf = vec![0u8; 65536];
+            // Answers by query text, so the proxy's own health-check queries get a
+            // normal (empty) answer and the scenario stays deterministic.
+            let mut buf = Vec::new();
             loop {
-                match s.read(&mut buf).await {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
                     Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
                 if let Bad::Silent = bad {
                     continue;
                 }
-                n += 1;
-                let reply = match n {
-                    1 => {
+                while buf.len() >= 5 {
+                    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if buf.len() < 1 + len {
+                        break;
+                    }
+                    let frame: Vec<u8> = buf.drain(..1 + len).collect();
+                    let text = String::from_utf8_lossy(&frame[5..]).into_owned();
+                    let reply = if frame[0] != b'Q' {
+                        continue;
+                    } else if text.starts_with("select 2") {
+                        vec![b'C', 0xff, 0xff, 0xff, 0xf0]
+                    } else if text.starts_with("select garbage") {
+                        vec![0x00, 0x13, 0x37, 0xff, 0xfe, 0x00, 0x01]
+                    } else if text.starts_with("select") {
                         let mut r = msg(b'E', b"SERROR\0Mno sqlstate\0\0");
                         r.extend(msg(b'Z', b"I"));
                         r
+                    } else {
+                        let mut r = msg(b'I', b"");
+                        r.extend(msg(b'Z', b"I"));
+                        r
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
                     }
-                    2 => vec![b'C', 0xff, 0xff, 0xff, 0xf0],
-                    _ => vec![0x00, 0x13, 0x37, 0xff, 0xfe, 0x00, 0x01],
-                };
-                if s.write_all(&reply).await.is_err() {
-                    return;
                 }
             }
         }
@@ -253,6 +268,12 @@ async fn malformed_messages_mid_session_close_only_that_server() {
             assert_eq!(e.code().as_deref(), Some("08006"), "{msgs:?}");
             assert!(c.try_read_msg().await.is_none());
         }
+        // Garbage instead of an answer: the same.
+        let mut c = RawConn::login(proxy.addr, "u", "d").await;
+        c.send(&query_msg("select garbage")).await;
+        let msgs = read_some(&mut c).await;
+        let e = msgs.iter().find(|m| m.tag == b'E').expect("error");
+        assert_eq!(e.code().as_deref(), Some("08006"), "{msgs:?}");
         // The proxy is still up and serving (a fresh server connection).
         let mut c = RawConn::login(proxy.addr, "u", "d").await;
         assert_eq!(tags(&c.query("select 3").await), "EZ");

@@ -183,3 +183,63 @@ async fn secrets_stay_out_of_logs_metrics_admin_and_errors() {
         }
     }
 }
+
+/// The exchange an unknown user sees is the one a known user with a wrong password sees:
+/// same messages in the same order, same SCRAM parameters, same error.
+#[tokio::test]
+async fn unknown_user_and_wrong_password_follow_the_same_sequence() {
+    use common::raw::{fe, startup_packet, RawConn};
+    let pg = shared_cluster(ClusterAuth::Trust);
+    bounded(async {
+        let proxy = start_proxy(&pg, |c| {
+            c.auth.method = AuthMethod::ScramSha256;
+            c.users = vec![user("known_user", CLIENT_PW)];
+            c.upstream.user = Some("postgres".into());
+        })
+        .await;
+        let mut shapes = Vec::new();
+        for name in ["known_user", "unknown_user"] {
+            let mut c = RawConn::connect(proxy.addr).await;
+            c.send(&startup_packet(196608, &[("user", name)])).await;
+            let sasl = c.read_msg().await;
+            let mut first = b"SCRAM-SHA-256\0".to_vec();
+            let data = b"n,,n=,r=0123456789abcdefghijklmn";
+            first.extend_from_slice(&(data.len() as i32).to_be_bytes());
+            first.extend_from_slice(data);
+            c.send(&fe(b'p', &first)).await;
+            let cont = c.read_msg().await;
+            let server_first = String::from_utf8_lossy(&cont.body[4..]).into_owned();
+            let nonce = server_first
+                .split(',')
+                .find_map(|f| f.strip_prefix("r="))
+                .expect("nonce")
+                .to_string();
+            let fin = format!("c=biws,r={nonce},p=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
+            c.send(&fe(b'p', fin.as_bytes())).await;
+            let err = c.read_msg().await;
+            let salt_len = server_first
+                .split(',')
+                .find_map(|f| f.strip_prefix("s="))
+                .map(str::len);
+            let iterations = server_first
+                .split(',')
+                .find_map(|f| f.strip_prefix("i="))
+                .map(str::to_string);
+            shapes.push((
+                sasl.tag,
+                sasl.body.to_vec(),
+                cont.tag,
+                &cont.body[..4] == [0, 0, 0, 11],
+                salt_len,
+                iterations,
+                err.tag,
+                err.code(),
+                err.field(b'M').map(|m| m.replace(name, "<user>")),
+                c.try_read_msg().await.is_none(),
+            ));
+        }
+        assert_eq!(shapes[0], shapes[1]);
+        assert_eq!(shapes[0].7.as_deref(), Some("28P01"));
+    })
+    .await;
+}
