@@ -172,9 +172,22 @@ async fn three_proxies(aimd: bool, run: Duration) -> Shared {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let e = [established(0), established(1), established(2)];
         if std::env::var("POOL_TRACE").is_ok() {
-            let c: Vec<_> = pools.iter().map(|p| p.snapshot().ceiling).collect();
+            let c: Vec<_> = pools
+                .iter()
+                .map(|p| {
+                    let s = p.snapshot();
+                    (
+                        s.ceiling,
+                        s.open,
+                        s.connecting,
+                        s.testing,
+                        s.waiting_in_queue,
+                        s.connect_failures,
+                    )
+                })
+                .collect();
             println!(
-                "{:>6.2}s established {e:?} ceilings {c:?}",
+                "{:>6.2}s established {e:?} (ceiling, open, connecting, testing, waiting, refused) {c:?}",
                 started.elapsed().as_secs_f64()
             );
         }

@@ -13,13 +13,14 @@ use crate::config::BreakerOnOpen;
 use crate::server::ConnectError;
 
 impl Pool {
+    /// Logs a congestion-control change: a cut is a warning; the one-step yields and
+    /// raises of a contended pool are routine (debug). The return to max_size after a cut
+    /// is logged by the maintenance task.
     pub(super) fn log_ceiling(&self, (from, to): sizing::Change, why: &str) {
-        if to < from {
+        if to < from && why != sizing::YIELD {
             tracing::warn!(pool = %self.name, from, to, reason = why, "congestion control lowered the pool ceiling");
-        } else if to == self.settings().max_size {
-            tracing::info!(pool = %self.name, from, to, "pool ceiling back at max_size");
         } else {
-            tracing::debug!(pool = %self.name, from, to, "pool ceiling raised");
+            tracing::debug!(pool = %self.name, from, to, reason = why, "pool ceiling changed");
         }
     }
 

@@ -356,7 +356,7 @@ impl Pool {
                         let change = st.aimd.yield_one(&settings.aimd_config(), now);
                         drop(st);
                         if let Some(ch) = change {
-                            self.log_ceiling(ch, "yielding a connection under contention");
+                            self.log_ceiling(ch, super::sizing::YIELD);
                         }
                     }
                     return;

@@ -62,17 +62,20 @@ impl Pool {
 
     /// Closes idle connections past their lifetime (always; the sizing controller
     /// reopens up to min_size) or idle longer than their jittered `server_idle_timeout`
-    /// (only above min_size). Oldest-used first.
+    /// (only above min_size and the sizing target). Oldest-used first.
     pub(super) fn reap(&self, settings: &PoolSettings, now: Instant) -> usize {
         let mut closed = Vec::new();
         {
             let mut st = self.state.lock();
+            // Not below the sizing target either: the controller would reopen what the
+            // idle timeout closed (it shrinks the target itself once load stays low).
+            let keep = settings.min_size.max(st.sizer.target());
             let mut i = 0;
             while i < st.idle.len() {
                 let c = &st.idle[i].conn;
                 let reason = if now.duration_since(c.created) > c.lifetime {
                     Some("lifetime")
-                } else if st.open > settings.min_size
+                } else if st.open > keep
                     && now.duration_since(c.last_used)
                         > idle_timeout_of(c.id, settings.server_idle_timeout)
                 {
@@ -112,13 +115,14 @@ impl Pool {
             shrink_delay: settings.shrink_delay,
         };
         let mut shrunk = Vec::new();
-        let (aimd_change, target_change, to_open) = {
+        let (aimd_change, recovered, target_change, to_open) = {
             let mut st = self.state.lock();
             st.waiters.retain(|w| !w.is_closed());
             if !st.waiters.is_empty() {
                 st.last_contended = Some(now);
             }
             let aimd_change = st.aimd.tick(&settings.aimd_config(), now);
+            let recovered = st.aimd.take_recovered(settings.max_size);
             let before = st.sizer.target();
             let load = Load {
                 open: st.open,
@@ -146,10 +150,13 @@ impl Pool {
             st.open += n;
             st.connecting += n;
             let target_change = (plan.target != before).then_some((before, plan.target));
-            (aimd_change, target_change, n)
+            (aimd_change, recovered, target_change, n)
         };
         if let Some(ch) = aimd_change {
             self.log_ceiling(ch, "no refusals for an interval");
+        }
+        if recovered {
+            tracing::info!(pool = %self.name, ceiling = settings.max_size, "pool ceiling back at max_size: no more refusals");
         }
         if let Some((from, to)) = target_change {
             tracing::debug!(pool = %self.name, from, to, "pool target size changed");

@@ -143,6 +143,8 @@ pub struct AimdConfig {
     pub interval: Duration,
 }
 
+/// Intervals after a refusal during which a pool does not yield (`Aimd::yield_one`).
+const YIELD_QUIET: u32 = 3;
 /// Multiplicative decrease factor.
 const DECREASE: f64 = 0.5;
 /// A connect slower than this many times the baseline is a congestion signal...
@@ -161,10 +163,18 @@ pub struct Aimd {
     /// Typical connect latency in seconds: follows drops quickly and rises slowly, so a
     /// sudden slowdown stands out against it.
     baseline: Option<f64>,
+    /// Cut since it was last at max (so the return to max is worth reporting).
+    was_cut: bool,
+    /// Last refusal (cut or not): a pool refused recently gets congestion signals of its
+    /// own and does not yield.
+    last_refused: Option<Instant>,
 }
 
 /// A ceiling change: (from, to).
 pub type Change = (usize, usize);
+
+/// Why a ceiling changed by `Aimd::yield_one` (for logs).
+pub const YIELD: &str = "yielding a connection under contention";
 
 impl Aimd {
     pub fn new(max: usize) -> Aimd {
@@ -173,6 +183,8 @@ impl Aimd {
             last_change: None,
             quiet_until: None,
             baseline: None,
+            was_cut: false,
+            last_refused: None,
         }
     }
 
@@ -189,7 +201,11 @@ impl Aimd {
         established: usize,
         now: Instant,
     ) -> Option<Change> {
-        if !cfg.enabled || self.quiet_until.is_some_and(|t| now < t) {
+        if !cfg.enabled {
+            return None;
+        }
+        self.last_refused = Some(now);
+        if self.quiet_until.is_some_and(|t| now < t) {
             return None;
         }
         let from = self.ceiling;
@@ -200,6 +216,7 @@ impl Aimd {
         self.quiet_until = Some(now + cfg.interval);
         self.last_change = Some(now);
         self.ceiling = to;
+        self.was_cut |= to < from;
         (to != from).then_some((from, to))
     }
 
@@ -233,15 +250,29 @@ impl Aimd {
     /// drops by one and grows back an interval later, like any other change). Without
     /// this, a sidecar that got to its max first would never make a connection attempt
     /// and so never learn that others are starved; with it, another sidecar can take the
-    /// slot, and this one's attempt to grow back is refused and cut.
+    /// slot, and this one's attempt to grow back is refused and cut. A pool refused
+    /// within the last `YIELD_QUIET` intervals does not yield: it already meets the
+    /// congestion, and yielding would only slow a starved pool's growth.
     pub fn yield_one(&mut self, cfg: &AimdConfig, now: Instant) -> Option<Change> {
         let from = self.ceiling;
-        if !cfg.enabled || from <= cfg.floor.max(1) {
+        let refused_lately = self
+            .last_refused
+            .is_some_and(|t| now.duration_since(t) < cfg.interval * YIELD_QUIET);
+        if !cfg.enabled || from <= cfg.floor.max(1) || refused_lately {
             return None;
         }
         self.ceiling -= 1;
         self.last_change = Some(now);
         Some((from, self.ceiling))
+    }
+
+    /// True once when the ceiling is back at `max` after a cut.
+    pub fn take_recovered(&mut self, max: usize) -> bool {
+        let r = self.was_cut && self.ceiling >= max;
+        if r {
+            self.was_cut = false;
+        }
+        r
     }
 
     /// Additive increase: +1 per interval since the last change, up to `max`. Also
@@ -445,6 +476,11 @@ mod tests {
             None,
             "never above max"
         );
+        assert!(
+            a.take_recovered(10),
+            "back at max after a cut is reported once"
+        );
+        assert!(!a.take_recovered(10));
     }
 
     #[tokio::test(start_paused = true)]
@@ -555,5 +591,10 @@ mod tests {
         assert_eq!(a.tick(&c, t0 + Duration::from_secs(1)), Some((9, 10)));
         let off = aimd_cfg(false);
         assert_eq!(a.yield_one(&off, t0), None);
+        // Refused lately: no yield for 3 intervals.
+        let t1 = t0 + Duration::from_secs(2);
+        a.on_refused(&c, 9, t1);
+        assert_eq!(a.yield_one(&c, t1 + Duration::from_millis(2900)), None);
+        assert!(a.yield_one(&c, t1 + Duration::from_secs(3)).is_some());
     }
 }
