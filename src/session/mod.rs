@@ -1177,8 +1177,7 @@ mod size_tests {
         let (a, _b) = tokio::io::duplex(64);
         let fut = serve(a, shared, "x".into());
         let future = std::mem::size_of_val(&fut);
-        let session =
-            std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
+        let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
         assert!(future <= 1024, "serve future grew to {future} bytes");
         assert!(session <= 1024, "Session grew to {session} bytes");
     }
