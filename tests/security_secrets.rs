@@ -229,7 +229,7 @@ async fn unknown_user_and_wrong_password_follow_the_same_sequence() {
                 sasl.tag,
                 sasl.body.to_vec(),
                 cont.tag,
-                &cont.body[..4] == [0, 0, 0, 11],
+                cont.body[..4] == [0, 0, 0, 11],
                 salt_len,
                 iterations,
                 err.tag,
