@@ -3,6 +3,7 @@
 //! clients, or the configuration's Debug output, whatever logins succeed or fail.
 
 mod common;
+mod security_util;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -242,4 +243,71 @@ async fn unknown_user_and_wrong_password_follow_the_same_sequence() {
         assert_eq!(shapes[0].7.as_deref(), Some("28P01"));
     })
     .await;
+}
+
+/// A TLS client that drops its connection without close_notify is an ordinary end of
+/// session: no warning or error is logged for it (one line per such client would be
+/// log spam), and the server goes back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_without_close_notify_is_a_quiet_eof() {
+    use common::raw::{ssl_request, startup_packet};
+    use security_util::{client_config, Pki};
+    let logs = capture_logs();
+    let pg = shared_cluster(ClusterAuth::Trust);
+    bounded(async {
+        let pki = Pki::new("eof-ca");
+        let leaf = pki.leaf("eof-proxy", &["localhost"]);
+        let proxy = start_proxy(&pg, |c| {
+            c.tls.cert_file = Some(leaf.cert.clone());
+            c.tls.key_file = Some(leaf.key.clone());
+            c.pool.size = 1;
+        })
+        .await;
+        for _ in 0..3 {
+            let mut tcp = tokio::net::TcpStream::connect(proxy.addr)
+                .await
+                .expect("tcp");
+            tcp.write_all(&ssl_request()).await.expect("ssl request");
+            let mut s = [0u8; 1];
+            tcp.read_exact(&mut s).await.expect("answer");
+            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config(
+                pki.roots(),
+                false,
+            )));
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = connector.connect(name, tcp).await.expect("handshake");
+            tls.write_all(&startup_packet(
+                196608,
+                &[("user", "postgres"), ("database", "postgres")],
+            ))
+            .await
+            .expect("startup");
+            tls.write_all(&common::raw::query_msg("begin; select 1"))
+                .await
+                .expect("query");
+            tls.flush().await.expect("flush");
+            let mut buf = vec![0u8; 4096];
+            let _ = within(Duration::from_secs(5), "answers", tls.read(&mut buf)).await;
+            // Drop the TCP connection under the TLS session: no close_notify.
+            let (tcp, _) = tls.into_inner();
+            drop(tcp);
+        }
+        // The only server was rolled back and returned each time.
+        let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        assert_eq!(simple_one(&c, "select 1").await, "1");
+    })
+    .await;
+    let text =
+        String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let noisy: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            ["eof", "close_notify", "peer closed", "tls"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    assert!(noisy.is_empty(), "{noisy:#?}");
 }
