@@ -810,6 +810,11 @@ where
             if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
                 return Poll::Ready(Step::ClientGone);
             }
+            if self.server.is_none() && self.c_in.has_output() {
+                // Nothing queued towards a server may wait for one: it would hold the
+                // buffer (and the client) until the next checkout.
+                self.c_in.discard_output();
+            }
             // An idle client holds no read buffer: wait for readability first, and take
             // a buffer only when there is something to read.
             let may_read = self.c_in.buf.capacity() > 0

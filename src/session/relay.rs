@@ -177,6 +177,21 @@ impl Inbound {
         self.need = 0;
     }
 
+    /// Drops queued output without writing it: with no server bound, what is queued is
+    /// either skipped client bytes or the tail of a COPY the released server already
+    /// abandoned (PostgreSQL ignores CopyData after a failed COPY), never a request.
+    pub fn discard_output(&mut self) {
+        while let Some(seg) = self.segs.pop_front() {
+            match seg {
+                Seg::Fwd(n) | Seg::Skip(n) => {
+                    self.buf.advance(n);
+                    self.scanned -= n;
+                }
+                Seg::Own(_) => {}
+            }
+        }
+    }
+
     /// Gives an empty buffer back to the thread's cache (an idle session holds none).
     pub fn recycle(&mut self) {
         if self.buf.is_empty() && self.segs.is_empty() && self.buf.capacity() > 0 {
