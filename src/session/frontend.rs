@@ -336,16 +336,7 @@ where
         // DISCARD ALL takes effect when the server confirms it (its CommandComplete),
         // see `forget_server_state`; RESET ALL's tag does not tell it from RESET x.
         if norm == "RESET ALL" {
-            self.wanted = self.startup_settings.clone();
-            self.wanted_raw.clear();
-            self.pending_sets.clear();
-            self.wanted_fp = crate::server::params::fingerprint(&self.wanted, &self.wanted_raw);
-            if let Some(lease) = self.server.as_mut() {
-                let conn = lease.conn();
-                conn.params = conn.original_params.clone();
-                conn.raw_settings.clear();
-                conn.params_fp = 0;
-            }
+            self.reset_settings();
         }
         None
     }
@@ -353,45 +344,48 @@ where
     /// Makes sure the bound server holds `def`, injecting a Parse (and a Close for an
     /// evicted statement) ahead of the current message.
     fn ensure_prepared(&mut self, def: &Arc<StmtDef>) {
+        self.prepare_on_server(def, None);
+    }
+
+    /// Queues a Parse of `def` on the bound server unless it already holds it (then
+    /// returns false). `client_name` is set when this answers the client's own Parse;
+    /// otherwise the Parse is the proxy's and its ParseComplete is swallowed. A statement
+    /// evicted to make room is closed on the server first.
+    fn prepare_on_server(&mut self, def: &Arc<StmtDef>, client_name: Option<Box<[u8]>>) -> bool {
         let Some(lease) = self.server.as_mut() else {
-            return;
+            return false;
         };
         let conn = lease.conn();
-        if conn.prepared.touch(def.id) {
+        let counter = |event: &str| {
             self.shared
                 .metrics
                 .prepared
-                .with_label_values(&["hit"])
-                .inc();
-            return;
+                .with_label_values(&[event])
+                .inc()
+        };
+        if conn.prepared.touch(def.id) {
+            counter("hit");
+            return false;
         }
         let evicted = conn.prepared.insert(def.id);
-        self.shared
-            .metrics
-            .prepared
-            .with_label_values(&["miss"])
-            .inc();
-        if evicted.is_some() {
-            self.shared
-                .metrics
-                .prepared
-                .with_label_values(&["eviction"])
-                .inc();
-        }
-        let mut out = BytesMut::new();
+        counter("miss");
         if let Some(old) = evicted {
-            messages::fe_close_statement(&mut out, &server_name(old));
-            self.c_in.push_own(&out);
-            out.clear();
+            counter("eviction");
+            let mut close = BytesMut::new();
+            messages::fe_close_statement(&mut close, &server_name(old));
+            self.c_in.push_own_buf(close);
             self.push(Req::Close { injected: true });
         }
-        messages::fe_parse(&mut out, &def.server_name, &def.query, &def.param_types);
-        self.c_in.push_own(&out);
+        let mut parse = BytesMut::new();
+        messages::fe_parse(&mut parse, &def.server_name, &def.query, &def.param_types);
+        self.c_in.push_own_buf(parse);
+        let injected = client_name.is_none();
         self.push(Req::Parse {
             stmt: Some(def.id),
-            client_name: None,
-            injected: true,
+            client_name,
+            injected,
         });
+        true
     }
 
     fn parse_named(&mut self, h: Header) -> Result<(), ClientError> {
@@ -429,31 +423,11 @@ where
             return Ok(());
         };
         self.stmts.insert(name.clone(), def.clone());
-        let Some(lease) = self.server.as_mut() else {
-            return Ok(());
-        };
-        let conn = lease.conn();
-        if conn.prepared.touch(def.id) {
-            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-            self.push(synthetic_parse_complete());
-            return Ok(());
-        }
-        let evicted = conn.prepared.insert(def.id);
-        let mut out = BytesMut::new();
-        if let Some(old) = evicted {
-            messages::fe_close_statement(&mut out, &server_name(old));
-            self.c_in.push_own(&out);
-            out.clear();
-            self.push(Req::Close { injected: true });
-        }
-        messages::fe_parse(&mut out, &def.server_name, &def.query, &def.param_types);
         self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        self.c_in.push_own(&out);
-        self.push(Req::Parse {
-            stmt: Some(def.id),
-            client_name: Some(name),
-            injected: false,
-        });
+        if !self.prepare_on_server(&def, Some(name)) {
+            // The server already holds it: answer in PostgreSQL's place.
+            self.push(synthetic_parse_complete());
+        }
         Ok(())
     }
 
@@ -479,7 +453,7 @@ where
             messages::rebuild_bind(&mut out, body, portal, &def.server_name, rest);
         }
         self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        self.c_in.push_own(&out);
+        self.c_in.push_own_buf(out);
         self.push(Req::Bind);
         Ok(())
     }
@@ -501,7 +475,7 @@ where
         let mut out = BytesMut::new();
         messages::rebuild_describe_statement(&mut out, &def.server_name);
         self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        self.c_in.push_own(&out);
+        self.c_in.push_own_buf(out);
         self.push(Req::DescribeStatement);
         Ok(())
     }

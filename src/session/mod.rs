@@ -1044,16 +1044,22 @@ where
             lease.conn().prepared.clear();
         }
         if settings_too {
-            self.wanted = self.startup_settings.clone();
-            self.wanted_raw.clear();
-            self.pending_sets.clear();
-            self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-            if let Some(lease) = self.server.as_mut() {
-                let conn = lease.conn();
-                conn.params = conn.original_params.clone();
-                conn.raw_settings.clear();
-                conn.params_fp = 0;
-            }
+            self.reset_settings();
+        }
+    }
+
+    /// The client's settings go back to its startup values and the bound server's to
+    /// its own defaults (DISCARD ALL, RESET ALL); the next checkout re-applies them.
+    pub(super) fn reset_settings(&mut self) {
+        self.wanted = self.startup_settings.clone();
+        self.wanted_raw.clear();
+        self.pending_sets.clear();
+        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        if let Some(lease) = self.server.as_mut() {
+            let conn = lease.conn();
+            conn.params = conn.original_params.clone();
+            conn.raw_settings.clear();
+            conn.params_fp = 0;
         }
     }
 

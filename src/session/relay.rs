@@ -139,6 +139,19 @@ impl Inbound {
         }
     }
 
+    /// Queues a frame the proxy built, taking the buffer (no copy unless it joins an
+    /// earlier proxy-made segment).
+    pub fn push_own_buf(&mut self, bytes: BytesMut) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some(Seg::Own(b)) = self.segs.back_mut() {
+            b.extend_from_slice(&bytes);
+        } else {
+            self.segs.push_back(Seg::Own(bytes));
+        }
+    }
+
     /// Continues a partly scanned body; returns false when nothing is left of it.
     #[inline]
     pub fn continue_body(&mut self) -> bool {
