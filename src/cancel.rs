@@ -18,7 +18,7 @@ use crate::auth::constant_time_eq;
 /// The server a client's query is running on right now.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub host: String,
+    pub host: std::sync::Arc<str>,
     pub port: u16,
     pub pid: i32,
     pub secret: i32,
@@ -147,7 +147,7 @@ impl CancelRegistry {
 pub async fn send_cancel(t: &CancelTarget) -> bool {
     {
         let send = async {
-            let mut s = TcpStream::connect((t.host.as_str(), t.port)).await?;
+            let mut s = TcpStream::connect((&*t.host, t.port)).await?;
             let mut buf = BytesMut::new();
             postgres_protocol::message::frontend::cancel_request(t.pid, t.secret, &mut buf);
             s.write_all(&buf).await?;

@@ -2,9 +2,11 @@
 //! Sessions update their entry with relaxed atomic stores at state changes only.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -14,14 +16,17 @@ pub const ACTIVE: u8 = 2;
 
 pub struct ClientInfo {
     pub id: u64,
-    pub addr: String,
-    pub user: String,
-    pub database: String,
-    pub application_name: String,
+    pub addr: SocketAddr,
+    pub user: Arc<str>,
+    pub database: Arc<str>,
+    pub application_name: Box<str>,
     pub connected: Instant,
     pub state: AtomicU8,
     /// Backend pid of the server this client holds now (0: none).
     pub server_pid: AtomicI32,
+    /// The session task's waker, for the drain to wake idle clients (cheaper per
+    /// client, and per wake-up, than a cancellation future each).
+    pub waker: AtomicWaker,
 }
 
 impl ClientInfo {
@@ -55,26 +60,34 @@ impl Drop for ClientEntry {
 impl ClientList {
     pub fn register(
         self: &Arc<Self>,
-        addr: &str,
-        user: &str,
-        database: &str,
+        addr: SocketAddr,
+        user: Arc<str>,
+        database: Arc<str>,
         application_name: &str,
     ) -> ClientEntry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
-            addr: addr.to_string(),
-            user: user.to_string(),
-            database: database.to_string(),
-            application_name: application_name.to_string(),
+            addr,
+            user,
+            database,
+            application_name: application_name.into(),
             connected: Instant::now(),
             state: AtomicU8::new(IDLE),
             server_pid: AtomicI32::new(0),
+            waker: AtomicWaker::new(),
         });
         self.map.lock().insert(id, info.clone());
         ClientEntry {
             list: self.clone(),
             info,
+        }
+    }
+
+    /// Wakes every session (they then look at the lifecycle phase).
+    pub fn wake_all(&self) {
+        for c in self.all() {
+            c.waker.wake();
         }
     }
 

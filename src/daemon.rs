@@ -78,7 +78,8 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
         _ = &mut second => return fast_exit(),
     }
     proxy.stop_accepting();
-    shared.lifecycle.drain.cancel();
+    shared.lifecycle.begin_drain();
+    shared.client_list.wake_all();
     let deadline = Instant::now() + config.admin.shutdown_timeout;
     while shared.clients.load(Ordering::Relaxed) > 0 {
         tokio::select! {
@@ -93,7 +94,8 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
             clients = left,
             "shutdown_timeout reached: closing remaining clients"
         );
-        shared.lifecycle.force.cancel();
+        shared.lifecycle.begin_force();
+        shared.client_list.wake_all();
         let until = Instant::now() + Duration::from_secs(1);
         while shared.clients.load(Ordering::Relaxed) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;

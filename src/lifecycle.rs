@@ -1,7 +1,7 @@
 //! Process lifecycle: readiness, graceful drain on SIGTERM (or /quitquitquit), live
 //! reload on SIGHUP (or /api/reload), and the upstream reachability seen at startup.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ pub struct Lifecycle {
     pub drain: CancellationToken,
     /// Cancelled when the remaining clients must go now (after shutdown_timeout).
     pub force: CancellationToken,
+    /// The same two events as one atomic, for sessions to check on every wake-up
+    /// without a lock: RUNNING, DRAIN or FORCE.
+    phase: AtomicU8,
     /// Asks main to begin a graceful shutdown (SIGTERM, /quitquitquit).
     pub shutdown_requested: Notify,
     /// An upstream answered at least once (for /startupz).
@@ -38,6 +41,7 @@ impl Default for Lifecycle {
             draining: AtomicBool::new(false),
             drain: CancellationToken::new(),
             force: CancellationToken::new(),
+            phase: AtomicU8::new(RUNNING),
             shutdown_requested: Notify::new(),
             upstream_seen: AtomicBool::new(false),
             reloader: Mutex::new(None),
@@ -45,7 +49,28 @@ impl Default for Lifecycle {
     }
 }
 
+pub const RUNNING: u8 = 0;
+pub const DRAIN: u8 = 1;
+pub const FORCE: u8 = 2;
+
 impl Lifecycle {
+    /// Clients leave at their next transaction boundary. The caller wakes the sessions.
+    pub fn begin_drain(&self) {
+        self.phase.fetch_max(DRAIN, Ordering::SeqCst);
+        self.drain.cancel();
+    }
+
+    /// The remaining clients go now. The caller wakes the sessions.
+    pub fn begin_force(&self) {
+        self.phase.store(FORCE, Ordering::SeqCst);
+        self.force.cancel();
+    }
+
+    /// RUNNING, DRAIN or FORCE.
+    pub fn phase(&self) -> u8 {
+        self.phase.load(Ordering::SeqCst)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }

@@ -16,14 +16,18 @@ use crate::error::{sqlstate, ClientError};
 #[derive(Default)]
 pub struct ClientCaps {
     /// (per database, per user). One lock so check-and-count is atomic for both.
-    counts: Mutex<(HashMap<String, usize>, HashMap<String, usize>)>,
+    /// Keys are shared with the guards (and the client list): no allocation per client.
+    counts: Mutex<(Counts, Counts)>,
 }
+
+/// Clients per name; the keys are shared with the guards.
+type Counts = HashMap<Arc<str>, usize>;
 
 /// Holds one client's place under the caps.
 pub struct CapGuard {
     caps: Arc<ClientCaps>,
-    database: String,
-    user: String,
+    pub database: Arc<str>,
+    pub user: Arc<str>,
 }
 
 impl Drop for CapGuard {
@@ -35,7 +39,7 @@ impl Drop for CapGuard {
     }
 }
 
-fn decrement(map: &mut HashMap<String, usize>, key: &str) {
+fn decrement(map: &mut Counts, key: &str) {
     if let Some(n) = map.get_mut(key) {
         *n -= 1;
         if *n == 0 {
@@ -74,12 +78,12 @@ impl ClientCaps {
                 ));
             }
         }
-        *dbs.entry(database.to_string()).or_insert(0) += 1;
-        *users.entry(user.to_string()).or_insert(0) += 1;
+        let database = count_in(dbs, database);
+        let user = count_in(users, user);
         Ok(CapGuard {
             caps: self.clone(),
-            database: database.to_string(),
-            user: user.to_string(),
+            database,
+            user,
         })
     }
 
@@ -91,6 +95,18 @@ impl ClientCaps {
             c.1.get(user).copied().unwrap_or(0),
         )
     }
+}
+
+/// Adds one to `key`'s count and returns the map's shared copy of the key.
+fn count_in(map: &mut Counts, key: &str) -> Arc<str> {
+    if let Some((k, n)) = map.get_key_value(key) {
+        let (k, n) = (k.clone(), *n);
+        map.insert(k.clone(), n + 1);
+        return k;
+    }
+    let k: Arc<str> = key.into();
+    map.insert(k.clone(), 1);
+    k
 }
 
 #[cfg(test)]

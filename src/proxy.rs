@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -123,27 +122,33 @@ impl Drop for ClientCount {
     }
 }
 
-fn spawn_client(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     crate::server::set_keepalive(&stream);
     let max = shared.registry.config().limits.max_client_conn;
     let n = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let count = ClientCount(shared.clone());
+    let refuse = (n > max).then(|| {
+        shared
+            .metrics
+            .client_connections
+            .with_label_values(&["rejected"])
+            .inc();
+        ClientError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!("sorry, too many clients already (limits.max_client_conn = {max})"),
+        )
+    });
+    // One box for what login needs: a task keeps its future's captures for its whole
+    // life, and this one lives as long as the client (RSS per idle client).
+    let accepted = Box::new(crate::session::Accepted {
+        client: stream,
+        peer,
+        shared,
+        refuse,
+    });
     tokio::spawn(async move {
         let _count = count;
-        if n > max {
-            shared
-                .metrics
-                .client_connections
-                .with_label_values(&["rejected"])
-                .inc();
-            let e = ClientError::fatal(
-                sqlstate::TOO_MANY_CONNECTIONS,
-                format!("sorry, too many clients already (limits.max_client_conn = {max})"),
-            );
-            let _ = stream.write_all(&e.to_bytes()).await;
-            return;
-        }
-        crate::session::serve(stream, shared, peer.to_string()).await;
+        crate::session::serve(accepted).await;
     });
 }

@@ -165,11 +165,11 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                     let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
                     vec![
                         c.id.to_string(),
-                        c.user.clone(),
-                        c.database.clone(),
+                        c.user.to_string(),
+                        c.database.to_string(),
                         c.state_name().into(),
-                        c.addr.clone(),
-                        c.application_name.clone(),
+                        c.addr.to_string(),
+                        c.application_name.to_string(),
                         format!("{:.1}", c.connected.elapsed().as_secs_f64()),
                         if pid == 0 {
                             String::new()
@@ -213,8 +213,8 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                 let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
                 if pid != 0 {
                     data.push(vec![
-                        c.database.clone(),
-                        c.user.clone(),
+                        c.database.to_string(),
+                        c.user.to_string(),
                         "active".into(),
                         pid.to_string(),
                         String::new(),

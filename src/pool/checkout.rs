@@ -351,13 +351,12 @@ impl Pool {
                 self.breaker_event(Event::Success);
                 let mut sp = self.startup_params.lock();
                 if sp.is_none() {
-                    let mut v: Vec<_> = conn
+                    let v: Vec<_> = conn
                         .original_params
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect();
-                    v.sort();
-                    *sp = Some(Arc::new(v));
+                    *sp = Some(Arc::new(super::ReportedParams::new(v)));
                 }
                 Ok(conn)
             }

@@ -21,6 +21,7 @@ mod checkout;
 pub mod health;
 mod maintain;
 pub mod registry;
+mod reported;
 pub mod sizing;
 
 use std::collections::VecDeque;
@@ -213,7 +214,9 @@ impl CheckoutError {
 }
 
 /// Server parameters reported to clients at login, sorted by name.
-pub type StartupParams = Arc<Vec<(String, String)>>;
+pub type StartupParams = Arc<ReportedParams>;
+
+pub use reported::ReportedParams;
 
 type Waiter = oneshot::Sender<Result<Lease, CheckoutError>>;
 
@@ -283,6 +286,8 @@ pub struct Pool {
     breaker: Mutex<Breaker>,
     /// ParameterStatus values of the first server, sent to clients at login.
     startup_params: Mutex<Option<StartupParams>>,
+    /// Clients' startup settings, one shared copy per distinct set.
+    pub client_settings: crate::server::params::SettingsCache,
 }
 
 impl std::fmt::Debug for Pool {
@@ -383,6 +388,7 @@ impl Pool {
                 last_yield: None,
             }),
             settings: Mutex::new(Arc::new(settings)),
+            client_settings: Default::default(),
             stats: PoolStats::default(),
             startup_params: Mutex::new(None),
         });

@@ -128,14 +128,34 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub type ServerStream = crate::tls::MaybeTls<TcpStream>;
 
 /// One authenticated connection to PostgreSQL.
-pub struct ServerConn {
+/// A server connection. Boxed: it moves between the pool's idle list, leases and
+/// sessions on every transaction, and a pointer moves for free (no copy, no allocation
+/// per checkout).
+#[derive(Debug)]
+pub struct ServerConn(Box<ServerConnState>);
+
+impl std::ops::Deref for ServerConn {
+    type Target = ServerConnState;
+    fn deref(&self) -> &ServerConnState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServerConn {
+    fn deref_mut(&mut self) -> &mut ServerConnState {
+        &mut self.0
+    }
+}
+
+pub struct ServerConnState {
     /// Plain TCP or TLS, as `upstream.tls.sslmode` and the server decided.
     pub stream: ServerStream,
     pub id: u64,
     /// The server's own cancel key, used to forward a client's CancelRequest.
     pub backend_pid: i32,
     pub backend_secret: i32,
-    pub host: String,
+    /// Shared with the cancel target set at every checkout (no copy per transaction).
+    pub host: std::sync::Arc<str>,
     pub port: u16,
     /// Parameters as the server reported them at startup (its defaults).
     pub original_params: HashMap<String, String>,
@@ -158,7 +178,7 @@ pub struct ServerConn {
     pub lifetime: Duration,
 }
 
-impl std::fmt::Debug for ServerConn {
+impl std::fmt::Debug for ServerConnState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConn")
             .field("id", &self.id)
@@ -335,12 +355,12 @@ impl ServerConn {
             }
         }
         let now = Instant::now();
-        Ok(ServerConn {
+        Ok(ServerConn(Box::new(ServerConnState {
             stream,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             backend_pid: pid,
             backend_secret: secret,
-            host: ident.host.clone(),
+            host: ident.host.as_str().into(),
             port: ident.port,
             params: original_params.clone(),
             params_fp: 0,
@@ -352,7 +372,7 @@ impl ServerConn {
             dirty: false,
             errors: 0,
             lifetime,
-        })
+        })))
     }
 
     /// Runs a simple query whose results nobody needs (reset, rollback, health check) and

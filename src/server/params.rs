@@ -53,6 +53,36 @@ pub fn startup_settings(params: &[(String, String)]) -> HashMap<String, String> 
     out
 }
 
+/// Shares one copy of each distinct set of startup settings among a pool's clients
+/// (an application's clients all send the same ones): memory per idle client.
+/// Holds at most `SettingsCache::CAP` sets; an unused one makes room for a new one.
+#[derive(Default)]
+pub struct SettingsCache {
+    sets: parking_lot::Mutex<Vec<std::sync::Arc<HashMap<String, String>>>>,
+}
+
+impl SettingsCache {
+    const CAP: usize = 32;
+
+    pub fn intern(
+        &self,
+        settings: HashMap<String, String>,
+    ) -> std::sync::Arc<HashMap<String, String>> {
+        use std::sync::Arc;
+        let mut sets = self.sets.lock();
+        if let Some(s) = sets.iter().find(|s| ***s == settings) {
+            return s.clone();
+        }
+        let new = Arc::new(settings);
+        if sets.len() < Self::CAP {
+            sets.push(new.clone());
+        } else if let Some(slot) = sets.iter_mut().find(|s| Arc::strong_count(s) == 1) {
+            *slot = new.clone();
+        }
+        new
+    }
+}
+
 /// Parses libpq's `options` string: whitespace-separated, backslash escapes a character.
 pub fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
@@ -202,6 +232,31 @@ pub fn quote_literal(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_cache_shares_equal_sets_and_reuses_unused_slots() {
+        let cache = SettingsCache::default();
+        let set = |v: &str| HashMap::from([("application_name".to_string(), v.to_string())]);
+        let a = cache.intern(set("app"));
+        let b = cache.intern(set("app"));
+        assert!(std::sync::Arc::ptr_eq(&a, &b));
+        let c = cache.intern(set("other"));
+        assert!(!std::sync::Arc::ptr_eq(&a, &c));
+        // Fill the cache with sets held elsewhere; a full cache still hands out a copy.
+        let held: Vec<_> = (0..SettingsCache::CAP)
+            .map(|i| cache.intern(set(&i.to_string())))
+            .collect();
+        let x = cache.intern(set("x"));
+        assert_eq!(x.get("application_name").map(String::as_str), Some("x"));
+        drop(held);
+        drop(x);
+        let y1 = cache.intern(set("y"));
+        let y2 = cache.intern(set("y"));
+        assert!(
+            std::sync::Arc::ptr_eq(&y1, &y2),
+            "an unused slot makes room"
+        );
+    }
 
     fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter()

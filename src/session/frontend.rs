@@ -239,7 +239,7 @@ where
         }
         let name: Box<[u8]> = p.name.into();
         let mut out = BytesMut::with_capacity(16);
-        match self.stmts.entry(name) {
+        match self.stmts.map_mut().entry(name) {
             std::collections::hash_map::Entry::Occupied(e) => ClientError::error(
                 sqlstate::DUPLICATE_PREPARED_STATEMENT,
                 format!(

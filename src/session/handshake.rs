@@ -68,24 +68,28 @@ where
     let (mut ssl_done, mut gss_done) = (false, false);
     let mut first = true;
     loop {
-        let mut prefix = [0u8; 4];
-        if stream.read_exact(&mut prefix).await.is_err() {
+        if !fill(stream, leftover, 4).await {
             return Err(None);
         }
-        if std::mem::take(&mut first) && prefix[0] == TLS_HANDSHAKE_RECORD {
-            direct_tls(stream, tls, &prefix).await?;
+        if std::mem::take(&mut first) && leftover[0] == TLS_HANDSHAKE_RECORD {
+            // Everything read so far is the start of the ClientHello.
+            let hello = leftover.split();
+            direct_tls(stream, tls, &hello).await?;
             (ssl_done, gss_done) = (true, true);
             continue;
         }
+        let prefix = [leftover[0], leftover[1], leftover[2], leftover[3]];
         let len = startup_len(prefix).map_err(|e| protocol_violation(e.to_string()))?;
-        let mut packet = vec![0u8; len];
-        packet[..4].copy_from_slice(&prefix);
-        if stream.read_exact(&mut packet[4..]).await.is_err() {
+        if !fill(stream, leftover, len).await {
             return Err(None);
         }
+        let packet = leftover.split_to(len);
         match parse_startup(&packet) {
             Ok(StartupPacket::SslRequest) if !ssl_done => {
                 ssl_done = true;
+                if !leftover.is_empty() {
+                    return Err(unsolicited("SSL"));
+                }
                 refuse_unsolicited(stream, "SSL").await?;
                 match tls.offered() {
                     Some(acceptor) => {
@@ -102,6 +106,9 @@ where
             }
             Ok(StartupPacket::GssEncRequest) if !gss_done => {
                 gss_done = true;
+                if !leftover.is_empty() {
+                    return Err(unsolicited("GSS encryption"));
+                }
                 refuse_unsolicited(stream, "GSS encryption").await?;
                 send(stream, b"N").await?;
             }
@@ -164,7 +171,8 @@ where
                 let database = get("database")
                     .filter(|d| !d.is_empty())
                     .unwrap_or_else(|| user.clone());
-                leftover.clear();
+                // Bytes after the startup packet stay in `leftover`: PostgreSQL reads
+                // messages a client sent ahead, and so do we.
                 return Ok(Opening::Login(Login {
                     user,
                     database,
@@ -189,12 +197,31 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if has_unsolicited_input(stream).await {
-        return Err(protocol_violation(format!(
-            "received unencrypted data after {what} request"
-        )));
+        return Err(unsolicited(what));
     }
     Ok(())
 }
+
+fn unsolicited(what: &str) -> OpeningError {
+    protocol_violation(format!("received unencrypted data after {what} request"))
+}
+
+/// Reads until `buf` holds `need` bytes. Each read takes whatever has arrived, so a
+/// packet usually costs one read (and a short read tells tokio the socket is drained,
+/// so the unsolicited-input check after an SSLRequest costs no system call).
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, need: usize) -> bool {
+    while buf.len() < need {
+        buf.reserve((need - buf.len()).max(OPENING_READ));
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    true
+}
+
+/// Read size during the opening: a startup packet fits, usually in one read.
+const OPENING_READ: usize = 512;
 
 /// A client that starts with a TLS ClientHello: PostgreSQL 17 direct TLS. The ALPN
 /// protocol "postgresql" is required, as PostgreSQL requires it, so a TLS client of
@@ -265,13 +292,14 @@ fn auth_failed(user: &str) -> OpeningError {
     ))
 }
 
-/// Authenticates the client; on success `AuthenticationOk` has been sent.
+/// Authenticates the client. On success returns the last message(s) of the exchange
+/// (AuthenticationOk), unsent: the caller sends them with the rest of the login reply.
 pub async fn authenticate<S>(
     stream: &mut S,
     config: &Config,
     user: &str,
     buf: &mut BytesMut,
-) -> Result<(), OpeningError>
+) -> Result<BytesMut, OpeningError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -339,8 +367,7 @@ where
         }
     }
     messages::auth_ok(&mut out);
-    send(stream, &out).await?;
-    Ok(())
+    Ok(out)
 }
 
 /// Derives the SCRAM verifiers of plaintext passwords once per configuration (see

@@ -51,29 +51,52 @@ pub(super) struct Timers {
     sleep: Option<Pin<Box<Sleep>>>,
     /// Requests in flight when the query deadline was last set.
     query_pending: usize,
-    client_idle: Option<Duration>,
-    idle_transaction: Option<Duration>,
-    query: Option<Duration>,
+    /// The three limits in milliseconds, 0 for none: compact, since every idle client
+    /// carries them.
+    client_idle_ms: u32,
+    idle_transaction_ms: u32,
+    query_ms: u32,
     /// A cancel was sent: the server goes back to the pool only after its answer, and
     /// is then closed rather than reused (a late cancel must not hit another client).
     pub(super) discard_server: bool,
 }
 
+/// A configured limit in whole milliseconds (at least 1, at most ~49 days), 0 for none.
+fn to_ms(d: Option<Duration>) -> u32 {
+    d.map_or(0, |d| d.as_millis().clamp(1, u32::MAX as u128) as u32)
+}
+
+fn from_ms(ms: u32) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms.into()))
+}
+
 impl Timers {
+    fn client_idle(&self) -> Option<Duration> {
+        from_ms(self.client_idle_ms)
+    }
+
+    fn idle_transaction(&self) -> Option<Duration> {
+        from_ms(self.idle_transaction_ms)
+    }
+
+    fn query(&self) -> Option<Duration> {
+        from_ms(self.query_ms)
+    }
+
     pub(super) fn new(limits: &LimitsConfig) -> Self {
         Timers {
             kind: Kind::Off,
             sleep: None,
             query_pending: 0,
-            client_idle: limits.client_idle_timeout,
-            idle_transaction: limits.idle_transaction_timeout,
-            query: limits.query_timeout,
+            client_idle_ms: to_ms(limits.client_idle_timeout),
+            idle_transaction_ms: to_ms(limits.idle_transaction_timeout),
+            query_ms: to_ms(limits.query_timeout),
             discard_server: false,
         }
     }
 
     fn enabled(&self) -> bool {
-        self.client_idle.is_some() || self.idle_transaction.is_some() || self.query.is_some()
+        self.client_idle_ms > 0 || self.idle_transaction_ms > 0 || self.query_ms > 0
     }
 
     fn arm(&mut self, kind: Kind, deadline: Instant) {
@@ -101,7 +124,7 @@ where
             if t.kind == Kind::CancelGrace {
                 return;
             }
-            let Some(limit) = t.query else {
+            let Some(limit) = t.query() else {
                 t.kind = Kind::Off;
                 return;
             };
@@ -120,9 +143,9 @@ where
         }
         let in_transaction = self.server.is_some() && self.tracker.status != b'I';
         let (kind, limit) = if in_transaction {
-            (Kind::IdleInTransaction, t.idle_transaction)
+            (Kind::IdleInTransaction, t.idle_transaction())
         } else {
-            (Kind::ClientIdle, t.client_idle)
+            (Kind::ClientIdle, t.client_idle())
         };
         let Some(limit) = limit else {
             t.kind = Kind::Off;
@@ -175,7 +198,7 @@ where
         };
         self.timers.discard_server = true;
         tracing::info!(
-            limit = ?self.timers.query,
+            limit = ?self.timers.query(),
             backend_pid = conn.backend_pid,
             "query_timeout reached: cancelling the request on the server"
         );
@@ -193,21 +216,21 @@ where
                 sqlstate::IDLE_SESSION_TIMEOUT,
                 format!(
                     "terminating connection due to idle-session timeout (pgsidecar limits.client_idle_timeout = {:?})",
-                    self.timers.client_idle.unwrap_or_default()
+                    self.timers.client_idle().unwrap_or_default()
                 ),
             ),
             Expired::IdleInTransaction => ClientError::fatal(
                 sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                 format!(
                     "terminating connection due to idle-in-transaction timeout (pgsidecar limits.idle_transaction_timeout = {:?})",
-                    self.timers.idle_transaction.unwrap_or_default()
+                    self.timers.idle_transaction().unwrap_or_default()
                 ),
             ),
             Expired::QueryUnanswered => ClientError::fatal(
                 sqlstate::QUERY_CANCELED,
                 format!(
                     "canceling statement due to statement timeout (pgsidecar limits.query_timeout = {:?}); the server did not answer the cancel, so its connection was closed",
-                    self.timers.query.unwrap_or_default()
+                    self.timers.query().unwrap_or_default()
                 ),
             ),
         };

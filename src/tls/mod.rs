@@ -270,6 +270,13 @@ where
                 }
             }
         }
+        // The prefix may hold the whole ClientHello: process it now, or the handshake
+        // would wait for socket bytes the client will not send before our answer.
+        if feed_err.is_none() && !prefix.is_empty() {
+            if let Err(e) = conn.process_new_packets() {
+                feed_err = Some(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+            }
+        }
     });
     if let Some(e) = feed_err {
         return Err(e);

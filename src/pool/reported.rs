@@ -1,0 +1,91 @@
+//! The server parameters clients are told at login (ParameterStatus), encoded once per
+//! pool.
+
+use std::collections::HashMap;
+
+/// The parameters a server reported at startup, and their ParameterStatus messages
+/// encoded once: a login copies them instead of encoding a dozen messages again.
+pub struct ReportedParams {
+    pub list: Vec<(String, String)>,
+    encoded: bytes::Bytes,
+    /// Where each entry's message sits in `encoded`.
+    ends: Vec<usize>,
+}
+
+impl ReportedParams {
+    pub fn new(mut list: Vec<(String, String)>) -> ReportedParams {
+        list.sort();
+        let mut buf = bytes::BytesMut::new();
+        let mut ends = Vec::with_capacity(list.len());
+        for (k, v) in &list {
+            crate::protocol::messages::parameter_status(&mut buf, k, v);
+            ends.push(buf.len());
+        }
+        ReportedParams {
+            list,
+            encoded: buf.freeze(),
+            ends,
+        }
+    }
+
+    /// Appends the ParameterStatus messages a client is told at login, with the values
+    /// its own settings override.
+    pub fn write(&self, out: &mut bytes::BytesMut, settings: &HashMap<String, String>) {
+        let mut overrides: Vec<(usize, &str)> = settings
+            .iter()
+            .filter_map(|(k, v)| {
+                let i = self
+                    .list
+                    .binary_search_by(|(n, _)| n.as_str().cmp(k))
+                    .ok()?;
+                (self.list[i].1 != *v).then_some((i, v.as_str()))
+            })
+            .collect();
+        overrides.sort_unstable();
+        let mut from = 0;
+        for (i, v) in overrides {
+            let start = if i == 0 { 0 } else { self.ends[i - 1] };
+            out.extend_from_slice(&self.encoded[from..start]);
+            crate::protocol::messages::parameter_status(out, &self.list[i].0, v);
+            from = self.ends[i];
+        }
+        out.extend_from_slice(&self.encoded[from..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_parameters_match_encoding_each_message() {
+        let list = vec![
+            ("server_version".to_string(), "15.0".to_string()),
+            ("application_name".to_string(), "".to_string()),
+            ("TimeZone".to_string(), "UTC".to_string()),
+            ("DateStyle".to_string(), "ISO, MDY".to_string()),
+        ];
+        let rp = ReportedParams::new(list.clone());
+        for settings in [
+            HashMap::new(),
+            HashMap::from([("application_name".to_string(), "app".to_string())]),
+            HashMap::from([
+                ("DateStyle".to_string(), "ISO, DMY".to_string()),
+                ("TimeZone".to_string(), "UTC".to_string()),
+                ("search_path".to_string(), "x".to_string()),
+                ("server_version".to_string(), "1".to_string()),
+            ]),
+        ] {
+            let mut sorted = list.clone();
+            sorted.sort();
+            let mut want = bytes::BytesMut::new();
+            for (k, v) in &sorted {
+                let v = settings.get(k).unwrap_or(v);
+                crate::protocol::messages::parameter_status(&mut want, k, v);
+            }
+            let mut got = bytes::BytesMut::new();
+            rp.write(&mut got, &settings);
+            assert_eq!(got, want, "settings {settings:?}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! A client's way in: the opening (TLS, startup, authentication) and the start of its
+//! session, then the session's run to the end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::handshake::{self, Opening};
+use super::{ReadReady, Session};
+use crate::clients;
+use crate::error::{sqlstate, ClientError};
+use crate::proxy::Shared;
+
+/// An accepted client connection, before the opening.
+pub struct Accepted<C> {
+    pub client: C,
+    pub peer: SocketAddr,
+    pub shared: Arc<Shared>,
+    /// Set when the connection is over a cap: this error is sent and the connection closed.
+    pub refuse: Option<ClientError>,
+}
+
+/// Serves one accepted client connection to the end.
+///
+/// Login runs in its own boxed future, dropped once the client is in: the task an idle
+/// client parks in then holds just a pointer to its boxed session (RSS per idle client).
+pub async fn serve<C>(accepted: Box<Accepted<C>>)
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    let Some(mut session) = Box::pin(open(accepted)).await else {
+        return;
+    };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        Box::pin(run_in_span(session)).await;
+    } else {
+        session.run_to_end().await;
+    }
+}
+
+/// With debug logging on, every log line of the session says which client it is about.
+/// At the default level there is no span: no allocation per client, no enter per poll.
+async fn run_in_span<C>(mut session: Box<Session<crate::tls::MaybeTls<C>>>)
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    let span = match session.entry.as_ref().map(|e| e.info.clone()) {
+        Some(i) => {
+            tracing::debug_span!("client", peer = %i.addr, user = %i.user, db = %i.database, app = %i.application_name)
+        }
+        None => tracing::Span::none(),
+    };
+    tracing::Instrument::instrument(session.run_to_end(), span).await;
+}
+
+/// The opening, login and session start; `None` when the connection ended there.
+async fn open<C>(accepted: Box<Accepted<C>>) -> Option<Box<Session<crate::tls::MaybeTls<C>>>>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    let Accepted {
+        client,
+        peer,
+        shared,
+        refuse: over_cap,
+    } = *accepted;
+    if let Some(e) = over_cap {
+        let mut client = client;
+        let _ = Box::pin(client.write_all(&e.to_bytes())).await;
+        return None;
+    }
+    // Plain until the opening negotiates TLS; the settings are those at connect time.
+    let mut client = crate::tls::MaybeTls::Plain(client);
+    let tls = shared.tls.current();
+    let peer_ip = Some(peer.ip());
+    let config = shared.registry.config();
+    let mut leftover = BytesMut::new();
+    let login_timeout = config.limits.client_login_timeout;
+    let opening = Box::pin(tokio::time::timeout(login_timeout, async {
+        let opening = handshake::read_opening(&mut client, &mut leftover, &tls, peer_ip).await?;
+        let mut greeting = BytesMut::new();
+        if let Opening::Login(login) = &opening {
+            greeting =
+                handshake::authenticate(&mut client, &config, &login.user, &mut leftover).await?;
+        }
+        Ok::<_, handshake::OpeningError>((opening, greeting))
+    }))
+    .await;
+    // `greeting` is AuthenticationOk, not sent yet: it goes out with what follows it.
+    let (login, greeting) = match opening {
+        Ok(Ok((Opening::Login(l), greeting))) => (l, greeting),
+        Ok(Ok((Opening::Cancel { pid, secret }, _))) => {
+            // As PostgreSQL: the requester's connection closes only after the signal was
+            // delivered (libpq waits for that EOF before its next command, so a late
+            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
+            // makes the timing of a valid key useless to a guesser.
+            Box::pin(shared.cancels.cancel(pid, &secret)).await;
+            drop(client);
+            return None;
+        }
+        Ok(Err(Some(e))) => {
+            tracing::info!(%peer, error = %e, "client login refused");
+            Box::pin(refuse(&mut client, &e)).await;
+            return None;
+        }
+        Ok(Err(None)) => return None,
+        Err(_) => {
+            let e = ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
+            );
+            Box::pin(refuse(&mut client, &e)).await;
+            return None;
+        }
+    };
+    if login.database == crate::admin::console::DATABASE {
+        let is_admin = config.find_user(&login.user).is_some_and(|u| u.admin);
+        if !is_admin {
+            let e = ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!(
+                    "user \"{}\" is not an admin of pgsidecar (set admin: true on the user)",
+                    login.user
+                ),
+            );
+            let _ = Box::pin(client.write_all(&e.to_bytes())).await;
+            return None;
+        }
+        let _entry = shared.client_list.register(
+            peer,
+            login.user.as_str().into(),
+            login.database.as_str().into(),
+            "admin console",
+        );
+        if Box::pin(client.write_all(&greeting)).await.is_err() {
+            return None;
+        }
+        Box::pin(crate::admin::console::serve(&mut client, shared, leftover)).await;
+        return None;
+    }
+    // Counted from here until the session ends, however it ends.
+    let cap = match shared
+        .client_caps
+        .admit(&login.database, &login.user, &config.limits)
+    {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "client refused by a connection cap");
+            Box::pin(refuse_after(&mut client, greeting, &e)).await;
+            return None;
+        }
+    };
+    let app = login
+        .params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let entry = shared
+        .client_list
+        .register(peer, cap.user.clone(), cap.database.clone(), app);
+    let mut session =
+        match Box::pin(Session::start(client, shared, login, leftover, greeting)).await {
+            Ok(s) => s,
+            Err((mut client, greeting, e)) => {
+                Box::pin(refuse_after(&mut client, greeting, &e)).await;
+                return None;
+            }
+        };
+    if let Some(lease) = session.server.as_mut() {
+        entry.info.state.store(clients::ACTIVE, Ordering::Relaxed);
+        entry
+            .info
+            .server_pid
+            .store(lease.conn().backend_pid, Ordering::Relaxed);
+    }
+    session.entry = Some(entry);
+    session.cap = Some(cap);
+    Some(session)
+}
+
+/// Sends what login owes the client (AuthenticationOk) with a FATAL error after it, in
+/// one write, and closes the connection cleanly (bounded in time).
+async fn refuse_after<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    mut greeting: BytesMut,
+    e: &ClientError,
+) {
+    greeting.extend_from_slice(&e.to_bytes());
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = client.write_all(&greeting).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
+}
+
+/// Sends a FATAL error and closes the connection cleanly (bounded in time).
+async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, e: &ClientError) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = client.write_all(&e.to_bytes()).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
+}
