@@ -731,6 +731,32 @@ async fn ssl_request_is_declined_then_startup_works() {
     .await
 }
 
+/// A client may send its first query right behind the startup packet, in one write
+/// (PostgreSQL reads it from the same buffer): the proxy must answer both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_sent_with_the_startup_packet_is_answered() {
+    bounded(async {
+        let pg = pg();
+        for mode in MODES {
+            let proxy = proxy_for(&pg, mode, 2).await;
+            let mut c = RawConn::connect(proxy.addr).await;
+            let mut both =
+                raw::startup_packet(196608, &[("user", SUPERUSER), ("database", "postgres")]);
+            both.extend_from_slice(&raw::query_msg("select 'ahead'"));
+            c.send(&both).await;
+            c.finish_login().await;
+            let msgs = c.read_until_ready().await;
+            let rows: Vec<_> = msgs
+                .iter()
+                .filter(|m| m.tag == b'D')
+                .map(|m| m.row())
+                .collect();
+            assert_eq!(rows, vec![vec![Some("ahead".to_string())]], "{mode}");
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_key_data_is_the_proxys_own() {
     bounded(async {
