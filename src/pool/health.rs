@@ -167,7 +167,7 @@ pub enum ProbeOutcome {
     /// connection is returned so the pool can keep it.
     Up {
         connect: Duration,
-        conn: Box<ServerConn>,
+        conn: ServerConn,
     },
     /// The server refused the login as too many connections (53300): up but full.
     Full(String),
@@ -191,10 +191,7 @@ pub async fn probe(settings: &PoolSettings, lifetime: Duration) -> ProbeOutcome 
     match check(&mut conn, &settings.health.check_query, left).await {
         // A check query that errors is a configuration problem the idle checks report;
         // the server answered, so it is up.
-        CheckOutcome::Ok | CheckOutcome::ServerError(_) => ProbeOutcome::Up {
-            connect,
-            conn: Box::new(conn),
-        },
+        CheckOutcome::Ok | CheckOutcome::ServerError(_) => ProbeOutcome::Up { connect, conn },
         CheckOutcome::Broken(e) => ProbeOutcome::Down(e),
         CheckOutcome::TimedOut(d) => {
             ProbeOutcome::Down(format!("probe got no answer within {d:?}"))
@@ -438,9 +435,9 @@ impl Pool {
                         .connects
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.m.opened.inc();
-                    self.put_back(*conn, Instant::now(), settings);
+                    self.put_back(conn, Instant::now(), settings);
                 } else {
-                    super::drop_later(*conn);
+                    super::drop_later(conn);
                 }
             }
             ProbeOutcome::Full(e) => {

@@ -2,11 +2,14 @@
 //! connections from the pool (for the whole session, or per transaction) and forwards
 //! frames between the two sides.
 
+mod backend;
+mod binding;
 pub mod frontend;
 pub mod handshake;
 mod opening;
 pub mod relay;
 pub mod setstmt;
+mod settings;
 pub mod timers;
 pub mod tracker;
 
@@ -22,21 +25,20 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::cancel::{CancelGuard, CancelTarget};
-use crate::clients::{self, ClientEntry};
+use crate::cancel::CancelGuard;
+use crate::clients::ClientEntry;
 use crate::config::PoolMode;
-use crate::error::{sqlstate, ClientError, Severity};
+use crate::error::{sqlstate, ClientError};
 use crate::limits::CapGuard;
-use crate::pool::{Lease, Pool, PoolKey};
-use crate::protocol::framing::{backend_header, be, frontend_header, FrameError};
+use crate::pool::{Lease, Pool};
+use crate::protocol::framing::{frontend_header, FrameError};
 use crate::protocol::messages;
 use crate::proxy::Shared;
-use crate::server::params::{self, sync_sql};
+use crate::server::params;
 use crate::server::prepared::StmtDef;
-use handshake::Login;
 pub use opening::{serve, Accepted};
 use relay::{BodyMode, Inbound};
-use tracker::{Effects, Req, Tracker};
+use tracker::{Effects, Tracker};
 
 /// What the relay loop stopped for.
 #[derive(Debug)]
@@ -204,130 +206,6 @@ impl<C> Session<C>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
-    /// Completes login: checks the database, picks the pool, sends parameters and the
-    /// proxy's cancel key.
-    async fn start(
-        client: C,
-        shared: Arc<Shared>,
-        login: Login,
-        leftover: BytesMut,
-        greeting: BytesMut,
-    ) -> Result<Box<Self>, (C, BytesMut, ClientError)> {
-        let config = shared.registry.config();
-        if !config.databases.is_empty() && config.find_database(&login.database).is_none() {
-            return Err((
-                client,
-                greeting,
-                ClientError::fatal(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    format!("database \"{}\" does not exist", login.database),
-                ),
-            ));
-        }
-        let key = PoolKey {
-            database: login.database.clone(),
-            user: login.user.clone(),
-        };
-        let pool = shared.registry.get(&key);
-        let settings = pool.settings();
-        let startup_settings = pool
-            .client_settings
-            .intern(params::startup_settings(&login.params));
-        let cancel = shared.cancels.register();
-        let mut c_in = Inbound::default();
-        // An idle client holds no buffer: the opening's read buffer goes unless it holds
-        // messages the client sent ahead.
-        if !leftover.is_empty() {
-            c_in.buf = leftover;
-        }
-        let mut session = Session {
-            client,
-            shared,
-            pool,
-            mode: settings.mode,
-            max_message: config.limits.max_message_size,
-            c_in,
-            s_in: Inbound::default(),
-            server: None,
-            tracker: Tracker::default(),
-            stmts: ClientStmts::default(),
-            wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
-            wanted_raw: params::RawSettings::new(),
-            pending_sets: Vec::new(),
-            requests_sent: 0,
-            requests_answered: 0,
-            txn_failed: false,
-            wanted: startup_settings.clone(),
-            startup_settings,
-            cancel,
-            skip_until_sync: false,
-            local_sync_owed: false,
-            batch_open: false,
-            server_fatal: false,
-            server_eof: false,
-            emit: BytesMut::new(),
-            fx: Effects::default(),
-            stats: SessionStats::default(),
-            gauge: None,
-            draining: false,
-            entry: None,
-            cap: None,
-            timers: timers::Timers::new(&config.limits),
-        };
-        // The first login to a pool (and every session-mode login) needs a server: to
-        // learn the parameters clients are told, and to surface upstream errors
-        // (bad database, refused role) at login, where drivers expect them.
-        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() {
-            match session.pool.checkout().await {
-                Ok(lease) => {
-                    if session.mode == PoolMode::Session {
-                        session.attach(lease);
-                    } else {
-                        lease.release();
-                    }
-                }
-                Err(e) => {
-                    let mut err = e.to_client_error(&session.pool.key);
-                    err.severity = Severity::Fatal;
-                    session.shared.registry.forget_if_unused(&session.pool.key);
-                    return Err((session.client, greeting, err));
-                }
-            }
-        }
-        // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
-        let mut out = greeting;
-        out.reserve(512);
-        if let Some(ps) = session.pool.startup_params() {
-            ps.write(&mut out, &session.wanted);
-        }
-        messages::backend_key_data(&mut out, session.cancel.pid, session.cancel.secret);
-        messages::ready_for_query(&mut out, b'I');
-        if session.client.write_all(&out).await.is_err() {
-            return Err((
-                session.client,
-                BytesMut::new(),
-                ClientError::fatal(sqlstate::CONNECTION_FAILURE, "client went away"),
-            ));
-        }
-        tracing::debug!(pool = %session.pool.key, mode = %session.mode, "client logged in");
-        session.pool.clients.fetch_add(1, Ordering::Relaxed);
-        let active = session.server.is_some();
-        if active {
-            session.pool.clients_active.fetch_add(1, Ordering::Relaxed);
-        }
-        session.gauge = Some(PoolClientGuard {
-            pool: session.pool.clone(),
-            active,
-        });
-        session
-            .shared
-            .metrics
-            .client_connections
-            .with_label_values(&["accepted"])
-            .inc();
-        Ok(Box::new(session))
-    }
-
     /// Relays until the session ends, then closes the client side: close_notify (and
     /// what TLS buffered) for TLS, FIN for plain TCP.
     async fn run_to_end(&mut self) {
@@ -447,161 +325,6 @@ where
         }
     }
 
-    /// Takes a server for the pending request, watching the client meanwhile so one
-    /// that disconnects leaves the queue. Returns false if the client went away.
-    async fn acquire(&mut self) -> bool {
-        let pool = self.pool.clone();
-        pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
-        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::WAITING, Ordering::Relaxed);
-        }
-        let _waiting = WaitingGuard(&pool);
-        let checkout = pool.checkout();
-        tokio::pin!(checkout);
-        let result = loop {
-            tokio::select! {
-                r = &mut checkout => break r,
-                gone = poll_fn(|cx| self.poll_client_while_waiting(cx)) => {
-                    if gone {
-                        return false;
-                    }
-                }
-            }
-        };
-        match result {
-            Ok(lease) => {
-                self.attach(lease);
-                true
-            }
-            Err(e) => {
-                let err = e.to_client_error(&self.pool.key);
-                self.shared.metrics.error("proxy", err.code);
-                if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-                    info.state.store(clients::IDLE, Ordering::Relaxed);
-                }
-                tracing::info!(error = %err, "checkout failed");
-                self.answer_locally(err);
-                true
-            }
-        }
-    }
-
-    /// Reads from the client while it waits for a server. Ready(true): it went away.
-    fn poll_client_while_waiting(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
-            return Poll::Ready(true);
-        }
-        loop {
-            if !self.c_in.wants_read() {
-                return Poll::Pending;
-            }
-            match self.c_in.poll_fill(cx, &mut self.client) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(true),
-                Poll::Ready(Ok(_)) => continue,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    /// Binds a server: resets tracking, points the cancel key at it and queues the SETs
-    /// that give it this client's settings.
-    fn attach(&mut self, mut lease: Lease) {
-        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::ACTIVE, Ordering::Relaxed);
-            info.server_pid
-                .store(lease.conn().backend_pid, Ordering::Relaxed);
-        }
-        if let Some(g) = self.gauge.as_mut() {
-            if !g.active {
-                g.active = true;
-                self.pool.clients_active.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.tracker.reset();
-        self.server_fatal = false;
-        self.server_eof = false;
-        let conn = lease.conn();
-        if self.mode == PoolMode::Session {
-            conn.dirty = true;
-        }
-        self.cancel.slot.set(Some(CancelTarget {
-            host: conn.host.clone(),
-            port: conn.port,
-            pid: conn.backend_pid,
-            secret: conn.backend_secret,
-        }));
-        // Servers last used by a client with the same settings (the common case) need
-        // no comparison at all.
-        let (sync, raw_sql) = if conn.params_fp == self.wanted_fp {
-            (None, String::new())
-        } else {
-            (
-                sync_sql(&self.wanted, &conn.params, &conn.original_params),
-                params::sync_raw_sql(&self.wanted_raw, &mut conn.raw_settings),
-            )
-        };
-        conn.params_fp = self.wanted_fp;
-        let sync = match (sync, raw_sql.is_empty()) {
-            (Some((sql, changes)), _) => Some((sql + &raw_sql, changes)),
-            (None, false) => Some((raw_sql, Vec::new())),
-            (None, true) => None,
-        };
-        if let Some((sql, changes)) = sync {
-            for (k, v) in changes {
-                match v {
-                    Some(v) => {
-                        conn.params.insert(k, v);
-                    }
-                    None => match conn.original_params.get(&k).cloned() {
-                        Some(o) => {
-                            conn.params.insert(k, o);
-                        }
-                        None => {
-                            conn.params.remove(&k);
-                        }
-                    },
-                }
-            }
-            let mut q = BytesMut::with_capacity(sql.len() + 6);
-            messages::fe_query(&mut q, &sql);
-            self.c_in.push_own(&q);
-            self.tracker
-                .push(Req::Injected, &mut self.emit, &mut self.fx);
-        }
-        self.server = Some(lease);
-    }
-
-    /// Returns the server to the pool at a transaction boundary.
-    fn release(&mut self) {
-        self.cancel.slot.set(None);
-        self.flush_stats();
-        self.set_inactive();
-        let Some(lease) = self.server.take() else {
-            return;
-        };
-        // After a query_timeout cancel the server is not reused: a cancel that arrives
-        // late must not hit another client's query.
-        if !self.s_in.unscanned().is_empty()
-            || self.tracker.injected_failed
-            || std::mem::take(&mut self.timers.discard_server)
-        {
-            // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
-            self.s_in.drop_unscanned();
-            lease.discard("unclean at release");
-        } else if self.cancel.slot.in_flight() > 0 {
-            // A cancel for this client's last query is still on its way: the server
-            // joins the pool only after it was delivered.
-            let slot = self.cancel.slot.clone();
-            tokio::spawn(async move {
-                slot.wait_delivered(Duration::from_secs(5)).await;
-                lease.release();
-            });
-        } else {
-            lease.release();
-        }
-        self.tracker.reset();
-    }
-
     /// Answers the pending request with `err` without a server: a Query gets the error
     /// and ReadyForQuery; an extended batch gets the error now and ReadyForQuery at Sync.
     fn answer_locally(&mut self, err: ClientError) {
@@ -664,19 +387,6 @@ where
             .wait_delivered(Duration::from_secs(5))
             .await;
         lease.release();
-    }
-
-    fn set_inactive(&mut self) {
-        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::IDLE, Ordering::Relaxed);
-            info.server_pid.store(0, Ordering::Relaxed);
-        }
-        if let Some(g) = self.gauge.as_mut() {
-            if g.active {
-                g.active = false;
-                self.pool.clients_active.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
     }
 
     /// Adds the locally counted traffic to the shared metrics.
@@ -830,227 +540,6 @@ where
         }
     }
 
-    /// Classifies server messages: updates tracking and forwards or swallows each.
-    fn scan_server(&mut self) -> Result<(bool, Option<Step>), String> {
-        let mut progress = false;
-        while self.server.is_some() {
-            if self.s_in.body_left > 0 {
-                let before = self.s_in.scanned;
-                self.s_in.continue_body();
-                progress |= self.s_in.scanned != before;
-                if self.s_in.body_left > 0 {
-                    break;
-                }
-                continue;
-            }
-            let avail_len = self.s_in.unscanned().len();
-            let h = match backend_header(self.s_in.unscanned(), self.max_message.max(1 << 30)) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => return Err(format!("malformed message from server: {e}")),
-            };
-            // Rows and COPY data stream through; everything else is small and read whole
-            // so that answers the proxy adds can never land inside a message.
-            let streamed = matches!(
-                h.tag,
-                be::DATA_ROW
-                    | be::COPY_DATA
-                    | be::FUNCTION_CALL_RESPONSE
-                    | be::PARAMETER_DESCRIPTION
-            );
-            if !streamed && h.len > crate::protocol::framing::BACKEND_WHOLE_MESSAGE_LIMIT {
-                // Only rows and COPY data can be large; a server announcing a huge
-                // message of another kind is broken or hostile, and buffering it whole
-                // would let it make the proxy hold up to 1 GiB per connection.
-                return Err(format!(
-                    "server sent a message of type {} of {} bytes, over the {} bytes allowed for it",
-                    h.tag as char,
-                    h.len,
-                    crate::protocol::framing::BACKEND_WHOLE_MESSAGE_LIMIT
-                ));
-            }
-            if !streamed && avail_len < h.frame_len() {
-                self.s_in.need = h.frame_len();
-                break;
-            }
-            self.s_in.need = 0;
-            let body: &[u8] = if streamed {
-                &[]
-            } else {
-                &self.s_in.buf[self.s_in.scanned + 5..self.s_in.scanned + h.frame_len()]
-            };
-            let mut forget: Option<bool> = None;
-            match h.tag {
-                be::PARAMETER_STATUS => {
-                    if let Some((k, v)) = messages::parse_parameter_status(body) {
-                        // A change the client made is now part of what it expects; during
-                        // the proxy's own SETs only the server's spelling of a value the
-                        // client asked for is adopted.
-                        let ours = self.tracker.head_is_injected();
-                        if params::is_carried(&k)
-                            && (!ours || self.wanted.contains_key(&k))
-                            && self.wanted.get(&k) != Some(&v)
-                        {
-                            Arc::make_mut(&mut self.wanted).insert(k.clone(), v.clone());
-                            self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-                        }
-                        if let Some(lease) = self.server.as_mut() {
-                            let conn = lease.conn();
-                            conn.params.insert(k, v);
-                            conn.params_fp = self.wanted_fp;
-                        }
-                    }
-                }
-                be::COMMAND_COMPLETE => {
-                    if !self.pending_sets.is_empty() && body.starts_with(b"ROLLBACK") {
-                        self.txn_failed = true;
-                    }
-                    // Whichever protocol carried them, these really dropped the server's
-                    // statements (and DISCARD ALL its settings): forget them here too.
-                    if body.starts_with(b"DISCARD ALL\0") {
-                        forget = Some(true);
-                    } else if body.starts_with(b"DEALLOCATE ALL\0") {
-                        forget = Some(false);
-                    }
-                }
-                be::ERROR_RESPONSE => {
-                    let (code, _msg, severity) = messages::error_fields(body);
-                    if !self.tracker.head_is_injected() {
-                        self.txn_failed = true;
-                        self.shared
-                            .metrics
-                            .error("server", code.as_deref().unwrap_or("??"));
-                    }
-                    if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
-                        self.server_fatal = true;
-                    }
-                    tracing::trace!(code = ?code, "server error");
-                }
-                _ => {}
-            }
-            let forward = self
-                .tracker
-                .on_server(h.tag, body, &mut self.emit, &mut self.fx);
-            if let Some(settings_too) = forget {
-                self.forget_server_state(settings_too);
-            }
-            self.s_in.take_frame(
-                h.frame_len(),
-                if forward {
-                    BodyMode::Forward
-                } else {
-                    BodyMode::Skip
-                },
-            );
-            self.stats.msgs_s2c += 1;
-            self.stats.bytes_s2c += h.frame_len() as u64;
-            progress = true;
-            self.apply_effects();
-            if h.tag == be::READY_FOR_QUERY && forward {
-                self.observe_ready();
-                self.requests_answered += 1;
-                if self.tracker.status == b'I' {
-                    self.settle_sets();
-                }
-            }
-            if h.tag == be::READY_FOR_QUERY
-                && self.mode == PoolMode::Transaction
-                && self.tracker.is_empty()
-                && self.tracker.status == b'I'
-                && !self.batch_open
-                && self.c_in.body_left == 0
-            {
-                return Ok((true, Some(Step::Release)));
-            }
-        }
-        Ok((progress, None))
-    }
-
-    /// A ReadyForQuery reached the client: time the request it answers and, when the
-    /// session is idle again, the transaction.
-    fn observe_ready(&mut self) {
-        let now = Instant::now();
-        if let Some(t) = self.stats.query_starts.pop_front() {
-            self.pool.m.query_duration.observe((now - t).as_secs_f64());
-        }
-        if self.tracker.status == b'I' && self.tracker.is_empty() {
-            if let Some(t) = self.stats.txn_start.take() {
-                self.pool
-                    .m
-                    .transaction_duration
-                    .observe((now - t).as_secs_f64());
-            }
-        }
-    }
-
-    /// After DISCARD ALL / DEALLOCATE ALL ran on the server: the client's statements are
-    /// gone, the server's cache is empty, and (DISCARD) settings are back to defaults.
-    pub(super) fn forget_server_state(&mut self, settings_too: bool) {
-        self.stmts.clear();
-        if let Some(lease) = self.server.as_mut() {
-            lease.conn().prepared.clear();
-        }
-        if settings_too {
-            self.reset_settings();
-        }
-    }
-
-    /// The client's settings go back to its startup values and the bound server's to
-    /// its own defaults (DISCARD ALL, RESET ALL); the next checkout re-applies them.
-    pub(super) fn reset_settings(&mut self) {
-        self.wanted = self.startup_settings.clone();
-        self.wanted_raw.clear();
-        self.pending_sets.clear();
-        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-        if let Some(lease) = self.server.as_mut() {
-            let conn = lease.conn();
-            conn.params = conn.original_params.clone();
-            conn.raw_settings.clear();
-            conn.params_fp = 0;
-        }
-    }
-
-    /// A transaction ended: SETs it made stick unless it failed or rolled back.
-    fn settle_sets(&mut self) {
-        if !self.pending_sets.is_empty() {
-            let answered = self.requests_answered;
-            let failed = self.txn_failed;
-            let mut changed = false;
-            self.pending_sets.retain(|(seq, op)| {
-                if *seq > answered {
-                    return true; // sent in a later request, not answered yet
-                }
-                if !failed {
-                    match &op.value {
-                        Some(v) => self.wanted_raw.insert(op.name.clone(), v.clone()),
-                        None => self.wanted_raw.remove(&op.name),
-                    };
-                    changed = true;
-                }
-                false
-            });
-            if changed {
-                self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-                if let Some(lease) = self.server.as_mut() {
-                    let conn = lease.conn();
-                    conn.raw_settings = self.wanted_raw.clone();
-                    conn.params_fp = self.wanted_fp;
-                }
-            }
-        }
-        self.txn_failed = false;
-    }
-
-    /// Notes a Query or Sync sent to the server, for the duration histograms.
-    pub(super) fn note_request(&mut self) {
-        self.requests_sent += 1;
-        let now = Instant::now();
-        if self.stats.txn_start.is_none() {
-            self.stats.txn_start = Some(now);
-        }
-        self.stats.query_starts.push_back(now);
-    }
-
     /// Applies what the tracker learned, and queues its synthetic answers.
     fn apply_effects(&mut self) {
         if !self.emit.is_empty() {
@@ -1096,15 +585,6 @@ where
             }
         }
         Ok((progress, None))
-    }
-}
-
-/// Takes the client out of the waiting gauge when its checkout ends, however it ends.
-struct WaitingGuard<'a>(&'a Arc<Pool>);
-
-impl Drop for WaitingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.clients_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

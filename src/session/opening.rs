@@ -9,11 +9,18 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::handshake::{self, Opening};
-use super::{ReadReady, Session};
+use super::handshake::{self, Login, Opening};
+use super::relay::Inbound;
+use super::timers;
+use super::tracker::{Effects, Tracker};
+use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
 use crate::clients;
-use crate::error::{sqlstate, ClientError};
+use crate::config::PoolMode;
+use crate::error::{sqlstate, ClientError, Severity};
+use crate::pool::PoolKey;
+use crate::protocol::messages;
 use crate::proxy::Shared;
+use crate::server::params;
 
 /// An accepted client connection, before the opening.
 pub struct Accepted<C> {
@@ -205,4 +212,133 @@ async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, e: &ClientError) {
         let _ = client.shutdown().await;
     })
     .await;
+}
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    /// Completes login: checks the database, picks the pool, sends parameters and the
+    /// proxy's cancel key.
+    pub(super) async fn start(
+        client: C,
+        shared: Arc<Shared>,
+        login: Login,
+        leftover: BytesMut,
+        greeting: BytesMut,
+    ) -> Result<Box<Self>, (C, BytesMut, ClientError)> {
+        let config = shared.registry.config();
+        if !config.databases.is_empty() && config.find_database(&login.database).is_none() {
+            return Err((
+                client,
+                greeting,
+                ClientError::fatal(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!("database \"{}\" does not exist", login.database),
+                ),
+            ));
+        }
+        let key = PoolKey {
+            database: login.database.clone(),
+            user: login.user.clone(),
+        };
+        let pool = shared.registry.get(&key);
+        let settings = pool.settings();
+        let startup_settings = pool
+            .client_settings
+            .intern(params::startup_settings(&login.params));
+        let cancel = shared.cancels.register();
+        let mut c_in = Inbound::default();
+        // An idle client holds no buffer: the opening's read buffer goes unless it holds
+        // messages the client sent ahead.
+        if !leftover.is_empty() {
+            c_in.buf = leftover;
+        }
+        let mut session = Session {
+            client,
+            shared,
+            pool,
+            mode: settings.mode,
+            max_message: config.limits.max_message_size,
+            c_in,
+            s_in: Inbound::default(),
+            server: None,
+            tracker: Tracker::default(),
+            stmts: ClientStmts::default(),
+            wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
+            wanted_raw: params::RawSettings::new(),
+            pending_sets: Vec::new(),
+            requests_sent: 0,
+            requests_answered: 0,
+            txn_failed: false,
+            wanted: startup_settings.clone(),
+            startup_settings,
+            cancel,
+            skip_until_sync: false,
+            local_sync_owed: false,
+            batch_open: false,
+            server_fatal: false,
+            server_eof: false,
+            emit: BytesMut::new(),
+            fx: Effects::default(),
+            stats: SessionStats::default(),
+            gauge: None,
+            draining: false,
+            entry: None,
+            cap: None,
+            timers: timers::Timers::new(&config.limits),
+        };
+        // The first login to a pool (and every session-mode login) needs a server: to
+        // learn the parameters clients are told, and to surface upstream errors
+        // (bad database, refused role) at login, where drivers expect them.
+        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() {
+            match session.pool.checkout().await {
+                Ok(lease) => {
+                    if session.mode == PoolMode::Session {
+                        session.attach(lease);
+                    } else {
+                        lease.release();
+                    }
+                }
+                Err(e) => {
+                    let mut err = e.to_client_error(&session.pool.key);
+                    err.severity = Severity::Fatal;
+                    session.shared.registry.forget_if_unused(&session.pool.key);
+                    return Err((session.client, greeting, err));
+                }
+            }
+        }
+        // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
+        let mut out = greeting;
+        out.reserve(512);
+        if let Some(ps) = session.pool.startup_params() {
+            ps.write(&mut out, &session.wanted);
+        }
+        messages::backend_key_data(&mut out, session.cancel.pid, session.cancel.secret);
+        messages::ready_for_query(&mut out, b'I');
+        if session.client.write_all(&out).await.is_err() {
+            return Err((
+                session.client,
+                BytesMut::new(),
+                ClientError::fatal(sqlstate::CONNECTION_FAILURE, "client went away"),
+            ));
+        }
+        tracing::debug!(pool = %session.pool.key, mode = %session.mode, "client logged in");
+        session.pool.clients.fetch_add(1, Ordering::Relaxed);
+        let active = session.server.is_some();
+        if active {
+            session.pool.clients_active.fetch_add(1, Ordering::Relaxed);
+        }
+        session.gauge = Some(PoolClientGuard {
+            pool: session.pool.clone(),
+            active,
+        });
+        session
+            .shared
+            .metrics
+            .client_connections
+            .with_label_values(&["accepted"])
+            .inc();
+        Ok(Box::new(session))
+    }
 }

@@ -1,0 +1,202 @@
+//! Binding a server to the session: waiting for one in the pool queue (while watching
+//! the client), attaching it, and giving it back at a transaction boundary.
+
+use std::future::poll_fn;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::tracker::Req;
+use super::{ReadReady, Session};
+use crate::cancel::CancelTarget;
+use crate::clients;
+use crate::config::PoolMode;
+use crate::pool::{Lease, Pool};
+use crate::protocol::messages;
+use crate::server::params::{self, sync_sql};
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    /// Takes a server for the pending request, watching the client meanwhile so one
+    /// that disconnects leaves the queue. Returns false if the client went away.
+    pub(super) async fn acquire(&mut self) -> bool {
+        let pool = self.pool.clone();
+        pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
+        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
+            info.state.store(clients::WAITING, Ordering::Relaxed);
+        }
+        let _waiting = WaitingGuard(&pool);
+        let checkout = pool.checkout();
+        tokio::pin!(checkout);
+        let result = loop {
+            tokio::select! {
+                r = &mut checkout => break r,
+                gone = poll_fn(|cx| self.poll_client_while_waiting(cx)) => {
+                    if gone {
+                        return false;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(lease) => {
+                self.attach(lease);
+                true
+            }
+            Err(e) => {
+                let err = e.to_client_error(&self.pool.key);
+                self.shared.metrics.error("proxy", err.code);
+                if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
+                    info.state.store(clients::IDLE, Ordering::Relaxed);
+                }
+                tracing::info!(error = %err, "checkout failed");
+                self.answer_locally(err);
+                true
+            }
+        }
+    }
+
+    /// Reads from the client while it waits for a server. Ready(true): it went away.
+    pub(super) fn poll_client_while_waiting(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
+            return Poll::Ready(true);
+        }
+        loop {
+            if !self.c_in.wants_read() {
+                return Poll::Pending;
+            }
+            match self.c_in.poll_fill(cx, &mut self.client) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(true),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Binds a server: resets tracking, points the cancel key at it and queues the SETs
+    /// that give it this client's settings.
+    pub(super) fn attach(&mut self, mut lease: Lease) {
+        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
+            info.state.store(clients::ACTIVE, Ordering::Relaxed);
+            info.server_pid
+                .store(lease.conn().backend_pid, Ordering::Relaxed);
+        }
+        if let Some(g) = self.gauge.as_mut() {
+            if !g.active {
+                g.active = true;
+                self.pool.clients_active.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.tracker.reset();
+        self.server_fatal = false;
+        self.server_eof = false;
+        let conn = lease.conn();
+        if self.mode == PoolMode::Session {
+            conn.dirty = true;
+        }
+        self.cancel.slot.set(Some(CancelTarget {
+            host: conn.host.clone(),
+            port: conn.port,
+            pid: conn.backend_pid,
+            secret: conn.backend_secret,
+        }));
+        // Servers last used by a client with the same settings (the common case) need
+        // no comparison at all.
+        let (sync, raw_sql) = if conn.params_fp == self.wanted_fp {
+            (None, String::new())
+        } else {
+            (
+                sync_sql(&self.wanted, &conn.params, &conn.original_params),
+                params::sync_raw_sql(&self.wanted_raw, &mut conn.raw_settings),
+            )
+        };
+        conn.params_fp = self.wanted_fp;
+        let sync = match (sync, raw_sql.is_empty()) {
+            (Some((sql, changes)), _) => Some((sql + &raw_sql, changes)),
+            (None, false) => Some((raw_sql, Vec::new())),
+            (None, true) => None,
+        };
+        if let Some((sql, changes)) = sync {
+            for (k, v) in changes {
+                match v {
+                    Some(v) => {
+                        conn.params.insert(k, v);
+                    }
+                    None => match conn.original_params.get(&k).cloned() {
+                        Some(o) => {
+                            conn.params.insert(k, o);
+                        }
+                        None => {
+                            conn.params.remove(&k);
+                        }
+                    },
+                }
+            }
+            let mut q = BytesMut::with_capacity(sql.len() + 6);
+            messages::fe_query(&mut q, &sql);
+            self.c_in.push_own(&q);
+            self.tracker
+                .push(Req::Injected, &mut self.emit, &mut self.fx);
+        }
+        self.server = Some(lease);
+    }
+
+    /// Returns the server to the pool at a transaction boundary.
+    pub(super) fn release(&mut self) {
+        self.cancel.slot.set(None);
+        self.flush_stats();
+        self.set_inactive();
+        let Some(lease) = self.server.take() else {
+            return;
+        };
+        // After a query_timeout cancel the server is not reused: a cancel that arrives
+        // late must not hit another client's query.
+        if !self.s_in.unscanned().is_empty()
+            || self.tracker.injected_failed
+            || std::mem::take(&mut self.timers.discard_server)
+        {
+            // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
+            self.s_in.drop_unscanned();
+            lease.discard("unclean at release");
+        } else if self.cancel.slot.in_flight() > 0 {
+            // A cancel for this client's last query is still on its way: the server
+            // joins the pool only after it was delivered.
+            let slot = self.cancel.slot.clone();
+            tokio::spawn(async move {
+                slot.wait_delivered(Duration::from_secs(5)).await;
+                lease.release();
+            });
+        } else {
+            lease.release();
+        }
+        self.tracker.reset();
+    }
+
+    pub(super) fn set_inactive(&mut self) {
+        if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
+            info.state.store(clients::IDLE, Ordering::Relaxed);
+            info.server_pid.store(0, Ordering::Relaxed);
+        }
+        if let Some(g) = self.gauge.as_mut() {
+            if g.active {
+                g.active = false;
+                self.pool.clients_active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Takes the client out of the waiting gauge when its checkout ends, however it ends.
+struct WaitingGuard<'a>(&'a Arc<Pool>);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.clients_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,81 @@
+//! What the client expects of the server it runs on: settings (startup, SET, RESET,
+//! DISCARD) tracked per session and settled at transaction ends.
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use super::{ReadReady, Session};
+use crate::server::params;
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    /// After DISCARD ALL / DEALLOCATE ALL ran on the server: the client's statements are
+    /// gone, the server's cache is empty, and (DISCARD) settings are back to defaults.
+    pub(super) fn forget_server_state(&mut self, settings_too: bool) {
+        self.stmts.clear();
+        if let Some(lease) = self.server.as_mut() {
+            lease.conn().prepared.clear();
+        }
+        if settings_too {
+            self.reset_settings();
+        }
+    }
+
+    /// The client's settings go back to its startup values and the bound server's to
+    /// its own defaults (DISCARD ALL, RESET ALL); the next checkout re-applies them.
+    pub(super) fn reset_settings(&mut self) {
+        self.wanted = self.startup_settings.clone();
+        self.wanted_raw.clear();
+        self.pending_sets.clear();
+        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        if let Some(lease) = self.server.as_mut() {
+            let conn = lease.conn();
+            conn.params = conn.original_params.clone();
+            conn.raw_settings.clear();
+            conn.params_fp = 0;
+        }
+    }
+
+    /// A transaction ended: SETs it made stick unless it failed or rolled back.
+    pub(super) fn settle_sets(&mut self) {
+        if !self.pending_sets.is_empty() {
+            let answered = self.requests_answered;
+            let failed = self.txn_failed;
+            let mut changed = false;
+            self.pending_sets.retain(|(seq, op)| {
+                if *seq > answered {
+                    return true; // sent in a later request, not answered yet
+                }
+                if !failed {
+                    match &op.value {
+                        Some(v) => self.wanted_raw.insert(op.name.clone(), v.clone()),
+                        None => self.wanted_raw.remove(&op.name),
+                    };
+                    changed = true;
+                }
+                false
+            });
+            if changed {
+                self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+                if let Some(lease) = self.server.as_mut() {
+                    let conn = lease.conn();
+                    conn.raw_settings = self.wanted_raw.clone();
+                    conn.params_fp = self.wanted_fp;
+                }
+            }
+        }
+        self.txn_failed = false;
+    }
+
+    /// Notes a Query or Sync sent to the server, for the duration histograms.
+    pub(super) fn note_request(&mut self) {
+        self.requests_sent += 1;
+        let now = Instant::now();
+        if self.stats.txn_start.is_none() {
+            self.stats.txn_start = Some(now);
+        }
+        self.stats.query_starts.push_back(now);
+    }
+}
