@@ -108,6 +108,7 @@ def main():
         ("pgbouncer", "PgBouncer"),
         ("rustc", "rustc"),
         ("settings", "settings"),
+        ("autogroup", "sched_autogroup_enabled"),
     ):
         if key in meta:
             w("- {}: {}".format(label, meta[key]))
