@@ -10,19 +10,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Where the process is in its life, shared by sessions, the admin port and main.
 pub struct Lifecycle {
     pub started: Instant,
     /// Set when shutdown begins: readiness fails at once.
     pub draining: AtomicBool,
-    /// Cancelled when clients should leave at their next transaction boundary.
-    pub drain: CancellationToken,
-    /// Cancelled when the remaining clients must go now (after shutdown_timeout).
-    pub force: CancellationToken,
-    /// The same two events as one atomic, for sessions to check on every wake-up
-    /// without a lock: RUNNING, DRAIN or FORCE.
+    /// RUNNING; DRAIN when clients should leave at their next transaction boundary;
+    /// FORCE when the remaining ones must go now (after shutdown_timeout). One atomic,
+    /// which sessions check on every wake-up without a lock.
     phase: AtomicU8,
     /// Asks main to begin a graceful shutdown (SIGTERM, /quitquitquit).
     pub shutdown_requested: Notify,
@@ -39,8 +35,6 @@ impl Default for Lifecycle {
         Lifecycle {
             started: Instant::now(),
             draining: AtomicBool::new(false),
-            drain: CancellationToken::new(),
-            force: CancellationToken::new(),
             phase: AtomicU8::new(RUNNING),
             shutdown_requested: Notify::new(),
             upstream_seen: AtomicBool::new(false),
@@ -57,13 +51,11 @@ impl Lifecycle {
     /// Clients leave at their next transaction boundary. The caller wakes the sessions.
     pub fn begin_drain(&self) {
         self.phase.fetch_max(DRAIN, Ordering::SeqCst);
-        self.drain.cancel();
     }
 
     /// The remaining clients go now. The caller wakes the sessions.
     pub fn begin_force(&self) {
         self.phase.store(FORCE, Ordering::SeqCst);
-        self.force.cancel();
     }
 
     /// RUNNING, DRAIN or FORCE.

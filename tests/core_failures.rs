@@ -14,7 +14,7 @@ use pgsidecar::config::PoolMode;
 use pgsidecar::pool::{Pool, PoolKey};
 use pgsidecar::proxy::Proxy;
 use tokio::io::AsyncWriteExt;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use common::raw::{self, tags, RawConn};
 use common::*;
@@ -66,6 +66,20 @@ async fn wait_for_query(admin: &Client, marker: &str) {
     .await;
 }
 
+/// Runs `sql` on `c` in the background and returns once PostgreSQL shows it running
+/// (found by `marker`, which `sql` carries in a comment).
+async fn start_query(
+    admin: &Client,
+    c: &Arc<Client>,
+    sql: &str,
+    marker: &str,
+) -> tokio::task::JoinHandle<Result<Vec<SimpleQueryMessage>, tokio_postgres::Error>> {
+    let (c, sql) = (c.clone(), sql.to_string());
+    let running = tokio::spawn(async move { c.simple_query(&sql).await });
+    wait_for_query(admin, marker).await;
+    running
+}
+
 async fn send_cancel(proxy: &Proxy, pid: i32, secret: i32) {
     let mut s = tokio::net::TcpStream::connect(proxy.addr)
         .await
@@ -96,12 +110,8 @@ async fn cancel_request_cancels_the_running_query() {
             let proxy = proxy_for(&pg, mode, 2).await;
             let c = Arc::new(connect(&proxy_url(&proxy, SUPERUSER, "postgres")).await);
             let marker = format!("cancel_me_{mode}");
-            let running = {
-                let c = c.clone();
-                let sql = format!("select pg_sleep(30) /* {marker} */");
-                tokio::spawn(async move { c.simple_query(&sql).await })
-            };
-            wait_for_query(&admin, &marker).await;
+            let sql = format!("select pg_sleep(30) /* {marker} */");
+            let running = start_query(&admin, &c, &sql, &marker).await;
             let t = Instant::now();
             c.cancel_token()
                 .cancel_query(NoTls)
@@ -129,12 +139,8 @@ async fn cancel_with_a_wrong_key_does_nothing() {
             // A random key while a tokio-postgres client sleeps for a second.
             let c = Arc::new(connect(&proxy_url(&proxy, SUPERUSER, "postgres")).await);
             let marker = format!("random_key_{mode}");
-            let running = {
-                let c = c.clone();
-                let sql = format!("select pg_sleep(1) /* {marker} */");
-                tokio::spawn(async move { c.simple_query(&sql).await })
-            };
-            wait_for_query(&admin, &marker).await;
+            let sql = format!("select pg_sleep(1) /* {marker} */");
+            let running = start_query(&admin, &c, &sql, &marker).await;
             send_cancel(&proxy, rand_i32().abs().max(1), rand_i32()).await;
             running
                 .await
@@ -180,14 +186,8 @@ async fn stale_cancel_does_not_hit_another_client() {
         let a = connect(&url).await;
         let b = Arc::new(connect(&url).await);
         let a_pid = simple_one(&a, "select pg_backend_pid()").await;
-        let running = {
-            let b = b.clone();
-            tokio::spawn(async move {
-                b.simple_query("select pg_backend_pid(), pg_sleep(1) /* stale_cancel */")
-                    .await
-            })
-        };
-        wait_for_query(&admin, "stale_cancel").await;
+        let sql = "select pg_backend_pid(), pg_sleep(1) /* stale_cancel */";
+        let running = start_query(&admin, &b, sql, "stale_cancel").await;
         a.cancel_token()
             .cancel_query(NoTls)
             .await
@@ -265,13 +265,8 @@ async fn backend_killed_mid_transaction() {
                 .await
                 .expect("pid")
                 .get(0);
-            let running = {
-                let c = c.clone();
-                tokio::spawn(
-                    async move { c.simple_query("select pg_sleep(30) /* killme */").await },
-                )
-            };
-            wait_for_query(&admin, "killme").await;
+            let running =
+                start_query(&admin, &c, "select pg_sleep(30) /* killme */", "killme").await;
             admin
                 .execute("select pg_terminate_backend($1)", &[&pid])
                 .await

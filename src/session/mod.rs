@@ -446,9 +446,6 @@ where
         if let Some(step) = self.poll_shutdown(cx) {
             return Poll::Ready(step);
         }
-        // A side whose read returned Pending has this task's waker and cannot turn ready
-        // before the next wake-up: polling it again in this call would only cost time.
-        let (mut client_pending, mut server_pending) = (false, false);
         loop {
             if self.draining && self.at_boundary() {
                 return Poll::Ready(Step::Shutdown);
@@ -469,22 +466,17 @@ where
             }
             // An idle client holds no read buffer: wait for readability first, and take
             // a buffer only when there is something to read.
-            let may_read = !client_pending
-                && self.c_in.wants_read()
-                && (self.c_in.buf.capacity() > 0
-                    || match self.client.poll_read_ready_hint(cx) {
-                        Poll::Ready(Ok(())) => true,
-                        Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
-                        Poll::Pending => {
-                            client_pending = true;
-                            false
-                        }
-                    });
-            if may_read {
+            let may_read = self.c_in.buf.capacity() > 0
+                || match self.client.poll_read_ready_hint(cx) {
+                    Poll::Ready(Ok(())) => true,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
+                    Poll::Pending => false,
+                };
+            if may_read && self.c_in.wants_read() {
                 match self.c_in.poll_fill(cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
                     Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
-                    Poll::Pending => client_pending = true,
+                    Poll::Pending => {}
                 }
             }
             let client_msgs = match self.scan_client() {
@@ -495,7 +487,7 @@ where
                 Ok((_, Some(step))) => return Poll::Ready(step),
                 Err(e) => return Poll::Ready(Step::ClientProtocol(e)),
             };
-            if !server_pending && self.server.is_some() && self.s_in.wants_read() {
+            if self.server.is_some() && self.s_in.wants_read() {
                 if let Some(lease) = self.server.as_mut() {
                     match self.s_in.poll_fill(cx, &mut lease.conn().stream) {
                         Poll::Ready(Ok(0)) => {
@@ -504,7 +496,7 @@ where
                         }
                         Poll::Ready(Ok(_)) => progress = true,
                         Poll::Ready(Err(e)) => return Poll::Ready(Step::ServerGone(e.to_string())),
-                        Poll::Pending => server_pending = true,
+                        Poll::Pending => {}
                     }
                 }
             }

@@ -77,7 +77,7 @@ where
     } = *accepted;
     if let Some(e) = over_cap {
         let mut client = client;
-        let _ = Box::pin(client.write_all(&e.to_bytes())).await;
+        Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
         return None;
     }
     // Plain until the opening negotiates TLS; the settings are those at connect time.
@@ -111,7 +111,7 @@ where
         }
         Ok(Err(Some(e))) => {
             tracing::info!(%peer, error = %e, "client login refused");
-            Box::pin(refuse(&mut client, &e)).await;
+            Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
             return None;
         }
         Ok(Err(None)) => return None,
@@ -120,7 +120,7 @@ where
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
             );
-            Box::pin(refuse(&mut client, &e)).await;
+            Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
             return None;
         }
     };
@@ -134,7 +134,7 @@ where
                     login.user
                 ),
             );
-            let _ = Box::pin(client.write_all(&e.to_bytes())).await;
+            Box::pin(refuse(&mut client, greeting, &e)).await;
             return None;
         }
         let _entry = shared.client_list.register(
@@ -157,7 +157,7 @@ where
         Ok(g) => g,
         Err(e) => {
             tracing::info!(%peer, error = %e, "client refused by a connection cap");
-            Box::pin(refuse_after(&mut client, greeting, &e)).await;
+            Box::pin(refuse(&mut client, greeting, &e)).await;
             return None;
         }
     };
@@ -174,7 +174,7 @@ where
         match Box::pin(Session::start(client, shared, login, leftover, greeting)).await {
             Ok(s) => s,
             Err((mut client, greeting, e)) => {
-                Box::pin(refuse_after(&mut client, greeting, &e)).await;
+                Box::pin(refuse(&mut client, greeting, &e)).await;
                 return None;
             }
         };
@@ -190,25 +190,13 @@ where
     Some(session)
 }
 
-/// Sends what login owes the client (AuthenticationOk) with a FATAL error after it, in
-/// one write, and closes the connection cleanly (bounded in time).
-async fn refuse_after<S: AsyncWrite + Unpin>(
-    client: &mut S,
-    mut greeting: BytesMut,
-    e: &ClientError,
-) {
+/// Sends a FATAL error, after what login still owes the client (AuthenticationOk, when
+/// authentication passed), in one write, and closes the connection cleanly (bounded in
+/// time).
+async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, mut greeting: BytesMut, e: &ClientError) {
     greeting.extend_from_slice(&e.to_bytes());
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = client.write_all(&greeting).await;
-        let _ = client.shutdown().await;
-    })
-    .await;
-}
-
-/// Sends a FATAL error and closes the connection cleanly (bounded in time).
-async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, e: &ClientError) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = client.write_all(&e.to_bytes()).await;
         let _ = client.shutdown().await;
     })
     .await;
