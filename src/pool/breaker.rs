@@ -7,20 +7,23 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{sizing, CheckoutError, Pool};
+use super::{congestion, CheckoutError, Pool};
 use crate::circuit::{Admit, BreakerView, Event, State};
 use crate::config::BreakerOnOpen;
 use crate::server::ConnectError;
 
 impl Pool {
-    /// Logs a congestion-control change: a cut is a warning; the one-step yields and
-    /// raises of a contended pool are routine (debug). The return to max_size after a cut
-    /// is logged by the maintenance task.
-    pub(super) fn log_ceiling(&self, (from, to): sizing::Change, why: &str) {
-        if to < from && why != sizing::YIELD {
+    /// Logs a congestion-control change. Every cut lowers a limit clients may meet, so
+    /// it is logged with its reason: a refusal or an overloaded server at warn, a cut for
+    /// fair shares at info. Raises are routine (debug); the return to max_size after a
+    /// cut is logged by the maintenance task.
+    pub(super) fn log_ceiling(&self, (from, to): congestion::Change, why: &str) {
+        if to < from && why == congestion::SHARE {
+            tracing::info!(pool = %self.name, from, to, reason = why, "congestion control lowered the pool ceiling");
+        } else if to < from {
             tracing::warn!(pool = %self.name, from, to, reason = why, "congestion control lowered the pool ceiling");
         } else {
-            tracing::debug!(pool = %self.name, from, to, reason = why, "pool ceiling changed");
+            tracing::debug!(pool = %self.name, from, to, reason = why, "pool ceiling raised");
         }
     }
 

@@ -85,7 +85,9 @@ impl Pool {
             // An immediate checkout is a zero wait: counting it keeps the wait
             // percentiles honest (most checkouts of a healthy pool are these).
             self.m.checkout_wait.observe(0.0);
-            return Some(self.lease(idle.conn));
+            let mut lease = self.lease(idle.conn);
+            lease.count();
+            return Some(lease);
         }
         None
     }
@@ -104,7 +106,7 @@ impl Pool {
         // After a check timed out the upstream may be hung: test no more idle
         // connections in this checkout (each would cost check_timeout).
         let mut no_checks = false;
-        let result = loop {
+        let mut result = loop {
             match self.next(&settings, front, no_checks) {
                 Next::Ready(conn) => break Ok(self.lease(conn)),
                 Next::Fail(e) => break Err(e),
@@ -130,7 +132,8 @@ impl Pool {
                 }
             }
         };
-        if result.is_ok() {
+        if let Ok(lease) = &mut result {
+            lease.count();
             self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         }
         self.stats
@@ -415,15 +418,25 @@ impl Pool {
     }
 
     /// Hands a good connection to the oldest waiter, else to the idle list (kept in
-    /// last-use order), unless the pool is over its limit.
+    /// last-use order), unless the pool is over its limit. A headroom sample wanted by a
+    /// contended pool (which has no idle connection to run it on) takes it first.
     pub(super) fn put_back(
         self: &Arc<Self>,
         conn: ServerConn,
         checked: Instant,
-        settings: &PoolSettings,
+        settings: &Arc<PoolSettings>,
     ) {
         let mut st = self.state.lock();
+        st.last_good = Some(checked);
         let limit = Self::limit(&st, settings);
+        if st.sample_at_checkin && !st.closed && st.open <= limit {
+            st.sample_at_checkin = false;
+            st.sampling = true;
+            st.testing += 1;
+            drop(st);
+            self.start_sample(conn, settings);
+            return;
+        }
         if st.closed || st.open > limit {
             st.open -= 1;
             let closed = st.closed;

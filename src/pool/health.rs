@@ -281,7 +281,7 @@ impl Pool {
         }
     }
 
-    async fn idle_check(self: Arc<Self>, mut t: Testing, settings: &PoolSettings) {
+    async fn idle_check(self: Arc<Self>, mut t: Testing, settings: &Arc<PoolSettings>) {
         let h = &settings.health;
         let started = Instant::now();
         let outcome = check(t.conn(), &h.check_query, h.check_timeout).await;
@@ -316,22 +316,17 @@ impl Pool {
     }
 
     /// Starts a probe when one is due: as the HalfOpen trial of an Open breaker whose
-    /// backoff has expired, or every `probe_interval` while closed (for a pool that has
-    /// connected at least once, so a login to a database that does not exist is not
-    /// probed forever).
+    /// backoff has expired, or while closed every `probe_interval` without other proof
+    /// that the upstream works (a clean check-in, a passed check), for a pool that has
+    /// connected at least once (so a login to a database that does not exist is not
+    /// probed forever). A busy pool never probes: its traffic is the proof, and a probe
+    /// would fork a backend for nothing.
     ///
-    /// A probe takes a pool slot, so the pool never holds more than its size upstream.
-    /// A pool at its limit skips the probe (its own traffic shows the upstream's
-    /// health). Under contention with AIMD on, it yields a connection instead (see
-    /// `Aimd::yield_one`): growing back is refused if another sidecar took the slot,
-    /// which is how one that already holds its max learns that others want a share.
+    /// A probe takes a pool slot, so the pool never holds more than its size upstream;
+    /// a pool at its limit skips it.
     pub(super) fn maybe_probe(self: &Arc<Self>, settings: &Arc<PoolSettings>, now: Instant) {
         // +-20% so pools and sidecars do not act in lockstep.
         let jittered = |d: Duration| d.mul_f64(0.8 + rand::random::<f64>() * 0.4);
-        let due = |last: Option<Instant>, every: Duration| match last {
-            None => true,
-            Some(t) => now.duration_since(t) >= jittered(every),
-        };
         {
             let mut st = self.state.lock();
             if st.probe_running || st.closed {
@@ -339,28 +334,10 @@ impl Pool {
             }
             let limit = Self::limit(&st, settings);
             if self.breaker.lock().state == State::Closed {
-                let contended = st
-                    .last_contended
-                    .is_some_and(|t| now.duration_since(t) <= settings.aimd_interval * 2);
-                if settings.aimd && contended && st.open >= limit {
-                    // max/ceiling times the interval: a pool holding more yields more
-                    // often, so it is the likelier one to meet a full server when it
-                    // grows back (like TCP, where the flow sending more packets sees
-                    // more of the drops).
-                    let ratio = settings.max_size as f64 / limit.max(1) as f64;
-                    if due(st.last_yield, settings.aimd_interval.mul_f64(ratio)) {
-                        st.last_yield = Some(now);
-                        let change = st.aimd.yield_one(&settings.aimd_config(), now);
-                        drop(st);
-                        if let Some(ch) = change {
-                            self.log_ceiling(ch, super::sizing::YIELD);
-                        }
-                    }
-                    return;
-                }
                 let every = settings.health.probe_interval;
-                if every.is_zero() || !due(st.last_probe, every) || self.startup_params().is_none()
-                {
+                let proof = st.last_probe.max(st.last_good);
+                let due = proof.is_none_or(|t| now.duration_since(t) >= jittered(every));
+                if every.is_zero() || !due || self.startup_params().is_none() {
                     return;
                 }
             }
@@ -386,7 +363,7 @@ impl Pool {
         tokio::spawn(async move { pool.run_probe(&settings).await });
     }
 
-    async fn run_probe(self: Arc<Self>, settings: &PoolSettings) {
+    async fn run_probe(self: Arc<Self>, settings: &Arc<PoolSettings>) {
         let started = Instant::now();
         let outcome = probe(settings, super::jitter(settings.server_lifetime)).await;
         let took = started.elapsed();

@@ -4,6 +4,7 @@
 //! the sizing controller, and serves waiters that a congestion pause or a breaker held
 //! back. It ends when the pool is closed or dropped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,7 @@ impl Pool {
         self.maybe_probe(&settings, now);
         self.reap(&settings, now);
         self.start_idle_checks(&settings, now);
+        self.maybe_sample(&settings, now);
         self.resize(&settings, now);
         self.trim_and_fill();
     }
@@ -124,18 +126,27 @@ impl Pool {
             let aimd_change = st.aimd.tick(&settings.aimd_config(), now);
             let recovered = st.aimd.take_recovered(settings.max_size);
             let before = st.sizer.target();
+            let busy = st
+                .open
+                .saturating_sub(st.idle.len() + st.connecting + st.testing);
+            // The peak since the last tick, and a new window from what is leased now.
+            let now_leased = self.leased.load(Ordering::Relaxed);
+            let peak = self.peak_leased.swap(now_leased, Ordering::Relaxed);
             let load = Load {
                 open: st.open,
                 idle: st.idle.len(),
-                busy: st
-                    .open
-                    .saturating_sub(st.idle.len() + st.connecting + st.testing),
+                busy,
+                peak,
                 waiting: st.waiters.len(),
                 ceiling: st.aimd.ceiling(),
             };
             let plan = st.sizer.step(&cfg, load, now);
+            // Least recently used first, and only connections nobody used for
+            // shrink_delay: a light load keeps the connection it uses.
             for _ in 0..plan.close.min(st.idle.len()) {
-                // Least recently used first: the ones the load is not using.
+                if now.duration_since(st.idle[0].conn.last_used) < settings.shrink_delay {
+                    break;
+                }
                 let idle = st.idle.remove(0);
                 st.open -= 1;
                 shrunk.push(idle.conn);

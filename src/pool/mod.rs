@@ -9,7 +9,9 @@
 //! - `checkout`: checkout, check-in, the wait queue, replacing dead connections;
 //! - `health`: peeks, check queries and the upstream probe;
 //! - `breaker`: the circuit breaker's effects on the pool, and metrics;
-//! - `sizing`: the pure sizing controller and congestion control (AIMD);
+//! - `sizing`: the pure sizing controller;
+//! - `congestion`: the pure congestion controller (AIMD ceiling, headroom verdicts);
+//! - `headroom`: samples PostgreSQL's free connection slots and acts on them;
 //! - `maintain`: the per-pool task that runs checks, probes and the controllers.
 //!
 //! Locks: `state` may be held while taking `breaker` (never the other way round), and
@@ -18,6 +20,8 @@
 
 mod breaker;
 mod checkout;
+pub mod congestion;
+mod headroom;
 pub mod health;
 mod maintain;
 pub mod registry;
@@ -38,7 +42,8 @@ use crate::config::{BreakerOnOpen, PoolMode};
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ConnectError, ServerConn, ServerIdentity};
-use sizing::{Aimd, AimdConfig, Sizer};
+use congestion::{Aimd, AimdConfig, Headroom};
+use sizing::Sizer;
 
 /// A connection with more I/O or protocol errors than this is retired.
 pub const MAX_CONN_ERRORS: u32 = 3;
@@ -71,6 +76,13 @@ pub struct PoolSnapshot {
     pub oldest_idle_secs: f64,
     /// Connect + login + check query time of the last successful upstream probe.
     pub probe_latency_secs: Option<f64>,
+    /// Last headroom sample: connections the pool's role may hold on the server in all,
+    /// and client backends connected there (every application's), with its age.
+    pub server_slots: Option<usize>,
+    pub server_slots_used: Option<usize>,
+    pub headroom_age_secs: Option<f64>,
+    /// Most connections leased to clients at once since the last maintenance tick.
+    pub peak_leased: usize,
     pub checkouts: u64,
     pub wait_timeouts: u64,
     pub connects: u64,
@@ -254,8 +266,16 @@ struct PoolState {
     /// every aimd_interval, so one that already holds its max still learns that the
     /// upstream is full (the signal for giving others their share).
     last_contended: Option<Instant>,
-    /// Last time a contended pool at its limit yielded a connection (`maybe_probe`).
-    last_yield: Option<Instant>,
+    /// Last connection known good (clean check-in, passed check, adopted connection):
+    /// traffic proves the upstream, so a busy pool needs no probe.
+    last_good: Option<Instant>,
+    /// Last headroom sample and when it was taken.
+    headroom: Option<(Headroom, Instant)>,
+    /// When the last sample was started; one runs at a time.
+    last_sample: Option<Instant>,
+    sampling: bool,
+    /// A contended pool has no idle connection to sample on: take the next one released.
+    sample_at_checkin: bool,
 }
 
 /// Counters for observability; plain atomics so the hot path takes no extra lock.
@@ -276,6 +296,10 @@ pub struct Pool {
     pub name: String,
     pub metrics: Arc<Metrics>,
     pub m: PoolMetrics,
+    /// Connections leased to clients now, and the most at once since the last tick:
+    /// demand that a 100 ms snapshot would miss (kept exactly by checkout and release).
+    leased: AtomicUsize,
+    peak_leased: AtomicUsize,
     /// Clients logged in to this pool, and how many of them wait or hold a server.
     pub clients: AtomicUsize,
     pub clients_waiting: AtomicUsize,
@@ -301,6 +325,9 @@ impl std::fmt::Debug for Pool {
 pub struct Lease {
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
+    /// Handed to a client and counted in `Pool::leased` (not a lease in transit to a
+    /// waiter or a check).
+    counted: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -311,7 +338,26 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     fn empty(pool: Arc<Pool>) -> Lease {
-        Lease { conn: None, pool }
+        Lease {
+            conn: None,
+            pool,
+            counted: false,
+        }
+    }
+
+    /// The lease reaches its client: it counts as demand until released.
+    fn count(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            let n = self.pool.leased.fetch_add(1, Ordering::Relaxed) + 1;
+            self.pool.peak_leased.fetch_max(n, Ordering::Relaxed);
+        }
+    }
+
+    fn uncount(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.pool.leased.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn conn(&mut self) -> &mut ServerConn {
@@ -337,6 +383,7 @@ impl Lease {
 
     /// Returns a clean connection (ReadyForQuery 'I', nothing in flight) to the pool.
     pub fn release(mut self) {
+        self.uncount();
         if let Some(conn) = self.conn.take() {
             self.pool.clone().checkin(conn);
         }
@@ -344,6 +391,7 @@ impl Lease {
 
     /// Closes the connection instead of returning it (broken or dirty state).
     pub fn discard(mut self, reason: &'static str) {
+        self.uncount();
         if let Some(conn) = self.conn.take() {
             self.pool.clone().discarded(conn, reason);
         }
@@ -352,6 +400,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.uncount();
         if let Some(conn) = self.conn.take() {
             self.pool.clone().discarded(conn, "dropped");
         }
@@ -365,6 +414,8 @@ impl Pool {
             m: metrics.for_pool(&name),
             name,
             metrics,
+            leased: AtomicUsize::new(0),
+            peak_leased: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
             clients_waiting: AtomicUsize::new(0),
             clients_active: AtomicUsize::new(0),
@@ -385,7 +436,11 @@ impl Pool {
                 last_probe: None,
                 probe_latency: None,
                 last_contended: None,
-                last_yield: None,
+                last_good: None,
+                headroom: None,
+                last_sample: None,
+                sampling: false,
+                sample_at_checkin: false,
             }),
             settings: Mutex::new(Arc::new(settings)),
             client_settings: Default::default(),
@@ -427,6 +482,7 @@ impl Pool {
         Lease {
             conn: Some(conn),
             pool: self.clone(),
+            counted: false,
         }
     }
 
@@ -485,6 +541,12 @@ impl Pool {
             paused: st.paused,
             oldest_idle_secs: oldest.as_secs_f64(),
             probe_latency_secs: st.probe_latency.map(|d| d.as_secs_f64()),
+            server_slots: st.headroom.map(|(h, _)| h.limit),
+            server_slots_used: st.headroom.map(|(h, _)| h.used),
+            headroom_age_secs: st
+                .headroom
+                .map(|(_, at)| now.duration_since(at).as_secs_f64()),
+            peak_leased: self.peak_leased.load(Ordering::Relaxed),
             checkouts: self.stats.checkouts.load(Ordering::Relaxed),
             wait_timeouts: self.stats.wait_timeouts.load(Ordering::Relaxed),
             connects: self.stats.connects.load(Ordering::Relaxed),

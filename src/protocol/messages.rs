@@ -245,9 +245,51 @@ pub fn parse_parameter_status(body: &[u8]) -> Option<(String, String)> {
     ))
 }
 
+/// Reads a DataRow body of the proxy's own queries as text columns (None: NULL). A
+/// malformed row yields the columns read so far. Client data never comes here: the
+/// relay forwards rows without decoding them.
+pub fn data_row_text(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(n) = body.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+        return out;
+    };
+    let mut pos = 2;
+    for _ in 0..n {
+        let Some(len) = body
+            .get(pos..pos + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            break;
+        };
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let Some(v) = body.get(pos..pos + len as usize) else {
+            break;
+        };
+        pos += len as usize;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_row_text_reads_columns_nulls_and_stops_at_truncation() {
+        let mut b = vec![0u8, 3];
+        b.extend_from_slice(&2i32.to_be_bytes());
+        b.extend_from_slice(b"15");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&5i32.to_be_bytes());
+        b.extend_from_slice(b"ab");
+        assert_eq!(data_row_text(&b), vec![Some("15".to_string()), None]);
+        assert!(data_row_text(&[0]).is_empty());
+    }
 
     #[test]
     fn parse_body_round_trip() {

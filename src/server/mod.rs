@@ -187,6 +187,15 @@ impl std::fmt::Debug for ServerConnState {
     }
 }
 
+/// How one of the proxy's own queries went on a connection that is still usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryOutcome {
+    /// The first row's columns as text (None: SQL NULL); empty if there was no row.
+    Rows(Vec<Option<String>>),
+    /// The server answered with an error and the connection is idle.
+    ServerError(String),
+}
+
 /// Largest message accepted during server startup (auth exchanges and parameters are small).
 const STARTUP_MESSAGE_LIMIT: usize = 1 << 20;
 
@@ -378,6 +387,20 @@ impl ServerConn {
     /// Runs a simple query whose results nobody needs (reset, rollback, health check) and
     /// checks that the connection ends idle. Any error makes the connection unusable.
     pub async fn run_quiet(&mut self, sql: &str, limit: Duration) -> Result<(), String> {
+        match self.run_simple(sql, limit).await? {
+            QueryOutcome::Rows(_) => Ok(()),
+            QueryOutcome::ServerError(e) => Err(e),
+        }
+    }
+
+    /// Runs one of the proxy's own simple queries and returns the first row, as text.
+    /// Err: the connection is unusable (I/O, protocol, not idle afterwards, no answer
+    /// within `limit`); a server error on an idle connection is an outcome.
+    pub async fn query_row(&mut self, sql: &str, limit: Duration) -> Result<QueryOutcome, String> {
+        self.run_simple(sql, limit).await
+    }
+
+    async fn run_simple(&mut self, sql: &str, limit: Duration) -> Result<QueryOutcome, String> {
         let mut buf = BytesMut::new();
         messages::fe_query(&mut buf, sql);
         let fut = async {
@@ -388,6 +411,7 @@ impl ServerConn {
             self.stream.flush().await.map_err(|e| e.to_string())?;
             buf.clear();
             let mut failed = None;
+            let mut row = None;
             loop {
                 let (tag, body) = read_raw(&mut self.stream, &mut buf)
                     .await
@@ -395,14 +419,15 @@ impl ServerConn {
                 match tag {
                     be::READY_FOR_QUERY => {
                         let status = body.first().copied().unwrap_or(b'?');
-                        if let Some(e) = failed {
-                            return Err(e);
-                        }
                         if status != b'I' {
                             return Err(format!("server left in state {}", status as char));
                         }
-                        return Ok(());
+                        return Ok(match failed {
+                            Some(e) => QueryOutcome::ServerError(e),
+                            None => QueryOutcome::Rows(row.unwrap_or_default()),
+                        });
                     }
+                    be::DATA_ROW if row.is_none() => row = Some(messages::data_row_text(&body)),
                     be::ERROR_RESPONSE => {
                         let (code, msg, _) = messages::error_fields(&body);
                         failed = Some(format!(

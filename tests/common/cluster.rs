@@ -261,6 +261,11 @@ impl PgCluster {
         &self.data
     }
 
+    /// Path of a PostgreSQL client program (pgbench, psql) of the same installation.
+    pub fn tool_path(&self, prog: &str) -> PathBuf {
+        self.bin.tool(prog)
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log_file
     }
