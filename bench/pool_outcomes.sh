@@ -213,8 +213,8 @@ low_rate "pgbench -S -R 20 -c 2" "$((LOW_SECS / 2))" -S -c 2 -R 20
 
 {
     echo
-    echo "Server logins through a pooler are backends PostgreSQL forked for it (each pooler starts"
-    echo "empty); through direct, pgbench's own connections."
+    echo "Server logins are the backends PostgreSQL forked during the run (each pooler is started"
+    echo "fresh and answers one psql query before it); through direct, pgbench's own connections."
     echo
     echo "## Saturation (pool size 5, 10 clients of select pg_sleep(0.2), ${SAT_SECS}s)"
     echo
@@ -222,7 +222,7 @@ low_rate "pgbench -S -R 20 -c 2" "$((LOW_SECS / 2))" -S -c 2 -R 20
     echo "|---|---:|---:|"
 } >>"$REPORT"
 
-tps_of() { awk '/^tps = / { print $3; exit }' "$1"; }
+tps_of() { awk '/^tps = / { printf "%.1f\n", $3; exit }' "$1"; }
 
 saturation() { # LABEL START-COMMAND...
     local label=$1 port tps
