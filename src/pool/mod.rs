@@ -19,6 +19,7 @@
 //! transition to Open closes idle connections (which takes `state`).
 
 mod breaker;
+mod checkin;
 mod checkout;
 pub mod congestion;
 mod headroom;
