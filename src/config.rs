@@ -704,6 +704,7 @@ impl Config {
         if self.limits.max_message_size < 1024 || self.limits.max_message_size > 0x3fff_ffff {
             return bad("limits.max_message_size must be between 1024 and 1073741823".into());
         }
+        checks::log_level(&self.logging.level).map_err(ConfigError::Invalid)?;
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return bad(format!(
                 "logging.format must be text or json, not {:?}",
@@ -835,6 +836,7 @@ fn redact_hint(s: &str) -> String {
     format!("{prefix}...")
 }
 
+pub mod checks;
 mod redact;
 #[cfg(test)]
 mod tests;
