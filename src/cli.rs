@@ -99,8 +99,8 @@ impl Cli {
             return e;
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let line = crate::config::checks::key_of(m)
-            .and_then(|k| crate::config::checks::line_of(&text, k));
+        let line =
+            crate::config::checks::key_of(m).and_then(|k| crate::config::checks::line_of(&text, k));
         match line {
             Some(n) => ConfigError::Invalid(format!("{} line {n}: {m}", path.display())),
             None => e,

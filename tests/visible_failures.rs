@@ -4,7 +4,79 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pgsidecar::config::{AuthMethod, UserConfig};
+use pgsidecar::proxy::Proxy;
+use tokio::io::AsyncReadExt;
+
+use common::raw::RawConn;
+use common::*;
+
+fn user(name: &str, password: &str) -> UserConfig {
+    serde_yaml::from_str(&format!("name: {name}\npassword: {password}")).expect("user yaml")
+}
+
+/// The value of one series in the proxy's /metrics text (0 when absent).
+fn metric(proxy: &Proxy, series: &str) -> f64 {
+    proxy.shared.registry.refresh_metrics();
+    let text = proxy.shared.metrics.render();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+fn logins(proxy: &Proxy, result: &str) -> f64 {
+    metric(
+        proxy,
+        &format!("pgsidecar_client_connections_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// A minimal HTTP/1.0 GET against the admin port: (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("admin port");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// Runs psql (libpq, default sslmode=prefer) against the proxy; returns its stderr.
+fn psql_stderr(proxy: &Proxy, user: &str, db: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.addr.port().to_string(),
+        ])
+        .args(["-U", user, "-d", db, "-c", sql])
+        .env_remove("PGSSLMODE")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run psql");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
 /// `pgsidecar check` refuses a logging.level the running proxy would honour by
 /// printing nothing, naming the key and its line.
@@ -32,5 +104,216 @@ fn config_check_rejects_an_unknown_log_level_with_key_and_line() {
         .arg(&path)
         .output()
         .expect("run pgsidecar check");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A wrong upstream password (a role whose password changed under the proxy) is a
+/// state: the client is told it was the proxy's own login, for which role and what to
+/// fix; PostgreSQL sees a bounded number of failed logins (the breaker backs off);
+/// the pool stays in /api/pools and SHOW POOLS with the error; the metric counts it
+/// with its SQLSTATE; /readyz fails when configured; fixing the password recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_upstream_password_is_a_visible_bounded_state() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Scram);
+        pg.exec(
+            "drop role if exists vf_upstream; create role vf_upstream login password 'right_pw'",
+        );
+        let proxy = start_proxy(&pg, |c| {
+            c.auth.method = AuthMethod::ScramSha256;
+            let mut admin = user("vf_admin", "admin_pw");
+            admin.admin = true;
+            c.users = vec![user("app", "client_pw"), admin];
+            c.upstream.user = Some("vf_upstream".into());
+            c.upstream.password = Some("right_pw".into());
+            c.admin.unready_when_upstream_login_fails = true;
+        })
+        .await;
+        let admin = pgsidecar::admin::serve("127.0.0.1:0", proxy.shared.clone())
+            .await
+            .expect("admin port");
+        let url = proxy_url_pw(&proxy, "app", "client_pw", "postgres");
+        // Works, then the role's password changes under the proxy.
+        let c = connect(&url).await;
+        assert_eq!(simple_one(&c, "select current_user").await, "vf_upstream");
+        drop(c);
+        proxy
+            .shared
+            .registry
+            .all()
+            .iter()
+            .for_each(|p| p.reconnect());
+        pg.exec("alter role vf_upstream password 'changed_pw'");
+        let failed_before = pg
+            .log_contents()
+            .matches("password authentication failed for user \"vf_upstream\"")
+            .count();
+        for i in 0..6 {
+            let e = match try_connect(&url, Duration::from_secs(10)).await {
+                Ok(c) => {
+                    // Transaction mode: the pool knows its parameters, so the login
+                    // passes and the first query meets the refusal.
+                    c.simple_query("select 1")
+                        .await
+                        .expect_err("upstream login fails")
+                }
+                Err(TryConnectError::Pg(e)) => e,
+                Err(e) => panic!("attempt {i}: {e}"),
+            };
+            let db = e.as_db_error().expect("a server error");
+            assert_eq!(db.code().code(), "28P01", "attempt {i}: {db:?}");
+            assert!(
+                db.message()
+                    .contains("the proxy's own login to PostgreSQL as role \"vf_upstream\" failed"),
+                "attempt {i}: {}",
+                db.message()
+            );
+            let hint = db.hint().unwrap_or("");
+            assert!(
+                hint.contains("upstream.password") && hint.contains("\"app\""),
+                "{hint}"
+            );
+        }
+        let failed = pg
+            .log_contents()
+            .matches("password authentication failed for user \"vf_upstream\"")
+            .count()
+            - failed_before;
+        assert!(
+            (1..=4).contains(&failed),
+            "PostgreSQL saw {failed} failed logins for 6 clients"
+        );
+        let pool = "postgres/app";
+        let counted = metric(
+            &proxy,
+            &format!(
+                "pgsidecar_upstream_login_failures_total{{pool=\"{pool}\",sqlstate=\"28P01\"}}"
+            ),
+        );
+        assert_eq!(
+            counted as usize, failed,
+            "metric counts every refused login"
+        );
+        let (status, body) = http_get(admin, "/api/pools");
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let p = v["pools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == pool))
+            .unwrap_or_else(|| panic!("pool listed: {body}"));
+        assert_eq!(p["upstream_login_error"]["sqlstate"], "28P01", "{p}");
+        assert_eq!(p["upstream_login_error"]["role"], "vf_upstream");
+        assert!(
+            p["upstream_login_error"]["since_unix"]
+                .as_f64()
+                .unwrap_or(0.0)
+                > 1.0e9
+        );
+        let (status, body) = http_get(admin, "/readyz");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("vf_upstream"), "{body}");
+        let console = connect(&proxy_url_pw(&proxy, "vf_admin", "admin_pw", "pgsidecar")).await;
+        let rows: Vec<_> = console
+            .simple_query("SHOW POOLS")
+            .await
+            .expect("show pools")
+            .into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let row = rows
+            .iter()
+            .find(|r| r.get("user") == Some("app"))
+            .expect("pool row");
+        assert!(row
+            .get("upstream_login_error")
+            .unwrap_or("")
+            .contains("28P01"));
+        // Fixed upstream: the next trial logs in, the state clears.
+        pg.exec("alter role vf_upstream password 'right_pw'");
+        wait_until(Duration::from_secs(20), "a login after the fix", || async {
+            match try_connect(&url, Duration::from_secs(5)).await {
+                Ok(c) => c.simple_query("select 1").await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert_eq!(http_get(admin, "/readyz").0, 200);
+    })
+    .await;
+}
+
+/// Every way a login ends is counted, with a bounded set of results.
+#[tokio::test]
+async fn every_login_outcome_is_counted() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| {
+            c.auth.method = AuthMethod::ScramSha256;
+            c.users = vec![user("postgres", "pw")];
+            c.upstream.user = Some("postgres".into());
+            c.limits.max_client_conn = 2;
+        })
+        .await;
+        let ok = proxy_url_pw(&proxy, "postgres", "pw", "postgres");
+        let held = connect(&ok).await;
+        assert_eq!(logins(&proxy, "accepted"), 1.0);
+        let wrong_pw = try_connect(
+            &proxy_url_pw(&proxy, "postgres", "nope", "postgres"),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            wrong_pw
+                .err()
+                .and_then(|e| e.code().map(|c| c.code().to_string()))
+                .as_deref(),
+            Some("28P01")
+        );
+        let unknown_user = try_connect(
+            &proxy_url_pw(&proxy, "nobody", "pw", "postgres"),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(unknown_user.is_err());
+        assert_eq!(logins(&proxy, "auth_failed"), 2.0);
+        let no_db = try_connect(
+            &proxy_url_pw(&proxy, "postgres", "pw", "vf_no_such_db"),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(
+            no_db
+                .err()
+                .and_then(|e| e.code().map(|c| c.code().to_string()))
+                .as_deref(),
+            Some("3D000")
+        );
+        assert_eq!(logins(&proxy, "unknown_database"), 1.0);
+        // A startup packet with a bad length.
+        let mut raw = RawConn::connect(proxy.addr).await;
+        raw.send(&[0, 0, 0, 2, 0, 0]).await;
+        let m = raw.read_msg().await;
+        assert_eq!(m.code().as_deref(), Some("08P01"));
+        assert_eq!(logins(&proxy, "protocol_error"), 1.0);
+        let second = connect(&ok).await;
+        let third = try_connect(&ok, Duration::from_secs(10)).await;
+        assert_eq!(
+            third
+                .err()
+                .and_then(|e| e.code().map(|c| c.code().to_string()))
+                .as_deref(),
+            Some("53300")
+        );
+        assert_eq!(logins(&proxy, "limit"), 1.0);
+        assert_eq!(logins(&proxy, "accepted"), 2.0);
+        drop((held, second));
+    })
+    .await;
 }

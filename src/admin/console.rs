@@ -116,6 +116,7 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                 .map(|p| {
                     let s = p.snapshot();
                     let b = p.breaker_view();
+                    let login = p.login_failure();
                     vec![
                         s.database,
                         s.user,
@@ -131,6 +132,13 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                         s.target_size.to_string(),
                         if s.paused { "yes" } else { "no" }.into(),
                         b.state.as_str().into(),
+                        login
+                            .as_ref()
+                            .map(|f| format!("{} {}", f.sqlstate, f.message))
+                            .unwrap_or_default(),
+                        login
+                            .map(|f| format!("{:.1}", f.failing_for_secs))
+                            .unwrap_or_default(),
                     ]
                 })
                 .collect();
@@ -151,6 +159,8 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                     "target_size",
                     "paused",
                     "breaker",
+                    "upstream_login_error",
+                    "upstream_login_failing_secs",
                 ],
                 data,
                 "SHOW",

@@ -48,7 +48,12 @@ pub fn line_of(text: &str, dotted: &str) -> Option<usize> {
             // Left the parent's block without finding the key.
             return None;
         }
-        let key = body.split(':').next().unwrap_or("").trim().trim_matches('"');
+        let key = body
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"');
         if key == want && body.contains(':') {
             match parts.next() {
                 None => return Some(i + 1),
@@ -79,7 +84,13 @@ mod tests {
 
     #[test]
     fn log_levels_accept_filters_and_refuse_bare_words() {
-        for ok in ["info", "WARN", "pgsidecar=debug", "pgsidecar=debug,warn", "off"] {
+        for ok in [
+            "info",
+            "WARN",
+            "pgsidecar=debug",
+            "pgsidecar=debug,warn",
+            "off",
+        ] {
             assert!(log_level(ok).is_ok(), "{ok}");
         }
         for bad in ["verbose", "", "pgsidecar=loud", "=info"] {

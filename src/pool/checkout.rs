@@ -347,6 +347,7 @@ impl Pool {
                     self.log_ceiling(ch, &format!("connecting took {took:?}"));
                 }
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                self.note_login(Ok(()));
                 self.m.opened.inc();
                 self.breaker_event(Event::Success);
                 let mut sp = self.startup_params.lock();
@@ -362,6 +363,7 @@ impl Pool {
             }
             Err(e) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.note_login(Err(&e));
                 let congestion = is_congestion(&e);
                 let change = {
                     let mut st = self.state.lock();

@@ -23,6 +23,7 @@ mod maintain;
 pub mod registry;
 mod reported;
 pub mod sizing;
+pub mod upstream_login;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -288,6 +289,8 @@ pub struct Pool {
     startup_params: Mutex<Option<StartupParams>>,
     /// Clients' startup settings, one shared copy per distinct set.
     pub client_settings: crate::server::params::SettingsCache,
+    /// The current run of logins PostgreSQL refused (`upstream_login`).
+    login_failure: Mutex<Option<upstream_login::LoginFailure>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -391,6 +394,7 @@ impl Pool {
             client_settings: Default::default(),
             stats: PoolStats::default(),
             startup_params: Mutex::new(None),
+            login_failure: Mutex::new(None),
         });
         maintain::spawn(&pool);
         pool

@@ -80,6 +80,15 @@ impl ConnectError {
         matches!(self, ConnectError::Server { code, .. } if code.starts_with("28"))
     }
 
+    /// The SQLSTATE of a refused login from this error's text (the `Server` variant's
+    /// Display above), for outcomes that keep only the text (probes).
+    pub fn refused_code_in(text: &str) -> Option<&str> {
+        let code = text.strip_prefix("server refused the login: ")?.get(..5)?;
+        code.bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+            .then_some(code)
+    }
+
     pub fn sqlstate(&self) -> &str {
         match self {
             ConnectError::Server { code, .. } => code,
@@ -110,7 +119,7 @@ impl ConnectError {
 
 /// SQLSTATEs are five ASCII characters; map a received one onto our static table so
 /// `ClientError` can keep `&'static str` codes without leaking memory.
-fn leak_code(code: &str) -> &'static str {
+pub(crate) fn leak_code(code: &str) -> &'static str {
     const KNOWN: &[&str] = &[
         "28P01", "28000", "3D000", "53300", "57P03", "57P01", "08006", "08P01", "42501", "0A000",
         "53100", "53200", "XX000", "55000", "42704",

@@ -50,7 +50,7 @@ where
                 true
             }
             Err(e) => {
-                let err = e.to_client_error(&self.pool.key);
+                let err = self.pool.client_error(&e);
                 self.shared.metrics.error("proxy", err.code);
                 if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
                     info.state.store(clients::IDLE, Ordering::Relaxed);

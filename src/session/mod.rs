@@ -2,6 +2,7 @@
 //! connections from the pool (for the whole session, or per transaction) and forwards
 //! frames between the two sides.
 
+mod admission;
 mod backend;
 mod binding;
 pub mod frontend;
@@ -609,7 +610,6 @@ mod size_tests {
             client: a,
             peer: "127.0.0.1:1".parse().unwrap(),
             shared,
-            refuse: None,
         }));
         let future = std::mem::size_of_val(&fut);
         let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
