@@ -317,3 +317,195 @@ async fn every_login_outcome_is_counted() {
     })
     .await;
 }
+
+/// Logins to 2,000 random database names (no `databases:` list, as with `--upstream`)
+/// leave no series behind: /metrics and RSS stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_database_names_leave_no_metric_series() {
+    within(Duration::from_secs(240), "2,000 logins", async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |_| {}).await;
+        let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        assert_eq!(simple_one(&c, "select 1").await, "1");
+        // Warm up allocator arenas and the metric encoder with a first batch.
+        let attempt = |i: usize| {
+            let url = proxy_url(
+                &proxy,
+                "postgres",
+                &format!("vf_rand_{i}_{:08x}", rand_u32(i)),
+            );
+            async move {
+                let r = try_connect(&url, Duration::from_secs(10)).await;
+                assert_eq!(
+                    r.err()
+                        .and_then(|e| e.code().map(|c| c.code().to_string()))
+                        .as_deref(),
+                    Some("3D000")
+                );
+            }
+        };
+        run_batched(0..100, 8, attempt).await;
+        proxy.shared.registry.refresh_metrics();
+        let before = proxy.shared.metrics.render().len();
+        let rss_before = rss_kib();
+        run_batched(100..2100, 8, attempt).await;
+        proxy.shared.registry.refresh_metrics();
+        let text = proxy.shared.metrics.render();
+        let rss_after = rss_kib();
+        eprintln!(
+            "/metrics {before} -> {} bytes; RSS {rss_before} -> {rss_after} KiB",
+            text.len()
+        );
+        assert!(
+            !text.contains("vf_rand_"),
+            "series of forgotten pools remain"
+        );
+        assert!(
+            text.len() <= before + before / 10,
+            "/metrics grew from {before} to {} bytes",
+            text.len()
+        );
+        assert!(
+            rss_after <= rss_before + 3 * 1024,
+            "RSS grew from {rss_before} to {rss_after} KiB"
+        );
+        assert_eq!(
+            proxy.shared.registry.all().len(),
+            1,
+            "only the pool in use remains"
+        );
+        assert_eq!(logins(&proxy, "unknown_database"), 2100.0);
+    })
+    .await;
+}
+
+fn rand_u32(i: usize) -> u32 {
+    (i as u32).wrapping_mul(2_654_435_761) ^ 0x9e37_79b9
+}
+
+async fn run_batched<F, Fut>(range: std::ops::Range<usize>, width: usize, f: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(width) {
+        futures_util::future::join_all(chunk.iter().map(|&i| f(i))).await;
+    }
+}
+
+/// Past limits.max_dynamic_pools a login that needs a new pool gets a clear FATAL.
+#[tokio::test]
+async fn dynamic_pools_are_capped_with_a_clear_fatal() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| c.limits.max_dynamic_pools = 2).await;
+        for db in ["postgres", "template1"] {
+            let c = connect(&proxy_url(&proxy, "postgres", db)).await;
+            assert_eq!(simple_one(&c, "select 1").await, "1");
+        }
+        let e = try_connect(
+            &proxy_url(&proxy, "postgres", "vf_third_db"),
+            Duration::from_secs(10),
+        )
+        .await
+        .err()
+        .expect("refused");
+        let TryConnectError::Pg(e) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(code_of(&e), "53300", "{e}");
+        assert!(message_of(&e).contains("limits.max_dynamic_pools"), "{e}");
+        assert_eq!(proxy.shared.registry.all().len(), 2);
+        // An existing pool still takes logins.
+        let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        assert_eq!(simple_one(&c, "select 1").await, "1");
+        assert_eq!(logins(&proxy, "limit"), 1.0);
+    })
+    .await;
+}
+
+/// At max_client_conn the refusal reads as PostgreSQL's through libpq with its default
+/// sslmode=prefer: the SSLRequest is answered and the FATAL follows the startup packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_clients_is_readable_through_libpq_sslmode_prefer() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| c.limits.max_client_conn = 1).await;
+        let held = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        let stderr =
+            tokio::task::block_in_place(|| psql_stderr(&proxy, "postgres", "postgres", "select 1"));
+        assert!(
+            stderr.contains("sorry, too many clients already"),
+            "psql said: {stderr}"
+        );
+        assert!(!stderr.contains("SSL exchange"), "psql said: {stderr}");
+        drop(held);
+    })
+    .await;
+}
+
+/// A client at the cap can still cancel its own runaway query, as with PostgreSQL.
+#[tokio::test]
+async fn cancel_is_accepted_at_the_client_cap() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| c.limits.max_client_conn = 1).await;
+        let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        let token = c.cancel_token();
+        let started = Instant::now();
+        let canceller = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            token
+                .cancel_query(tokio_postgres::NoTls)
+                .await
+                .expect("cancel request sent");
+        };
+        let (r, ()) = tokio::join!(c.simple_query("select pg_sleep(30)"), canceller);
+        let e = r.expect_err("cancelled");
+        assert_eq!(code_of(&e), "57014", "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(logins(&proxy, "cancel"), 1.0);
+    })
+    .await;
+}
+
+/// Silent sockets that never send a startup packet do not lock logins out, and are
+/// closed after client_startup_timeout.
+#[tokio::test]
+async fn silent_sockets_cannot_starve_logins() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| {
+            c.limits.max_client_conn = 3;
+            c.limits.client_startup_timeout = Duration::from_millis(1500);
+        })
+        .await;
+        let mut silent = Vec::new();
+        for _ in 0..10 {
+            silent.push(
+                tokio::net::TcpStream::connect(proxy.addr)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        assert_eq!(simple_one(&c, "select 1").await, "1");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // Each silent socket is closed once its time is up.
+        for mut s in silent {
+            let mut b = [0u8; 1];
+            let n = within(
+                Duration::from_secs(5),
+                "silent socket closed",
+                s.read(&mut b),
+            )
+            .await;
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1200));
+    })
+    .await;
+}
