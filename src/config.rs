@@ -406,6 +406,10 @@ pub struct AdminConfig {
     /// pool (wrong upstream password, say). Default `false`.
     #[serde(default)]
     pub unready_when_upstream_login_fails: bool,
+    /// How long PAUSE (console or `POST /api/pools/{name}/pause`) waits for
+    /// transactions in flight to finish; the pools stay paused after it. Default `30s`.
+    #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    pub pause_timeout: Duration,
     /// Grace period after which `/startupz` succeeds even without an upstream connection.
     /// Default `60s`.
     #[serde(default = "default_startup_grace", with = "humantime_serde")]
@@ -470,6 +474,9 @@ fn default_max_client_conn() -> usize {
 }
 fn default_max_message_size() -> usize {
     0x3fff_ffff
+}
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_max_dynamic_pools() -> usize {
     100
@@ -537,6 +544,7 @@ impl Default for AdminConfig {
             token: None,
             unready_when_breaker_open: false,
             unready_when_upstream_login_fails: false,
+            pause_timeout: default_pause_timeout(),
             startup_grace: default_startup_grace(),
             shutdown_delay: default_shutdown_delay(),
             shutdown_timeout: default_shutdown_timeout(),

@@ -509,3 +509,43 @@ async fn silent_sockets_cannot_starve_logins() {
     })
     .await;
 }
+
+/// PAUSE returns only once the transaction in flight has finished, and a client queued
+/// on the paused pool is told it is paused (not that the pool is too small).
+#[tokio::test]
+async fn pause_waits_for_transactions_and_waiters_are_told_it_is_paused() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |c| {
+            let mut admin: UserConfig = serde_yaml::from_str("name: vf_admin").expect("yaml");
+            admin.admin = true;
+            c.users = vec![serde_yaml::from_str("name: postgres").expect("yaml"), admin];
+            c.pool.query_wait_timeout = Duration::from_millis(800);
+        })
+        .await;
+        let a = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
+        a.batch_execute("begin; select 1").await.expect("begin");
+        let console = connect(&proxy_url(&proxy, "vf_admin", "pgsidecar")).await;
+        let started = Instant::now();
+        let pause = console.simple_query("PAUSE");
+        let commit_later = async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            a.batch_execute("commit").await.expect("commit");
+        };
+        let (paused, ()) = tokio::join!(pause, commit_later);
+        paused.expect("PAUSE");
+        assert!(
+            started.elapsed() >= Duration::from_millis(650),
+            "PAUSE returned after {:?}, before the transaction ended",
+            started.elapsed()
+        );
+        // Queued on the paused pool past query_wait_timeout.
+        let e = a.simple_query("select 1").await.expect_err("paused");
+        assert_eq!(code_of(&e), "57P03", "{e}");
+        let m = message_of(&e);
+        assert!(m.contains("is paused") && !m.contains("busy"), "{m}");
+        console.simple_query("RESUME").await.expect("RESUME");
+        assert_eq!(simple_one(&a, "select 1").await, "1");
+    })
+    .await;
+}

@@ -59,7 +59,12 @@ where
                 let text = String::from_utf8_lossy(frame.strip_suffix(b"\0").unwrap_or(&frame))
                     .into_owned();
                 for stmt in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    if let Err(e) = run(stmt, &shared, &mut out) {
+                    // PAUSE waits for transactions in flight, so it runs apart.
+                    let r = match super::pause::parse(stmt) {
+                        Some(db) => super::pause::console_pause(&shared, db, &mut out).await,
+                        None => run(stmt, &shared, &mut out),
+                    };
+                    if let Err(e) = r {
                         e.encode(&mut out);
                         break;
                     }

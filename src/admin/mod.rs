@@ -13,6 +13,7 @@
 //! are refused outright on a non-loopback address without one.
 
 pub mod console;
+pub mod pause;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -223,9 +224,15 @@ async fn pool_action(
     if targets.is_empty() {
         return text(StatusCode::NOT_FOUND, format!("no pool named {name:?}\n"));
     }
+    if action == "pause" {
+        let timeout = st.shared.registry.config().admin.pause_timeout;
+        if let Err(e) = pause::pause_and_wait(&targets, timeout).await {
+            return text(StatusCode::GATEWAY_TIMEOUT, format!("{}\n", e.message));
+        }
+    }
     for p in &targets {
         match action.as_str() {
-            "pause" => p.pause(),
+            "pause" => {}
             "resume" => {
                 if st.shared.lifecycle.is_draining() {
                     return text(StatusCode::CONFLICT, "refused: shutting down\n");

@@ -45,6 +45,7 @@ impl fmt::Debug for AdminConfig {
                 "unready_when_upstream_login_fails",
                 &self.unready_when_upstream_login_fails,
             )
+            .field("pause_timeout", &self.pause_timeout)
             .field("startup_grace", &self.startup_grace)
             .field("shutdown_delay", &self.shutdown_delay)
             .field("shutdown_timeout", &self.shutdown_timeout)

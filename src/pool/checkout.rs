@@ -235,6 +235,9 @@ impl Pool {
                         r
                     }
                     Err(_) if self.breaker_open() => Err(self.unavailable()),
+                    Err(_) if self.is_paused() => Err(CheckoutError::Paused {
+                        waited: settings.query_wait_timeout,
+                    }),
                     Err(_) => {
                         self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                         self.m.checkout_timeouts.inc();

@@ -178,6 +178,8 @@ pub enum CheckoutError {
         retry_in: Duration,
         last_error: String,
     },
+    /// The pool is paused (PAUSE) and was not resumed within `query_wait_timeout`.
+    Paused { waited: Duration },
     /// The pool is shutting down.
     Closed,
 }
@@ -206,6 +208,13 @@ impl CheckoutError {
                 ),
             )
             .with_hint("the request failed fast instead of queueing; retry after the time given"),
+            CheckoutError::Paused { waited } => ClientError::error(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!(
+                    "pgsidecar: pool {key} is paused (PAUSE on the admin console or POST /api/pools/.../pause) and was not resumed within query_wait_timeout ({waited:?})"
+                ),
+            )
+            .with_hint("the request can be retried once the pool is resumed (RESUME)"),
             CheckoutError::Closed => ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "pgsidecar: the pool is shutting down",
