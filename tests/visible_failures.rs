@@ -549,3 +549,82 @@ async fn pause_waits_for_transactions_and_waiters_are_told_it_is_paused() {
     })
     .await;
 }
+
+/// Queue mode rides out the first seconds of an outage and a `pg_ctl restart`: every
+/// request made meanwhile succeeds once PostgreSQL is back (none gets 08006 or 57P03).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_rides_out_an_outage_and_a_restart() {
+    bounded(async {
+        let pg = std::sync::Arc::new(PgCluster::start());
+        let proxy = start_proxy(&pg, |c| {
+            c.breaker.on_open = pgsidecar::config::BreakerOnOpen::Queue;
+            c.pool.query_wait_timeout = Duration::from_secs(20);
+            c.pool.size = 4;
+        })
+        .await;
+        let url = proxy_url(&proxy, "postgres", "postgres");
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(connect(&url).await);
+        }
+        for round in ["restart", "outage"] {
+            // A session of its own holds a smart restart in its shutdown phase, where
+            // PostgreSQL answers new connections with 57P03; the pool's idle servers
+            // are closed so each request needs a new one.
+            let direct = connect(&pg.superuser_url()).await;
+            let pg2 = pg.clone();
+            let restart = std::thread::spawn(move || match round {
+                "restart" => pg2.restart("smart"),
+                _ => {
+                    pg2.stop_fast();
+                    std::thread::sleep(Duration::from_millis(1500));
+                    pg2.start_again();
+                }
+            });
+            if round == "restart" {
+                wait_until(
+                    Duration::from_secs(10),
+                    "smart shutdown under way",
+                    || async {
+                        pg.log_contents()
+                            .matches("received smart shutdown request")
+                            .count()
+                            > 0
+                    },
+                )
+                .await;
+            }
+            proxy
+                .shared
+                .registry
+                .all()
+                .iter()
+                .for_each(|p| p.reconnect());
+            let started = Instant::now();
+            let mut requests = Vec::new();
+            // Requests all through the restart window.
+            while started.elapsed() < Duration::from_millis(1500) {
+                for c in &clients {
+                    requests.push(c.simple_query("select 1"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // The restart completes once the last session is gone.
+            drop(direct);
+            let results = futures_util::future::join_all(requests).await;
+            restart.join().expect("restart thread");
+            let failed: Vec<String> = results
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .map(|e| format!("{} {}", code_of(e), message_of(e)))
+                .collect();
+            assert!(
+                failed.is_empty(),
+                "{round}: {} of {} requests failed: {failed:?}",
+                failed.len(),
+                results.len()
+            );
+        }
+    })
+    .await;
+}

@@ -125,6 +125,13 @@ impl Pool {
                     match self.connect_for_client(&settings).await {
                         Ok(conn) => break Ok(self.lease(conn)),
                         Err(e) if settings.aimd && is_congestion(&e) => front = true,
+                        Err(e)
+                            if self.rides_out(&settings, &e)
+                                && Instant::now() + super::ride_out::RETRY_AFTER < deadline =>
+                        {
+                            tokio::time::sleep(super::ride_out::RETRY_AFTER).await;
+                            front = true;
+                        }
                         Err(e) => break Err(CheckoutError::Connect(e)),
                     }
                 }
@@ -552,6 +559,9 @@ impl Pool {
             rt.spawn(async move {
                 match pool.open_new(&settings).await {
                     Ok(conn) => pool.checkin(conn),
+                    Err(e) if for_waiters && pool.rides_out(&settings, &e) => {
+                        pool.retry_for_waiters()
+                    }
                     Err(e) if for_waiters && !(settings.aimd && is_congestion(&e)) => {
                         pool.fail_one_waiter(&e)
                     }

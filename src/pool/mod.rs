@@ -22,6 +22,7 @@ pub mod health;
 mod maintain;
 pub mod registry;
 mod reported;
+mod ride_out;
 pub mod sizing;
 pub mod upstream_login;
 
