@@ -134,7 +134,7 @@ impl Metrics {
             client_connections: counter(
                 &r,
                 "pgsidecar_client_connections_total",
-                "Client connections by outcome: accepted (logged in), auth_failed, unknown_database, protocol_error, limit (a connection or pool cap), upstream_auth_failed (the proxy's own login to PostgreSQL failed), upstream_failed, timeout, abandoned (closed before logging in), cancel (a CancelRequest), refused (other).",
+                "Client connections by outcome: accepted (logged in), auth_failed, unknown_database, protocol_error, limit (a connection or pool cap), upstream_auth_failed (the proxy's own login to PostgreSQL failed), upstream_failed, timeout, abandoned (closed before logging in), cancel (a CancelRequest), invalid_settings (startup options PostgreSQL refuses), refused (other).",
                 &["result"],
             ),
             clients: gauge(
@@ -327,11 +327,12 @@ pub enum LoginResult {
     Timeout,
     Abandoned,
     Cancel,
+    InvalidSettings,
     Refused,
 }
 
 impl LoginResult {
-    pub const ALL: [LoginResult; 11] = [
+    pub const ALL: [LoginResult; 12] = [
         LoginResult::Accepted,
         LoginResult::AuthFailed,
         LoginResult::UnknownDatabase,
@@ -342,6 +343,7 @@ impl LoginResult {
         LoginResult::Timeout,
         LoginResult::Abandoned,
         LoginResult::Cancel,
+        LoginResult::InvalidSettings,
         LoginResult::Refused,
     ];
 
@@ -357,6 +359,7 @@ impl LoginResult {
             LoginResult::Timeout => "timeout",
             LoginResult::Abandoned => "abandoned",
             LoginResult::Cancel => "cancel",
+            LoginResult::InvalidSettings => "invalid_settings",
             LoginResult::Refused => "refused",
         }
     }

@@ -628,3 +628,47 @@ async fn queue_mode_rides_out_an_outage_and_a_restart() {
     })
     .await;
 }
+
+/// Startup options are validated as PostgreSQL validates them: a value it refuses
+/// refuses the login with its own SQLSTATE and message; valid options cost no server
+/// connection per transaction.
+#[tokio::test]
+async fn bad_startup_options_are_refused_as_postgresql_refuses_them() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let proxy = start_proxy(&pg, |_| {}).await;
+        let direct_base = format!("postgres://postgres@{}/postgres", pg.addr());
+        let proxy_base = proxy_url(&proxy, "postgres", "postgres");
+        for (options, code) in [
+            ("-c%20statement_timeout%3Dbanana", "22023"),
+            ("-c%20nonexistent_guc%3D1", "42704"),
+        ] {
+            let direct = try_connect(&format!("{direct_base}?options={options}"), Duration::from_secs(10))
+                .await
+                .err()
+                .expect("PostgreSQL refuses it");
+            let TryConnectError::Pg(direct) = direct else { panic!("{direct}") };
+            let via = try_connect(&format!("{proxy_base}?options={options}"), Duration::from_secs(10))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("the proxy must refuse {options} too"));
+            let TryConnectError::Pg(via) = via else { panic!("{via}") };
+            assert_eq!(code_of(&via), code, "{via}");
+            assert_eq!(code_of(&via), code_of(&direct));
+            assert_eq!(message_of(&via), message_of(&direct));
+            assert_eq!(via.as_db_error().map(|d| d.severity().to_string()).as_deref(), Some("FATAL"));
+        }
+        assert_eq!(logins(&proxy, "invalid_settings"), 2.0);
+        // Valid options apply, and 20 transactions reuse the pool's server.
+        let opened = metric(&proxy, "pgsidecar_server_connections_opened_total{pool=\"postgres/postgres\"}");
+        let c = connect(&format!("{proxy_base}?options=-c%20statement_timeout%3D4321")).await;
+        for _ in 0..20 {
+            assert_eq!(simple_one(&c, "show statement_timeout").await, "4321ms");
+        }
+        let opened_after = metric(&proxy, "pgsidecar_server_connections_opened_total{pool=\"postgres/postgres\"}");
+        assert!(opened_after - opened <= 1.0, "{opened} -> {opened_after} server connections");
+        let unclean = metric(&proxy, "pgsidecar_server_connections_closed_total{pool=\"postgres/postgres\",reason=\"unclean at release\"}");
+        assert_eq!(unclean, 0.0);
+    })
+    .await;
+}

@@ -301,6 +301,8 @@ pub struct Pool {
     pub client_settings: crate::server::params::SettingsCache,
     /// The current run of logins PostgreSQL refused (`upstream_login`).
     login_failure: Mutex<Option<upstream_login::LoginFailure>>,
+    /// Fingerprints of clients' startup settings PostgreSQL accepted (session::validate).
+    pub validated_settings: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -405,6 +407,7 @@ impl Pool {
             stats: PoolStats::default(),
             startup_params: Mutex::new(None),
             login_failure: Mutex::new(None),
+            validated_settings: Mutex::default(),
         });
         maintain::spawn(&pool);
         pool

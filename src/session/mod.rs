@@ -13,6 +13,7 @@ pub mod setstmt;
 mod settings;
 pub mod timers;
 pub mod tracker;
+mod validate;
 
 use std::collections::HashMap;
 use std::future::poll_fn;

@@ -9,11 +9,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::admission;
 use super::handshake::{self, Login, Opening};
 use super::relay::Inbound;
 use super::timers;
 use super::tracker::{Effects, Tracker};
+use super::{admission, validate};
 use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
 use crate::clients;
 use crate::config::PoolMode;
@@ -336,8 +336,32 @@ where
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors
         // (bad database, refused role) at login, where drivers expect them.
-        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() {
+        // Startup settings not seen before on this pool are tried on that server first.
+        let fp = session.wanted_fp;
+        let validate =
+            !session.startup_settings.is_empty() && !validate::known_good(&session.pool, fp);
+        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() || validate
+        {
             match session.pool.checkout().await {
+                Ok(mut lease) if validate => {
+                    let settings = session.startup_settings.clone();
+                    match validate::check(&session.pool, lease.conn(), &settings, fp).await {
+                        Ok(()) if session.mode == PoolMode::Session => session.attach(lease),
+                        Ok(()) => lease.release(),
+                        Err(e) => {
+                            if e.is_some() {
+                                // PostgreSQL answered and the check's transaction ended.
+                                lease.release();
+                            } else {
+                                lease.discard("settings_check_failed");
+                            }
+                            if let Some(e) = e {
+                                session.shared.metrics.login(LoginResult::InvalidSettings);
+                                return Err((session.client, greeting, e));
+                            }
+                        }
+                    }
+                }
                 Ok(lease) => {
                     if session.mode == PoolMode::Session {
                         session.attach(lease);
