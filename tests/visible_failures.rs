@@ -409,8 +409,7 @@ async fn dynamic_pools_are_capped_with_a_clear_fatal() {
             Duration::from_secs(10),
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         let TryConnectError::Pg(e) = e else {
             panic!("{e}")
         };
@@ -645,8 +644,7 @@ async fn bad_startup_options_are_refused_as_postgresql_refuses_them() {
         ] {
             let direct = try_connect(&format!("{direct_base}?options={options}"), Duration::from_secs(10))
                 .await
-                .err()
-                .expect("PostgreSQL refuses it");
+            .expect_err("PostgreSQL refuses it");
             let TryConnectError::Pg(direct) = direct else { panic!("{direct}") };
             let via = try_connect(&format!("{proxy_base}?options={options}"), Duration::from_secs(10))
                 .await

@@ -91,7 +91,7 @@ impl Pool {
 
     /// A failed probe: a refused login is counted and recorded like any other.
     pub(super) fn note_probe_down(&self, error: &str) {
-        let Some(code) = ConnectError::refused_code_in(error) else {
+        let Some(code) = crate::server::refused_code_in(error) else {
             return;
         };
         let message = error

@@ -1,8 +1,11 @@
 //! A connection from the proxy to PostgreSQL: connect, authenticate, learn the server's
 //! parameters and cancel key, then hand the socket to the data path.
 
+mod codes;
 pub mod params;
 pub mod prepared;
+
+pub(crate) use codes::{leak_code, leak_code_or, refused_code_in};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,15 +83,6 @@ impl ConnectError {
         matches!(self, ConnectError::Server { code, .. } if code.starts_with("28"))
     }
 
-    /// The SQLSTATE of a refused login from this error's text (the `Server` variant's
-    /// Display above), for outcomes that keep only the text (probes).
-    pub fn refused_code_in(text: &str) -> Option<&str> {
-        let code = text.strip_prefix("server refused the login: ")?.get(..5)?;
-        code.bytes()
-            .all(|b| b.is_ascii_alphanumeric())
-            .then_some(code)
-    }
-
     pub fn sqlstate(&self) -> &str {
         match self {
             ConnectError::Server { code, .. } => code,
@@ -115,25 +109,6 @@ impl ConnectError {
             .with_hint("check that PostgreSQL is running and upstream.host/port are right; the request can be retried"),
         }
     }
-}
-
-/// SQLSTATEs are five ASCII characters; map a received one onto our static table so
-/// `ClientError` can keep `&'static str` codes without leaking memory.
-pub(crate) fn leak_code(code: &str) -> &'static str {
-    leak_code_or(code, sqlstate::CONNECTION_FAILURE)
-}
-
-/// As [`leak_code`], with `default` for a code not in the table.
-pub(crate) fn leak_code_or(code: &str, default: &'static str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "28P01", "28000", "3D000", "53300", "57P03", "57P01", "08006", "08P01", "42501", "0A000",
-        "53100", "53200", "XX000", "55000", "42704", "22023", "22P02", "55P02", "42602",
-    ];
-    KNOWN
-        .iter()
-        .copied()
-        .find(|k| *k == code)
-        .unwrap_or(default)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
