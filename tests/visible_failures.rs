@@ -394,15 +394,18 @@ where
     }
 }
 
-/// Past limits.max_dynamic_pools a login that needs a new pool gets a clear FATAL.
+/// Past limits.max_dynamic_pools a login that needs a new pool gets a clear FATAL; an
+/// unused pool makes room.
 #[tokio::test]
 async fn dynamic_pools_are_capped_with_a_clear_fatal() {
     bounded(async {
         let pg = shared_cluster(ClusterAuth::Trust);
         let proxy = start_proxy(&pg, |c| c.limits.max_dynamic_pools = 2).await;
+        let mut held = Vec::new();
         for db in ["postgres", "template1"] {
             let c = connect(&proxy_url(&proxy, "postgres", db)).await;
             assert_eq!(simple_one(&c, "select 1").await, "1");
+            held.push(c);
         }
         let e = try_connect(
             &proxy_url(&proxy, "postgres", "vf_third_db"),
@@ -420,6 +423,21 @@ async fn dynamic_pools_are_capped_with_a_clear_fatal() {
         let c = connect(&proxy_url(&proxy, "postgres", "postgres")).await;
         assert_eq!(simple_one(&c, "select 1").await, "1");
         assert_eq!(logins(&proxy, "limit"), 1.0);
+        // Once template1's clients are gone, its pool makes room for another database.
+        held.truncate(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = try_connect(
+            &proxy_url(&proxy, "postgres", "vf_third_db"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect_err("no such database");
+        let TryConnectError::Pg(e) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(code_of(&e), "3D000", "{e}");
+        let c = connect(&proxy_url(&proxy, "postgres", "template1")).await;
+        assert_eq!(simple_one(&c, "select 1").await, "1");
     })
     .await;
 }

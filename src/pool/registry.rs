@@ -54,6 +54,21 @@ impl Registry {
         let max = config.limits.max_dynamic_pools;
         let dynamic = |k: &PoolKey| config.find_database(&k.database).is_none();
         if dynamic(key) && pools.keys().filter(|k| dynamic(k)).count() >= max {
+            // At the cap, a dynamic pool nobody uses (no client, no lease, no login in
+            // progress: only this map holds it) makes room, idle servers and all.
+            let unused = pools
+                .iter()
+                .find(|(k, p)| dynamic(k) && Arc::strong_count(p) == 1)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = unused {
+                if let Some(p) = pools.remove(&k) {
+                    tracing::info!(pool = %p.name, "closing an unused pool to make room (limits.max_dynamic_pools)");
+                    p.close();
+                    self.metrics.remove_pool(&p.name);
+                }
+            }
+        }
+        if dynamic(key) && pools.keys().filter(|k| dynamic(k)).count() >= max {
             return Err(ClientError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!(

@@ -337,14 +337,15 @@ where
         // learn the parameters clients are told, and to surface upstream errors
         // (bad database, refused role) at login, where drivers expect them.
         // Startup settings not seen before on this pool are tried on that server first.
-        let fp = session.wanted_fp;
-        let validate =
-            !session.startup_settings.is_empty() && !validate::known_good(&session.pool, fp);
-        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() || validate
+        let to_check = validate::to_check(&session.startup_settings)
+            .filter(|(_, fp)| !validate::known_good(&session.pool, *fp));
+        if session.mode == PoolMode::Session
+            || session.pool.startup_params().is_none()
+            || to_check.is_some()
         {
             match session.pool.checkout().await {
-                Ok(mut lease) if validate => {
-                    let settings = session.startup_settings.clone();
+                Ok(mut lease) if to_check.is_some() => {
+                    let (settings, fp) = to_check.unwrap_or_default();
                     match validate::check(&session.pool, lease.conn(), &settings, fp).await {
                         Ok(()) if session.mode == PoolMode::Session => session.attach(lease),
                         Ok(()) => lease.release(),

@@ -25,6 +25,25 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Settings sets already found good, per pool (their fingerprints); bounded.
 const KNOWN_GOOD_CAP: usize = 256;
 
+/// Settings that accept any value are not worth a round trip (PostgreSQL takes any
+/// string for application_name, which many clients make unique per process).
+const ANY_VALUE: &[&str] = &["application_name"];
+
+/// The startup settings to try on a server, with their fingerprint; `None` when there is
+/// nothing PostgreSQL could refuse.
+pub fn to_check(settings: &HashMap<String, String>) -> Option<(HashMap<String, String>, u64)> {
+    let check: HashMap<String, String> = settings
+        .iter()
+        .filter(|(k, _)| !ANY_VALUE.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if check.is_empty() {
+        return None;
+    }
+    let fp = crate::server::params::fingerprint(&check, &Default::default());
+    Some((check, fp))
+}
+
 /// Whether `fp`'s settings were found good on this pool before.
 pub fn known_good(pool: &Pool, fp: u64) -> bool {
     pool.validated_settings.lock().contains(&fp)
