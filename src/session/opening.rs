@@ -78,43 +78,11 @@ where
     } = *accepted;
     // Plain until the opening negotiates TLS; the settings are those at connect time.
     let mut client = crate::tls::MaybeTls::Plain(client);
-    let tls = shared.tls.current();
-    let peer_ip = Some(peer.ip());
     let config = shared.registry.config();
     let mut leftover = BytesMut::new();
     let login_timeout = config.limits.client_login_timeout;
     let started = tokio::time::Instant::now();
-    // Until its startup packet a connection holds no place under max_client_conn, and
-    // has a shorter time to send it.
-    let startup_timeout = config.limits.client_startup_timeout.min(login_timeout);
-    let opening = Box::pin(tokio::time::timeout(
-        startup_timeout,
-        handshake::read_opening(&mut client, &mut leftover, &tls, peer_ip),
-    ))
-    .await;
-    let login = match opening {
-        Ok(Ok(Opening::Login(l))) => l,
-        Ok(Ok(Opening::Cancel { pid, secret })) => {
-            // As PostgreSQL: the requester's connection closes only after the signal was
-            // delivered (libpq waits for that EOF before its next command, so a late
-            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
-            // makes the timing of a valid key useless to a guesser. Served at the cap.
-            shared.metrics.login(LoginResult::Cancel);
-            Box::pin(shared.cancels.cancel(pid, &secret)).await;
-            drop(client);
-            return None;
-        }
-        Ok(Err(e)) => {
-            Box::pin(refused(&shared, &mut client, peer, BytesMut::new(), e)).await;
-            return None;
-        }
-        Err(_) => {
-            // No startup packet: there is no protocol state to report an error in.
-            tracing::debug!(%peer, timeout = ?startup_timeout, "no startup packet in time; closing");
-            shared.metrics.login(LoginResult::Timeout);
-            return None;
-        }
-    };
+    let login = Box::pin(startup(&mut client, &mut leftover, &shared, peer)).await?;
     let slot = match admission::admit(&shared) {
         Ok(s) => s,
         Err(e) => {
@@ -220,6 +188,53 @@ where
     session.entry = Some(entry);
     session.cap = Some(cap);
     Some((session, slot))
+}
+
+/// The opening up to the startup packet (SSL negotiation included): the login to go on
+/// with, or `None` when the connection ended there (a cancel served, a refusal sent,
+/// silence past `client_startup_timeout`).
+async fn startup<C>(
+    client: &mut crate::tls::MaybeTls<C>,
+    leftover: &mut BytesMut,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Option<Login>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = shared.registry.config();
+    let tls = shared.tls.current();
+    let login_timeout = config.limits.client_login_timeout;
+    // Until its startup packet a connection holds no place under max_client_conn, and
+    // has a shorter time to send it.
+    let startup_timeout = config.limits.client_startup_timeout.min(login_timeout);
+    let opening = Box::pin(tokio::time::timeout(
+        startup_timeout,
+        handshake::read_opening(client, leftover, &tls, Some(peer.ip())),
+    ))
+    .await;
+    match opening {
+        Ok(Ok(Opening::Login(l))) => Some(l),
+        Ok(Ok(Opening::Cancel { pid, secret })) => {
+            // As PostgreSQL: the requester's connection closes only after the signal was
+            // delivered (libpq waits for that EOF before its next command, so a late
+            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
+            // makes the timing of a valid key useless to a guesser. Served at the cap.
+            shared.metrics.login(LoginResult::Cancel);
+            Box::pin(shared.cancels.cancel(pid, &secret)).await;
+            None
+        }
+        Ok(Err(e)) => {
+            Box::pin(refused(shared, client, peer, BytesMut::new(), e)).await;
+            None
+        }
+        Err(_) => {
+            // No startup packet: there is no protocol state to report an error in.
+            tracing::debug!(%peer, timeout = ?startup_timeout, "no startup packet in time; closing");
+            shared.metrics.login(LoginResult::Timeout);
+            None
+        }
+    }
 }
 
 /// Counts and answers an opening the proxy refused (`None`: the client went away or
