@@ -411,6 +411,7 @@ where
         messages::backend_key_data(&mut out, session.cancel.pid, session.cancel.secret);
         messages::ready_for_query(&mut out, b'I');
         if session.client.write_all(&out).await.is_err() {
+            session.shared.metrics.login(LoginResult::Abandoned);
             return Err((
                 session.client,
                 BytesMut::new(),
