@@ -688,3 +688,55 @@ async fn bad_startup_options_are_refused_as_postgresql_refuses_them() {
     })
     .await;
 }
+
+/// Settings that PostgreSQL accepted at login but refuses on a later server (the text
+/// search configuration they name was dropped) end the session with PostgreSQL's
+/// words, instead of a new server connection for every transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_stop_applying_end_the_session_instead_of_a_reconnect_loop() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        pg.exec("drop text search configuration if exists public.vf_ts; create text search configuration public.vf_ts (copy = english)");
+        let proxy = start_proxy(&pg, |c| c.pool.size = 2).await;
+        let mut c = RawConn::connect(proxy.addr).await;
+        c.send(&common::raw::startup_packet(
+            196608,
+            &[
+                ("user", "postgres"),
+                ("database", "postgres"),
+                ("options", "-c default_text_search_config=public.vf_ts"),
+            ],
+        ))
+        .await;
+        c.finish_login().await;
+        assert_eq!(c.query_rows("show default_text_search_config").await[0][0].as_deref(), Some("public.vf_ts"));
+        pg.exec("drop text search configuration public.vf_ts");
+        proxy.shared.registry.all().iter().for_each(|p| p.reconnect());
+        let series = "pgsidecar_server_connections_opened_total{pool=\"postgres/postgres\"}";
+        let opened = metric(&proxy, series);
+        let mut fatal = None;
+        for _ in 0..10 {
+            c.send(&common::raw::query_msg("select 1")).await;
+            let mut msgs = Vec::new();
+            while let Some(m) = c.try_read_msg().await {
+                let done = m.tag == b'Z';
+                msgs.push(m);
+                if done {
+                    break;
+                }
+            }
+            if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+                fatal = Some((e.code(), e.field(b'S'), e.field(b'M')));
+                break;
+            }
+        }
+        let (code, severity, message) = fatal.expect("the session ends with an error");
+        assert_eq!(severity.as_deref(), Some("FATAL"));
+        assert_eq!(code.as_deref(), Some("22023"), "PostgreSQL's code for it");
+        let message = message.unwrap_or_default();
+        assert!(message.contains("cannot be applied") && message.contains("default_text_search_config"), "{message}");
+        let opened_after = metric(&proxy, series);
+        assert!(opened_after - opened <= 2.0, "{opened} -> {opened_after} server connections");
+    })
+    .await;
+}

@@ -344,6 +344,7 @@ where
             stats: SessionStats::default(),
             gauge: None,
             draining: false,
+            unusable_settings: None,
             entry: None,
             cap: None,
             timers: timers::Timers::new(&config.limits),
