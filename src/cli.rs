@@ -88,8 +88,23 @@ impl Cli {
         if let Some(f) = &self.log_format {
             config.logging.format = f.clone();
         }
-        config.validate()?;
+        config.validate().map_err(|e| self.locate(e))?;
         Ok(config)
+    }
+
+    /// Names the file and line of the key a validation error is about, when it is
+    /// written in the file.
+    fn locate(&self, e: ConfigError) -> ConfigError {
+        let (ConfigError::Invalid(m), Some(path)) = (&e, &self.config) else {
+            return e;
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let line =
+            crate::config::checks::key_of(m).and_then(|k| crate::config::checks::line_of(&text, k));
+        match line {
+            Some(n) => ConfigError::Invalid(format!("{} line {n}: {m}", path.display())),
+            None => e,
+        }
     }
 }
 

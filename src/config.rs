@@ -324,6 +324,15 @@ pub struct LimitsConfig {
     /// Default `60s`.
     #[serde(default = "default_client_login_timeout", with = "humantime_serde")]
     pub client_login_timeout: Duration,
+    /// Most pools for databases not listed under `databases:` (with no list: all
+    /// pools); a login that would create one more gets FATAL 53300. Default `100`.
+    #[serde(default = "default_max_dynamic_pools")]
+    pub max_dynamic_pools: usize,
+    /// Time a new connection has to send its startup packet (after any TLS
+    /// handshake); then it is closed. It does not count against `max_client_conn`
+    /// until then, so silent sockets cannot lock logins out. Default `10s`.
+    #[serde(default = "default_client_startup_timeout", with = "humantime_serde")]
+    pub client_startup_timeout: Duration,
     /// Most logged-in clients per database name; more get FATAL 53300. Unset: no cap.
     #[serde(default)]
     pub max_db_client_connections: Option<usize>,
@@ -393,6 +402,14 @@ pub struct AdminConfig {
     /// Whether an open circuit breaker makes `/readyz` fail. Default `false`.
     #[serde(default)]
     pub unready_when_breaker_open: bool,
+    /// Whether `/readyz` fails while PostgreSQL refuses the proxy's own login for a
+    /// pool (wrong upstream password, say). Default `false`.
+    #[serde(default)]
+    pub unready_when_upstream_login_fails: bool,
+    /// How long PAUSE (console or `POST /api/pools/{name}/pause`) waits for
+    /// transactions in flight to finish; the pools stay paused after it. Default `30s`.
+    #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    pub pause_timeout: Duration,
     /// Grace period after which `/startupz` succeeds even without an upstream connection.
     /// Default `60s`.
     #[serde(default = "default_startup_grace", with = "humantime_serde")]
@@ -458,6 +475,15 @@ fn default_max_client_conn() -> usize {
 fn default_max_message_size() -> usize {
     0x3fff_ffff
 }
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_dynamic_pools() -> usize {
+    100
+}
+fn default_client_startup_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_client_login_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -501,6 +527,8 @@ impl Default for LimitsConfig {
             max_client_conn: default_max_client_conn(),
             max_message_size: default_max_message_size(),
             client_login_timeout: default_client_login_timeout(),
+            max_dynamic_pools: default_max_dynamic_pools(),
+            client_startup_timeout: default_client_startup_timeout(),
             max_db_client_connections: None,
             max_user_client_connections: None,
             idle_transaction_timeout: None,
@@ -515,6 +543,8 @@ impl Default for AdminConfig {
         AdminConfig {
             token: None,
             unready_when_breaker_open: false,
+            unready_when_upstream_login_fails: false,
+            pause_timeout: default_pause_timeout(),
             startup_grace: default_startup_grace(),
             shutdown_delay: default_shutdown_delay(),
             shutdown_timeout: default_shutdown_timeout(),
@@ -633,6 +663,10 @@ impl Config {
                 "limits.client_login_timeout",
                 self.limits.client_login_timeout,
             ),
+            (
+                "limits.client_startup_timeout",
+                self.limits.client_startup_timeout,
+            ),
         ] {
             if d.is_zero() {
                 return bad(format!("{name} must be greater than 0"));
@@ -662,6 +696,9 @@ impl Config {
             return bad(
                 "breaker.backoff_base must be > 0 and not above breaker.backoff_cap".into(),
             );
+        }
+        if self.limits.max_dynamic_pools == 0 {
+            return bad("limits.max_dynamic_pools must be at least 1".into());
         }
         if self.limits.max_client_conn == 0 {
             return bad("limits.max_client_conn must be at least 1".into());
@@ -704,6 +741,7 @@ impl Config {
         if self.limits.max_message_size < 1024 || self.limits.max_message_size > 0x3fff_ffff {
             return bad("limits.max_message_size must be between 1024 and 1073741823".into());
         }
+        checks::log_level(&self.logging.level).map_err(ConfigError::Invalid)?;
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return bad(format!(
                 "logging.format must be text or json, not {:?}",
@@ -835,6 +873,7 @@ fn redact_hint(s: &str) -> String {
     format!("{prefix}...")
 }
 
+pub mod checks;
 mod redact;
 #[cfg(test)]
 mod tests;

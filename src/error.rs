@@ -27,6 +27,7 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const SYNTAX_ERROR: &str = "42601";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
 }
 
 /// Severity of an error the proxy emits. FATAL closes the connection afterwards.

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub checkout_timeouts: IntCounterVec,
     pub aimd_ceiling: IntGaugeVec,
+    pub upstream_login_failures: IntCounterVec,
     pub shutdown_clients_closed: IntCounter,
     pub bytes_c2s: IntCounter,
     pub bytes_s2c: IntCounter,
@@ -133,7 +134,7 @@ impl Metrics {
             client_connections: counter(
                 &r,
                 "pgsidecar_client_connections_total",
-                "Client connections by outcome: accepted (logged in) or rejected (limit, auth, protocol).",
+                "Client connections by outcome: accepted (logged in), auth_failed, unknown_database, protocol_error, limit (a connection or pool cap), upstream_auth_failed (the proxy's own login to PostgreSQL failed), upstream_failed, timeout, abandoned (closed before logging in), cancel (a CancelRequest), invalid_settings (startup options PostgreSQL refuses), refused (other).",
                 &["result"],
             ),
             clients: gauge(
@@ -261,6 +262,12 @@ impl Metrics {
                 "Pool ceiling after congestion control (AIMD); equals max when unconstrained.",
                 &["pool"],
             ),
+            upstream_login_failures: counter(
+                &r,
+                "pgsidecar_upstream_login_failures_total",
+                "Logins of the proxy to PostgreSQL that the server refused, by pool and SQLSTATE (28P01: wrong upstream password).",
+                &["pool", "sqlstate"],
+            ),
             shutdown_clients_closed,
             registry: r,
         }
@@ -283,8 +290,8 @@ impl Metrics {
         for r in ["ok", "failed"] {
             self.reloads.with_label_values(&[r]);
         }
-        for r in ["accepted", "rejected"] {
-            self.client_connections.with_label_values(&[r]);
+        for r in LoginResult::ALL {
+            self.client_connections.with_label_values(&[r.label()]);
         }
     }
 
@@ -303,6 +310,143 @@ impl Metrics {
         self.errors
             .with_label_values(&[origin, class.unwrap_or("??")])
             .inc();
+    }
+}
+
+/// How a client connection's opening ended (`client_connections_total{result}`): a
+/// fixed set, so no input can add series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginResult {
+    Accepted,
+    AuthFailed,
+    UnknownDatabase,
+    ProtocolError,
+    Limit,
+    UpstreamAuthFailed,
+    UpstreamFailed,
+    Timeout,
+    Abandoned,
+    Cancel,
+    InvalidSettings,
+    Refused,
+}
+
+impl LoginResult {
+    pub const ALL: [LoginResult; 12] = [
+        LoginResult::Accepted,
+        LoginResult::AuthFailed,
+        LoginResult::UnknownDatabase,
+        LoginResult::ProtocolError,
+        LoginResult::Limit,
+        LoginResult::UpstreamAuthFailed,
+        LoginResult::UpstreamFailed,
+        LoginResult::Timeout,
+        LoginResult::Abandoned,
+        LoginResult::Cancel,
+        LoginResult::InvalidSettings,
+        LoginResult::Refused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LoginResult::Accepted => "accepted",
+            LoginResult::AuthFailed => "auth_failed",
+            LoginResult::UnknownDatabase => "unknown_database",
+            LoginResult::ProtocolError => "protocol_error",
+            LoginResult::Limit => "limit",
+            LoginResult::UpstreamAuthFailed => "upstream_auth_failed",
+            LoginResult::UpstreamFailed => "upstream_failed",
+            LoginResult::Timeout => "timeout",
+            LoginResult::Abandoned => "abandoned",
+            LoginResult::Cancel => "cancel",
+            LoginResult::InvalidSettings => "invalid_settings",
+            LoginResult::Refused => "refused",
+        }
+    }
+
+    /// A refusal by the proxy's own checks (startup, authentication, caps), by SQLSTATE.
+    pub fn of_refusal(code: &str) -> LoginResult {
+        match code {
+            "3D000" => LoginResult::UnknownDatabase,
+            "08P01" | "0A000" => LoginResult::ProtocolError,
+            "53300" | "54000" => LoginResult::Limit,
+            c if c.starts_with("28") => LoginResult::AuthFailed,
+            _ => LoginResult::Refused,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts how a client connection's opening ended.
+    pub fn login(&self, result: LoginResult) {
+        self.client_connections
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// Counts a login to PostgreSQL that the server refused (SQLSTATEs are five
+    /// characters from PostgreSQL's fixed list; anything else is folded into "?????").
+    pub fn upstream_login_failed(&self, pool: &str, code: &str) {
+        let ok = code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric());
+        self.upstream_login_failures
+            .with_label_values(&[pool, if ok { code } else { "?????" }])
+            .inc();
+    }
+
+    /// Removes every series labelled with a pool that is gone, so pools that come and go
+    /// (logins to random database names) leave nothing behind.
+    pub fn remove_pool(&self, pool: &str) {
+        fn drop_from<T: prometheus::core::MetricVecBuilder>(
+            v: &prometheus::core::MetricVec<T>,
+            pool: &str,
+        ) {
+            use prometheus::core::Collector;
+            for family in v.collect() {
+                for m in family.get_metric() {
+                    let labels: std::collections::HashMap<&str, &str> = m
+                        .get_label()
+                        .iter()
+                        .map(|l| (l.name(), l.value()))
+                        .collect();
+                    if labels.get("pool") == Some(&pool) {
+                        let _ = v.remove(&labels);
+                    }
+                }
+            }
+        }
+        for v in [
+            &self.server_opened,
+            &self.server_closed,
+            &self.breaker_transitions,
+            &self.health_checks,
+            &self.checkout_timeouts,
+            &self.upstream_login_failures,
+        ] {
+            drop_from(v, pool);
+        }
+        for v in [
+            &self.clients,
+            &self.server_connections,
+            &self.pool_min,
+            &self.pool_max,
+            &self.pool_target,
+            &self.pool_current,
+            &self.pool_paused,
+            &self.aimd_ceiling,
+            &self.breaker_state,
+        ] {
+            drop_from(v, pool);
+        }
+        for v in [
+            &self.checkout_wait,
+            &self.transaction_duration,
+            &self.query_duration,
+            &self.connect_duration,
+            &self.health_check_duration,
+        ] {
+            drop_from(v, pool);
+        }
+        drop_from(&self.server_age_max, pool);
     }
 }
 

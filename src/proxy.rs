@@ -12,7 +12,6 @@ use tokio::task::JoinHandle;
 use crate::cancel::CancelRegistry;
 use crate::clients::ClientList;
 use crate::config::Config;
-use crate::error::{sqlstate, ClientError};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::pool::registry::Registry;
@@ -22,8 +21,10 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<CancelRegistry>,
-    /// Clients connected now (all states).
+    /// Client connections open now (all states, before the startup packet included).
     pub clients: AtomicUsize,
+    /// Connections past their startup packet: what `limits.max_client_conn` caps.
+    pub logins: AtomicUsize,
     pub lifecycle: Lifecycle,
     pub client_list: Arc<ClientList>,
     /// Client-side TLS in force (swapped on reload).
@@ -40,6 +41,7 @@ impl Shared {
             metrics,
             cancels: CancelRegistry::new(),
             clients: AtomicUsize::new(0),
+            logins: AtomicUsize::new(0),
             lifecycle: Lifecycle::default(),
             client_list: Arc::new(ClientList::default()),
             tls: crate::tls::ClientTls::default(),
@@ -125,27 +127,16 @@ impl Drop for ClientCount {
 fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     crate::server::set_keepalive(&stream);
-    let max = shared.registry.config().limits.max_client_conn;
-    let n = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    // The cap (max_client_conn) is applied after the startup packet, as PostgreSQL
+    // does (session::admission).
+    shared.clients.fetch_add(1, Ordering::Relaxed);
     let count = ClientCount(shared.clone());
-    let refuse = (n > max).then(|| {
-        shared
-            .metrics
-            .client_connections
-            .with_label_values(&["rejected"])
-            .inc();
-        ClientError::fatal(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!("sorry, too many clients already (limits.max_client_conn = {max})"),
-        )
-    });
     // One box for what login needs: a task keeps its future's captures for its whole
     // life, and this one lives as long as the client (RSS per idle client).
     let accepted = Box::new(crate::session::Accepted {
         client: stream,
         peer,
         shared,
-        refuse,
     });
     tokio::spawn(async move {
         let _count = count;

@@ -158,7 +158,8 @@ async fn database_missing_upstream_fails_at_login() {
 }
 
 /// The proxy logs in upstream as `upstream.user` with `upstream.password` (clients use
-/// trust here); a wrong upstream password reaches the client as the backend's 28P01.
+/// trust here); a wrong upstream password reaches the client as the backend's 28P01,
+/// said to be the proxy's own login.
 async fn check_upstream_auth(pg: &PgCluster, what: &str) {
     for mode in MODES {
         for (password, ok) in [(APP_PASSWORD, true), ("wrong_upstream_pw", false)] {
@@ -182,8 +183,8 @@ async fn check_upstream_auth(pg: &PgCluster, what: &str) {
                 assert_eq!(sqlstate(&e), "28P01", "{what}/{mode}: {e}");
                 assert_eq!(
                     db_message(&e),
-                    format!("password authentication failed for user \"{APP_USER}\""),
-                    "{what}/{mode}: the backend's own message"
+                    format!("pgsidecar: the proxy's own login to PostgreSQL as role \"{APP_USER}\" failed: password authentication failed for user \"{APP_USER}\""),
+                    "{what}/{mode}: the backend's own message, said to be the proxy's login"
                 );
             }
         }

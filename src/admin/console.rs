@@ -59,7 +59,12 @@ where
                 let text = String::from_utf8_lossy(frame.strip_suffix(b"\0").unwrap_or(&frame))
                     .into_owned();
                 for stmt in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    if let Err(e) = run(stmt, &shared, &mut out) {
+                    // PAUSE waits for transactions in flight, so it runs apart.
+                    let r = match super::pause::parse(stmt) {
+                        Some(db) => super::pause::console_pause(&shared, db, &mut out).await,
+                        None => run(stmt, &shared, &mut out),
+                    };
+                    if let Err(e) = r {
                         e.encode(&mut out);
                         break;
                     }
@@ -116,6 +121,7 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                 .map(|p| {
                     let s = p.snapshot();
                     let b = p.breaker_view();
+                    let login = p.login_failure();
                     vec![
                         s.database,
                         s.user,
@@ -131,6 +137,13 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                         s.target_size.to_string(),
                         if s.paused { "yes" } else { "no" }.into(),
                         b.state.as_str().into(),
+                        login
+                            .as_ref()
+                            .map(|f| format!("{} {}", f.sqlstate, f.message))
+                            .unwrap_or_default(),
+                        login
+                            .map(|f| format!("{:.1}", f.failing_for_secs))
+                            .unwrap_or_default(),
                     ]
                 })
                 .collect();
@@ -151,6 +164,8 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                     "target_size",
                     "paused",
                     "breaker",
+                    "upstream_login_error",
+                    "upstream_login_failing_secs",
                 ],
                 data,
                 "SHOW",

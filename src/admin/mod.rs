@@ -13,6 +13,7 @@
 //! are refused outright on a non-loopback address without one.
 
 pub mod console;
+pub mod pause;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -95,7 +96,7 @@ async fn readyz(State(st): State<AdminState>) -> Response {
         );
     }
     let config = sh.registry.config();
-    let clients = sh.clients.load(Ordering::Relaxed);
+    let clients = sh.logins.load(Ordering::Relaxed);
     if clients >= config.limits.max_client_conn {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -107,6 +108,22 @@ async fn readyz(State(st): State<AdminState>) -> Response {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: circuit breaker open for pool {}\n", p.name),
+            );
+        }
+    }
+    if config.admin.unready_when_upstream_login_fails {
+        let failing = sh
+            .registry
+            .all()
+            .into_iter()
+            .find_map(|p| Some((p.login_failure()?, p)));
+        if let Some((f, p)) = failing {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not ready: PostgreSQL refuses the proxy's login as role {:?} for pool {} since {:.0}s ({} {})\n",
+                    f.role, p.name, f.failing_for_secs, f.sqlstate, f.message
+                ),
             );
         }
     }
@@ -143,6 +160,10 @@ async fn pools(State(st): State<AdminState>) -> Response {
                 obj.insert(
                     "breaker".into(),
                     serde_json::to_value(p.breaker_view()).unwrap_or_default(),
+                );
+                obj.insert(
+                    "upstream_login_error".into(),
+                    serde_json::to_value(p.login_failure()).unwrap_or_default(),
                 );
             }
             v
@@ -203,9 +224,15 @@ async fn pool_action(
     if targets.is_empty() {
         return text(StatusCode::NOT_FOUND, format!("no pool named {name:?}\n"));
     }
+    if action == "pause" {
+        let timeout = st.shared.registry.config().admin.pause_timeout;
+        if let Err(e) = pause::pause_and_wait(&targets, timeout).await {
+            return text(StatusCode::GATEWAY_TIMEOUT, format!("{}\n", e.message));
+        }
+    }
     for p in &targets {
         match action.as_str() {
-            "pause" => p.pause(),
+            "pause" => {}
             "resume" => {
                 if st.shared.lifecycle.is_draining() {
                     return text(StatusCode::CONFLICT, "refused: shutting down\n");

@@ -41,6 +41,11 @@ impl fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("token", &redacted(&self.token))
             .field("unready_when_breaker_open", &self.unready_when_breaker_open)
+            .field(
+                "unready_when_upstream_login_fails",
+                &self.unready_when_upstream_login_fails,
+            )
+            .field("pause_timeout", &self.pause_timeout)
             .field("startup_grace", &self.startup_grace)
             .field("shutdown_delay", &self.shutdown_delay)
             .field("shutdown_timeout", &self.shutdown_timeout)

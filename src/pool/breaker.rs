@@ -29,6 +29,10 @@ impl Pool {
 
     /// Feeds the breaker; records and logs a transition. Returns the new state if changed.
     pub fn breaker_event(self: &Arc<Self>, ev: Event) -> Option<State> {
+        if matches!(ev, Event::Success) {
+            // A probe's login (or any other) went through: the refusal is history.
+            self.note_login(Ok(()));
+        }
         let changed = self.breaker.lock().on(ev, Instant::now());
         if let Some(to) = changed {
             self.note_transition(to);

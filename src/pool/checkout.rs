@@ -127,6 +127,13 @@ impl Pool {
                     match self.connect_for_client(&settings).await {
                         Ok(conn) => break Ok(self.lease(conn)),
                         Err(e) if settings.aimd && is_congestion(&e) => front = true,
+                        Err(e)
+                            if self.rides_out(&settings, &e)
+                                && Instant::now() + super::ride_out::RETRY_AFTER < deadline =>
+                        {
+                            tokio::time::sleep(super::ride_out::RETRY_AFTER).await;
+                            front = true;
+                        }
                         Err(e) => break Err(CheckoutError::Connect(e)),
                     }
                 }
@@ -238,6 +245,9 @@ impl Pool {
                         r
                     }
                     Err(_) if self.breaker_open() => Err(self.unavailable()),
+                    Err(_) if self.is_paused() => Err(CheckoutError::Paused {
+                        waited: settings.query_wait_timeout,
+                    }),
                     Err(_) => {
                         self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
                         self.m.checkout_timeouts.inc();
@@ -350,6 +360,7 @@ impl Pool {
                     self.log_ceiling(ch, &format!("connecting took {took:?}"));
                 }
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                self.note_login(Ok(()));
                 self.m.opened.inc();
                 self.breaker_event(Event::Success);
                 let mut sp = self.startup_params.lock();
@@ -365,6 +376,7 @@ impl Pool {
             }
             Err(e) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                self.note_login(Err(&e));
                 let congestion = is_congestion(&e);
                 let change = {
                     let mut st = self.state.lock();
@@ -421,6 +433,9 @@ impl Pool {
             rt.spawn(async move {
                 match pool.open_new(&settings).await {
                     Ok(conn) => pool.checkin(conn),
+                    Err(e) if for_waiters && pool.rides_out(&settings, &e) => {
+                        pool.retry_for_waiters()
+                    }
                     Err(e) if for_waiters && !(settings.aimd && is_congestion(&e)) => {
                         pool.fail_one_waiter(&e)
                     }

@@ -422,6 +422,7 @@ impl Pool {
                 self.breaker_event(Event::Success);
             }
             ProbeOutcome::Down(e) => {
+                self.note_probe_down(&e);
                 tracing::warn!(pool = %self.name, error = %e, latency = ?took, "upstream probe failed");
                 self.breaker_event(Event::Failure(e));
             }

@@ -27,7 +27,9 @@ pub mod health;
 mod maintain;
 pub mod registry;
 mod reported;
+mod ride_out;
 pub mod sizing;
+pub mod upstream_login;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -190,6 +192,8 @@ pub enum CheckoutError {
         retry_in: Duration,
         last_error: String,
     },
+    /// The pool is paused (PAUSE) and was not resumed within `query_wait_timeout`.
+    Paused { waited: Duration },
     /// The pool is shutting down.
     Closed,
 }
@@ -218,6 +222,13 @@ impl CheckoutError {
                 ),
             )
             .with_hint("the request failed fast instead of queueing; retry after the time given"),
+            CheckoutError::Paused { waited } => ClientError::error(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!(
+                    "pgsidecar: pool {key} is paused (PAUSE on the admin console or POST /api/pools/.../pause) and was not resumed within query_wait_timeout ({waited:?})"
+                ),
+            )
+            .with_hint("the request can be retried once the pool is resumed (RESUME)"),
             CheckoutError::Closed => ClientError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "pgsidecar: the pool is shutting down",
@@ -313,6 +324,10 @@ pub struct Pool {
     startup_params: Mutex<Option<StartupParams>>,
     /// Clients' startup settings, one shared copy per distinct set.
     pub client_settings: crate::server::params::SettingsCache,
+    /// The current run of logins PostgreSQL refused (`upstream_login`).
+    login_failure: Mutex<Option<upstream_login::LoginFailure>>,
+    /// Fingerprints of clients' startup settings PostgreSQL accepted (session::validate).
+    pub validated_settings: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -447,6 +462,8 @@ impl Pool {
             client_settings: Default::default(),
             stats: PoolStats::default(),
             startup_params: Mutex::new(None),
+            login_failure: Mutex::new(None),
+            validated_settings: Mutex::default(),
         });
         maintain::spawn(&pool);
         pool

@@ -8,6 +8,7 @@ use parking_lot::{Mutex, RwLock};
 use super::{Pool, PoolKey, PoolSettings};
 use crate::auth::Secret;
 use crate::config::Config;
+use crate::error::{sqlstate, ClientError};
 use crate::metrics::Metrics;
 use crate::server::ServerIdentity;
 
@@ -42,6 +43,47 @@ impl Registry {
         pool
     }
 
+    /// The pool for `key`, unless creating it would pass `limits.max_dynamic_pools`
+    /// (pools for databases not listed under `databases:`); then the FATAL to send.
+    pub fn try_get(&self, key: &PoolKey) -> Result<Arc<Pool>, ClientError> {
+        let config = self.config();
+        let mut pools = self.pools.lock();
+        if let Some(p) = pools.get(key) {
+            return Ok(p.clone());
+        }
+        let max = config.limits.max_dynamic_pools;
+        let dynamic = |k: &PoolKey| config.find_database(&k.database).is_none();
+        if dynamic(key) && pools.keys().filter(|k| dynamic(k)).count() >= max {
+            // At the cap, a dynamic pool nobody uses (no client, no lease, no login in
+            // progress: only this map holds it) makes room, idle servers and all.
+            let unused = pools
+                .iter()
+                .find(|(k, p)| dynamic(k) && Arc::strong_count(p) == 1)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = unused {
+                if let Some(p) = pools.remove(&k) {
+                    tracing::info!(pool = %p.name, "closing an unused pool to make room (limits.max_dynamic_pools)");
+                    p.close();
+                    self.metrics.remove_pool(&p.name);
+                }
+            }
+        }
+        if dynamic(key) && pools.keys().filter(|k| dynamic(k)).count() >= max {
+            return Err(ClientError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "pgsidecar: too many pools: {max} pools for databases not listed under databases: exist (limits.max_dynamic_pools); no pool for \"{}\" as \"{}\" can be created",
+                    key.database, key.user
+                ),
+            )
+            .with_hint("list the databases clients use under databases:, or raise limits.max_dynamic_pools"));
+        }
+        let settings = settings_for(&config, key);
+        let pool = Pool::new(key.clone(), settings, self.metrics.clone());
+        pools.insert(key.clone(), pool.clone());
+        Ok(pool)
+    }
+
     pub fn find(&self, key: &PoolKey) -> Option<Arc<Pool>> {
         self.pools.lock().get(key).cloned()
     }
@@ -62,13 +104,22 @@ impl Registry {
     }
 
     /// Forgets a pool that never managed to open a connection (a login to a database
-    /// that does not exist, say), so failed logins leave no state or metric series.
+    /// that does not exist, say), with its metric series, so failed logins leave no
+    /// state behind. A pool whose own login PostgreSQL refused stays: that is a state
+    /// to show, alert on and back off from.
     pub fn forget_if_unused(&self, key: &PoolKey) {
         let mut pools = self.pools.lock();
         if let Some(p) = pools.get(key) {
             let snap = p.snapshot();
-            if snap.open == 0 && snap.clients == 0 && snap.connects == 0 {
-                pools.remove(key);
+            if snap.open == 0
+                && snap.clients == 0
+                && snap.connects == 0
+                && p.login_failure().is_none()
+            {
+                if let Some(p) = pools.remove(key) {
+                    p.close();
+                    self.metrics.remove_pool(&p.name);
+                }
             }
         }
     }

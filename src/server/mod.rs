@@ -1,8 +1,11 @@
 //! A connection from the proxy to PostgreSQL: connect, authenticate, learn the server's
 //! parameters and cancel key, then hand the socket to the data path.
 
+mod codes;
 pub mod params;
 pub mod prepared;
+
+pub(crate) use codes::{leak_code, leak_code_or, refused_code_in};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,20 +109,6 @@ impl ConnectError {
             .with_hint("check that PostgreSQL is running and upstream.host/port are right; the request can be retried"),
         }
     }
-}
-
-/// SQLSTATEs are five ASCII characters; map a received one onto our static table so
-/// `ClientError` can keep `&'static str` codes without leaking memory.
-fn leak_code(code: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "28P01", "28000", "3D000", "53300", "57P03", "57P01", "08006", "08P01", "42501", "0A000",
-        "53100", "53200", "XX000", "55000", "42704",
-    ];
-    KNOWN
-        .iter()
-        .copied()
-        .find(|k| *k == code)
-        .unwrap_or(sqlstate::CONNECTION_FAILURE)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);

@@ -50,7 +50,7 @@ where
                 true
             }
             Err(e) => {
-                let err = e.to_client_error(&self.pool.key);
+                let err = self.pool.client_error(&e);
                 self.shared.metrics.error("proxy", err.code);
                 if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
                     info.state.store(clients::IDLE, Ordering::Relaxed);
@@ -164,6 +164,12 @@ where
             // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
             self.s_in.drop_unscanned();
             lease.discard("unclean at release");
+            if let Some(e) = self.tracker.injected_error.take() {
+                // The client's settings cannot be applied on this server: end the
+                // session with PostgreSQL's words rather than discard a server (and
+                // open another) on every transaction.
+                self.unusable_settings = Some(e);
+            }
         } else if self.cancel.slot.in_flight() > 0 {
             // A cancel for this client's last query is still on its way: the server
             // joins the pool only after it was delivered.

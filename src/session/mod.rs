@@ -2,6 +2,7 @@
 //! connections from the pool (for the whole session, or per transaction) and forwards
 //! frames between the two sides.
 
+mod admission;
 mod backend;
 mod binding;
 pub mod frontend;
@@ -12,6 +13,7 @@ pub mod setstmt;
 mod settings;
 pub mod timers;
 pub mod tracker;
+mod validate;
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -104,6 +106,9 @@ pub struct Session<C> {
     stats: SessionStats,
     gauge: Option<PoolClientGuard>,
     draining: bool,
+    /// The settings sync failed on a server (SQLSTATE, message): the session ends at
+    /// this transaction boundary.
+    unusable_settings: Option<Box<(String, String)>>,
     /// This client's entry in the admin console's client list (removed on drop).
     entry: Option<ClientEntry>,
     /// This client's place under the per-database/user connection caps.
@@ -229,7 +234,13 @@ where
         loop {
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
-                Step::Release => self.release(),
+                Step::Release => {
+                    self.release();
+                    if let Some(e) = self.unusable_settings.take() {
+                        Box::pin(self.end_unusable_settings(e)).await;
+                        return false;
+                    }
+                }
                 other => {
                     let client_closed = matches!(other, Step::ClientGone);
                     if Box::pin(self.handle(other)).await {
@@ -238,6 +249,17 @@ where
                 }
             }
         }
+    }
+
+    /// Ends a session whose settings PostgreSQL refused on a server, with its words.
+    async fn end_unusable_settings(&mut self, e: Box<(String, String)>) {
+        let (code, message) = *e;
+        let e = ClientError::fatal(
+            crate::server::leak_code_or(&code, sqlstate::INVALID_PARAMETER_VALUE),
+            format!("pgsidecar: this session's settings cannot be applied on a server connection: {message}"),
+        )
+        .with_hint("reconnect with settings PostgreSQL accepts");
+        self.handle(Step::ClientProtocol(e)).await;
     }
 
     /// Handles a step that needs waiting; true when the session is over.
@@ -609,7 +631,6 @@ mod size_tests {
             client: a,
             peer: "127.0.0.1:1".parse().unwrap(),
             shared,
-            refuse: None,
         }));
         let future = std::mem::size_of_val(&fut);
         let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();

@@ -13,10 +13,12 @@ use super::handshake::{self, Login, Opening};
 use super::relay::Inbound;
 use super::timers;
 use super::tracker::{Effects, Tracker};
+use super::{admission, validate};
 use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
 use crate::clients;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError, Severity};
+use crate::metrics::LoginResult;
 use crate::pool::PoolKey;
 use crate::protocol::messages;
 use crate::proxy::Shared;
@@ -27,8 +29,6 @@ pub struct Accepted<C> {
     pub client: C,
     pub peer: SocketAddr,
     pub shared: Arc<Shared>,
-    /// Set when the connection is over a cap: this error is sent and the connection closed.
-    pub refuse: Option<ClientError>,
 }
 
 /// Serves one accepted client connection to the end.
@@ -39,7 +39,7 @@ pub async fn serve<C>(accepted: Box<Accepted<C>>)
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
-    let Some(mut session) = Box::pin(open(accepted)).await else {
+    let Some((mut session, _slot)) = Box::pin(open(accepted)).await else {
         return;
     };
     if tracing::enabled!(tracing::Level::DEBUG) {
@@ -64,8 +64,10 @@ where
     tracing::Instrument::instrument(session.run_to_end(), span).await;
 }
 
+type Opened<C> = (Box<Session<crate::tls::MaybeTls<C>>>, admission::LoginSlot);
+
 /// The opening, login and session start; `None` when the connection ended there.
-async fn open<C>(accepted: Box<Accepted<C>>) -> Option<Box<Session<crate::tls::MaybeTls<C>>>>
+async fn open<C>(accepted: Box<Accepted<C>>) -> Option<Opened<C>>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
@@ -73,53 +75,48 @@ where
         client,
         peer,
         shared,
-        refuse: over_cap,
     } = *accepted;
-    if let Some(e) = over_cap {
-        let mut client = client;
-        Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
-        return None;
-    }
     // Plain until the opening negotiates TLS; the settings are those at connect time.
     let mut client = crate::tls::MaybeTls::Plain(client);
-    let tls = shared.tls.current();
-    let peer_ip = Some(peer.ip());
     let config = shared.registry.config();
     let mut leftover = BytesMut::new();
     let login_timeout = config.limits.client_login_timeout;
-    let opening = Box::pin(tokio::time::timeout(login_timeout, async {
-        let opening = handshake::read_opening(&mut client, &mut leftover, &tls, peer_ip).await?;
-        let mut greeting = BytesMut::new();
-        if let Opening::Login(login) = &opening {
-            greeting =
-                handshake::authenticate(&mut client, &config, &login.user, &mut leftover).await?;
+    let started = tokio::time::Instant::now();
+    let login = Box::pin(startup(&mut client, &mut leftover, &shared, peer)).await?;
+    let slot = match admission::admit(&shared) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "client refused: at limits.max_client_conn");
+            Box::pin(refused(
+                &shared,
+                &mut client,
+                peer,
+                BytesMut::new(),
+                Some(e),
+            ))
+            .await;
+            return None;
         }
-        Ok::<_, handshake::OpeningError>((opening, greeting))
-    }))
+    };
+    let left = login_timeout.saturating_sub(started.elapsed());
+    let auth = Box::pin(tokio::time::timeout(
+        left,
+        handshake::authenticate(&mut client, &config, &login.user, &mut leftover),
+    ))
     .await;
     // `greeting` is AuthenticationOk, not sent yet: it goes out with what follows it.
-    let (login, greeting) = match opening {
-        Ok(Ok((Opening::Login(l), greeting))) => (l, greeting),
-        Ok(Ok((Opening::Cancel { pid, secret }, _))) => {
-            // As PostgreSQL: the requester's connection closes only after the signal was
-            // delivered (libpq waits for that EOF before its next command, so a late
-            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
-            // makes the timing of a valid key useless to a guesser.
-            Box::pin(shared.cancels.cancel(pid, &secret)).await;
-            drop(client);
+    let greeting = match auth {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            Box::pin(refused(&shared, &mut client, peer, BytesMut::new(), e)).await;
             return None;
         }
-        Ok(Err(Some(e))) => {
-            tracing::info!(%peer, error = %e, "client login refused");
-            Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
-            return None;
-        }
-        Ok(Err(None)) => return None,
         Err(_) => {
             let e = ClientError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
             );
+            shared.metrics.login(LoginResult::Timeout);
             Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
             return None;
         }
@@ -134,9 +131,11 @@ where
                     login.user
                 ),
             );
+            shared.metrics.login(LoginResult::of_refusal(e.code));
             Box::pin(refuse(&mut client, greeting, &e)).await;
             return None;
         }
+        shared.metrics.login(LoginResult::Accepted);
         let _entry = shared.client_list.register(
             peer,
             login.user.as_str().into(),
@@ -157,6 +156,7 @@ where
         Ok(g) => g,
         Err(e) => {
             tracing::info!(%peer, error = %e, "client refused by a connection cap");
+            shared.metrics.login(LoginResult::Limit);
             Box::pin(refuse(&mut client, greeting, &e)).await;
             return None;
         }
@@ -187,7 +187,72 @@ where
     }
     session.entry = Some(entry);
     session.cap = Some(cap);
-    Some(session)
+    Some((session, slot))
+}
+
+/// The opening up to the startup packet (SSL negotiation included): the login to go on
+/// with, or `None` when the connection ended there (a cancel served, a refusal sent,
+/// silence past `client_startup_timeout`).
+async fn startup<C>(
+    client: &mut crate::tls::MaybeTls<C>,
+    leftover: &mut BytesMut,
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Option<Login>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = shared.registry.config();
+    let tls = shared.tls.current();
+    let login_timeout = config.limits.client_login_timeout;
+    // Until its startup packet a connection holds no place under max_client_conn, and
+    // has a shorter time to send it.
+    let startup_timeout = config.limits.client_startup_timeout.min(login_timeout);
+    let opening = Box::pin(tokio::time::timeout(
+        startup_timeout,
+        handshake::read_opening(client, leftover, &tls, Some(peer.ip())),
+    ))
+    .await;
+    match opening {
+        Ok(Ok(Opening::Login(l))) => Some(l),
+        Ok(Ok(Opening::Cancel { pid, secret })) => {
+            // As PostgreSQL: the requester's connection closes only after the signal was
+            // delivered (libpq waits for that EOF before its next command, so a late
+            // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
+            // makes the timing of a valid key useless to a guesser. Served at the cap.
+            shared.metrics.login(LoginResult::Cancel);
+            Box::pin(shared.cancels.cancel(pid, &secret)).await;
+            None
+        }
+        Ok(Err(e)) => {
+            Box::pin(refused(shared, client, peer, BytesMut::new(), e)).await;
+            None
+        }
+        Err(_) => {
+            // No startup packet: there is no protocol state to report an error in.
+            tracing::debug!(%peer, timeout = ?startup_timeout, "no startup packet in time; closing");
+            shared.metrics.login(LoginResult::Timeout);
+            None
+        }
+    }
+}
+
+/// Counts and answers an opening the proxy refused (`None`: the client went away or
+/// the opening ended without a channel to report on).
+async fn refused<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    client: &mut S,
+    peer: SocketAddr,
+    greeting: BytesMut,
+    e: Option<ClientError>,
+) {
+    let Some(e) = e else {
+        shared.metrics.login(LoginResult::Abandoned);
+        return;
+    };
+    tracing::info!(%peer, error = %e, "client login refused");
+    shared.metrics.login(LoginResult::of_refusal(e.code));
+    refuse(client, greeting, &e).await;
 }
 
 /// Sends a FATAL error, after what login still owes the client (AuthenticationOk, when
@@ -217,6 +282,7 @@ where
     ) -> Result<Box<Self>, (C, BytesMut, ClientError)> {
         let config = shared.registry.config();
         if !config.databases.is_empty() && config.find_database(&login.database).is_none() {
+            shared.metrics.login(LoginResult::UnknownDatabase);
             return Err((
                 client,
                 greeting,
@@ -230,7 +296,13 @@ where
             database: login.database.clone(),
             user: login.user.clone(),
         };
-        let pool = shared.registry.get(&key);
+        let pool = match shared.registry.try_get(&key) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.metrics.login(LoginResult::Limit);
+                return Err((client, greeting, e));
+            }
+        };
         let settings = pool.settings();
         let startup_settings = pool
             .client_settings
@@ -272,6 +344,7 @@ where
             stats: SessionStats::default(),
             gauge: None,
             draining: false,
+            unusable_settings: None,
             entry: None,
             cap: None,
             timers: timers::Timers::new(&config.limits),
@@ -279,8 +352,33 @@ where
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors
         // (bad database, refused role) at login, where drivers expect them.
-        if session.mode == PoolMode::Session || session.pool.startup_params().is_none() {
+        // Startup settings not seen before on this pool are tried on that server first.
+        let to_check = validate::to_check(&session.startup_settings)
+            .filter(|(_, fp)| !validate::known_good(&session.pool, *fp));
+        if session.mode == PoolMode::Session
+            || session.pool.startup_params().is_none()
+            || to_check.is_some()
+        {
             match session.pool.checkout().await {
+                Ok(mut lease) if to_check.is_some() => {
+                    let (settings, fp) = to_check.unwrap_or_default();
+                    match validate::check(&session.pool, lease.conn(), &settings, fp).await {
+                        Ok(()) if session.mode == PoolMode::Session => session.attach(lease),
+                        Ok(()) => lease.release(),
+                        Err(e) => {
+                            if e.is_some() {
+                                // PostgreSQL answered and the check's transaction ended.
+                                lease.release();
+                            } else {
+                                lease.discard("settings_check_failed");
+                            }
+                            if let Some(e) = e {
+                                session.shared.metrics.login(LoginResult::InvalidSettings);
+                                return Err((session.client, greeting, e));
+                            }
+                        }
+                    }
+                }
                 Ok(lease) => {
                     if session.mode == PoolMode::Session {
                         session.attach(lease);
@@ -289,8 +387,17 @@ where
                     }
                 }
                 Err(e) => {
-                    let mut err = e.to_client_error(&session.pool.key);
+                    let mut err = session.pool.client_error(&e);
                     err.severity = Severity::Fatal;
+                    let result = match err.code {
+                        _ if session.pool.login_failure().is_some() => {
+                            LoginResult::UpstreamAuthFailed
+                        }
+                        sqlstate::INVALID_CATALOG_NAME => LoginResult::UnknownDatabase,
+                        sqlstate::TOO_MANY_CONNECTIONS => LoginResult::Limit,
+                        _ => LoginResult::UpstreamFailed,
+                    };
+                    session.shared.metrics.login(result);
                     session.shared.registry.forget_if_unused(&session.pool.key);
                     return Err((session.client, greeting, err));
                 }
@@ -305,6 +412,7 @@ where
         messages::backend_key_data(&mut out, session.cancel.pid, session.cancel.secret);
         messages::ready_for_query(&mut out, b'I');
         if session.client.write_all(&out).await.is_err() {
+            session.shared.metrics.login(LoginResult::Abandoned);
             return Err((
                 session.client,
                 BytesMut::new(),
@@ -321,12 +429,7 @@ where
             pool: session.pool.clone(),
             active,
         });
-        session
-            .shared
-            .metrics
-            .client_connections
-            .with_label_values(&["accepted"])
-            .inc();
+        session.shared.metrics.login(LoginResult::Accepted);
         Ok(Box::new(session))
     }
 }

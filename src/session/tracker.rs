@@ -73,6 +73,8 @@ pub struct Tracker {
     pub status: u8,
     /// An injected query failed; the server connection should not be trusted.
     pub injected_failed: bool,
+    /// What PostgreSQL said when the injected settings sync failed (boxed: rare).
+    pub injected_error: Option<Box<(String, String)>>,
     /// The server is in COPY FROM STDIN mode and the client has not yet sent CopyDone or
     /// CopyFail. PostgreSQL ignores Sync (and Flush) in copy-in mode, so a Sync sent now
     /// gets no ReadyForQuery and must not be tracked.
@@ -86,6 +88,7 @@ impl Default for Tracker {
             discard_until_sync: false,
             status: b'I',
             injected_failed: false,
+            injected_error: None,
             copy_in: false,
         }
     }
@@ -106,6 +109,7 @@ impl Tracker {
         self.discard_until_sync = false;
         self.status = b'I';
         self.injected_failed = false;
+        self.injected_error = None;
         self.copy_in = false;
     }
 
@@ -228,7 +232,7 @@ impl Tracker {
                 self.enter_copy_in();
                 !self.head_is_injected()
             }
-            be::ERROR_RESPONSE => self.on_error(fx),
+            be::ERROR_RESPONSE => self.on_error(fx, body),
             be::PARSE_COMPLETE => match self.queue.front() {
                 Some(Req::Parse { injected, .. }) => {
                     let fwd = !*injected;
@@ -282,12 +286,19 @@ impl Tracker {
         }
     }
 
-    fn on_error(&mut self, fx: &mut Effects) -> bool {
+    fn on_error(&mut self, fx: &mut Effects, body: &[u8]) -> bool {
         // An error ends copy-in mode on the server: Syncs it reads from now on count.
         self.copy_in = false;
         match self.queue.front() {
             Some(Req::Injected) => {
                 self.injected_failed = true;
+                if self.injected_error.is_none() {
+                    let (code, msg, _) = crate::protocol::messages::error_fields(body);
+                    self.injected_error = Some(Box::new((
+                        code.unwrap_or_default(),
+                        msg.unwrap_or_default(),
+                    )));
+                }
                 false
             }
             Some(r) if r.is_extended() => {

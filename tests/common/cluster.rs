@@ -297,6 +297,26 @@ impl PgCluster {
         self.stop_mode("fast");
     }
 
+    /// `pg_ctl restart -m <mode>` (what an operator runs); returns once the server
+    /// accepts connections again. With `smart`, PostgreSQL answers new connections
+    /// with 57P03 until every session has ended.
+    pub fn restart(&self, mode: &str) {
+        let mut cmd = self.pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60", "-m", mode, "-l"])
+            .arg(&self.log_file)
+            .arg("restart");
+        let out = run_capture(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_ready(Duration::from_secs(30));
+    }
+
     /// Start the cluster again with the same data dir and port; returns once it
     /// accepts connections.
     pub fn start_again(&self) {

@@ -320,6 +320,11 @@ upstream:
 users:
   - name: app
     password: \${PGSIDECAR_CLIENT_PASSWORD}
+  # Logs in upstream with a wrong password: the refused-login metric and alert.
+  - name: badlogin
+    password: \${PGSIDECAR_CLIENT_PASSWORD}
+    server_user: app
+    server_password: not-the-password
 databases:
   - name: app
 pool:
@@ -374,6 +379,12 @@ traffic() {
         return 1
     fi
     grep -q 'division by zero' "$WORK/err.txt"
+    # The proxy's own login refused (pgsidecar_upstream_login_failures_total{sqlstate}).
+    if psql "host=127.0.0.1 port=$PROXY_PORT user=badlogin dbname=app" -qc 'SELECT 1' 2>"$WORK/err.txt"; then
+        echo "a login with a wrong server_password did not fail"
+        return 1
+    fi
+    grep -q "the proxy's own login to PostgreSQL as role \"app\" failed" "$WORK/err.txt"
     # A successful and a failed reload (pgsidecar_config_reloads_total{result}).
     curl -sf -X POST -H "Authorization: Bearer $TOKEN" "$ADMIN/api/reload"
     cp "$WORK/proxy.yaml" "$WORK/proxy.yaml.good"

@@ -1,0 +1,98 @@
+//! Startup settings (`options=-c name=value`, and parameters such as `DateStyle`) are
+//! checked the way PostgreSQL checks them, on a server connection, before the client
+//! is told it is in: a value PostgreSQL refuses (FATAL 22023 `invalid value for
+//! parameter`, 42704 `unrecognized configuration parameter`) refuses the login with
+//! PostgreSQL's own words. Otherwise a client with such settings logged in, ran with
+//! the server defaults, and every transaction of it failed the settings sync and
+//! discarded its server (a backend fork per transaction).
+//!
+//! Each setting is applied with `set_config(name, value, true)`: local to the
+//! implicit transaction of the check query, so the server is left as it was.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::error::{ClientError, Severity};
+use crate::pool::health::{self, CheckOutcome};
+use crate::pool::Pool;
+use crate::server::params::quote_literal;
+use crate::server::ServerConn;
+
+/// How long the check may take; a server that does not answer in time is left to the
+/// first transaction to find out about.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings sets already found good, per pool (their fingerprints); bounded.
+const KNOWN_GOOD_CAP: usize = 256;
+
+/// Settings that accept any value are not worth a round trip (PostgreSQL takes any
+/// string for application_name, which many clients make unique per process).
+const ANY_VALUE: &[&str] = &["application_name"];
+
+/// The startup settings to try on a server, with their fingerprint; `None` when there is
+/// nothing PostgreSQL could refuse.
+pub fn to_check(settings: &HashMap<String, String>) -> Option<(HashMap<String, String>, u64)> {
+    let check: HashMap<String, String> = settings
+        .iter()
+        .filter(|(k, _)| !ANY_VALUE.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if check.is_empty() {
+        return None;
+    }
+    let fp = crate::server::params::fingerprint(&check, &Default::default());
+    Some((check, fp))
+}
+
+/// Whether `fp`'s settings were found good on this pool before.
+pub fn known_good(pool: &Pool, fp: u64) -> bool {
+    pool.validated_settings.lock().contains(&fp)
+}
+
+fn remember(pool: &Pool, fp: u64) {
+    let mut set = pool.validated_settings.lock();
+    if set.len() >= KNOWN_GOOD_CAP {
+        set.clear();
+    }
+    set.insert(fp);
+}
+
+/// Tries `settings` on `conn`. Err(Some): what PostgreSQL said, as the FATAL to send;
+/// Err(None): the connection broke or did not answer (discard it; the first
+/// transaction applies the settings).
+pub async fn check(
+    pool: &Pool,
+    conn: &mut ServerConn,
+    settings: &HashMap<String, String>,
+    fp: u64,
+) -> Result<(), Option<ClientError>> {
+    let mut names: Vec<_> = settings.iter().collect();
+    names.sort();
+    let sql: String = names
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "SELECT pg_catalog.set_config({}, {}, true);",
+                quote_literal(k),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    match health::check(conn, &sql, CHECK_TIMEOUT).await {
+        CheckOutcome::Ok => {
+            remember(pool, fp);
+            Ok(())
+        }
+        CheckOutcome::ServerError(text) => {
+            // "SQLSTATE: message", as the check reports it.
+            let (code, message) = text.split_once(": ").unwrap_or(("", text.as_str()));
+            Err(Some(ClientError {
+                severity: Severity::Fatal,
+                code: crate::server::leak_code_or(code, crate::error::sqlstate::INVALID_PARAMETER_VALUE),
+                message: message.to_string(),
+                hint: Some("fix the setting in the connection's options (PGOPTIONS, -c name=value) or startup parameters".into()),
+            }))
+        }
+        CheckOutcome::Broken(_) | CheckOutcome::TimedOut(_) => Err(None),
+    }
+}
