@@ -120,12 +120,33 @@ pub struct Config {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// Host name or IP of the PostgreSQL server. Default `127.0.0.1`.
-    #[serde(default = "default_host")]
+    /// Host name or IP of the PostgreSQL server, or several (`[a, b:5433]` or
+    /// `"a,b:5433"`, libpq style; see `server::hosts`). Default `127.0.0.1`.
+    #[serde(default = "default_host", deserialize_with = "host_list")]
     pub host: String,
-    /// Default `5432`.
+    /// Port of hosts listed without one. Default `5432`.
     #[serde(default = "default_pg_port")]
     pub port: u16,
+    /// What a server connection must be connected to, as libpq's: `read-write`
+    /// (default), `primary`, `read-only`, `standby`, `prefer-standby`, `any`.
+    #[serde(default)]
+    pub target_session_attrs: crate::server::hosts::TargetSessionAttrs,
+    /// `disable` (hosts in the order listed) or `random`.
+    #[serde(default)]
+    pub load_balance_hosts: crate::server::hosts::LoadBalanceHosts,
+    /// Unacknowledged data older than this aborts a server connection (TCP_USER_TIMEOUT);
+    /// `0s` leaves the kernel's default (about 15 minutes). Default `10s`.
+    #[serde(default = "default_tcp_user_timeout", with = "humantime_serde")]
+    pub tcp_user_timeout: Duration,
+    /// TCP keepalive on server connections: first probe after this much idle time, then
+    /// every `keepalives_interval`, `keepalives_count` unanswered ones end it. Defaults
+    /// `10s`, `5s`, `3`: a vanished server is found within 25 s, not 2 hours.
+    #[serde(default = "default_keepalives_idle", with = "humantime_serde")]
+    pub keepalives_idle: Duration,
+    #[serde(default = "default_keepalives_interval", with = "humantime_serde")]
+    pub keepalives_interval: Duration,
+    #[serde(default = "default_keepalives_count")]
+    pub keepalives_count: u32,
     /// Role the proxy logs in as upstream, unless a user entry sets `server_user`.
     /// Unset: the client's user name.
     #[serde(default)]
@@ -445,6 +466,32 @@ fn default_worker_threads() -> usize {
 fn default_host() -> String {
     "127.0.0.1".into()
 }
+fn default_tcp_user_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalives_idle() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_keepalives_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_keepalives_count() -> u32 {
+    3
+}
+
+/// `upstream.host` as a string (`"a,b"`) or a list of strings, kept as `"a,b"`.
+fn host_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(v) => v.join(","),
+    })
+}
 fn default_pg_port() -> u16 {
     5432
 }
@@ -566,11 +613,23 @@ impl UpstreamConfig {
         UpstreamConfig {
             host,
             port,
+            target_session_attrs: Default::default(),
+            load_balance_hosts: Default::default(),
+            tcp_user_timeout: default_tcp_user_timeout(),
+            keepalives_idle: default_keepalives_idle(),
+            keepalives_interval: default_keepalives_interval(),
+            keepalives_count: default_keepalives_count(),
             user: None,
             password: None,
             connect_timeout: default_connect_timeout(),
             tls: Default::default(),
         }
+    }
+
+    /// The hosts to try, each with its port.
+    pub fn hosts(&self) -> Result<Vec<crate::server::hosts::HostAddr>, String> {
+        crate::server::hosts::parse_hosts(&self.host, self.port)
+            .map_err(|e| format!("upstream.host: {e}"))
     }
 }
 
@@ -738,6 +797,13 @@ impl Config {
         }
         self.tls.validate().map_err(ConfigError::Invalid)?;
         self.upstream.tls.validate().map_err(ConfigError::Invalid)?;
+        self.upstream.hosts().map_err(ConfigError::Invalid)?;
+        if self.upstream.keepalives_idle.is_zero()
+            || self.upstream.keepalives_interval.is_zero()
+            || self.upstream.keepalives_count == 0
+        {
+            return bad("upstream.keepalives_idle, keepalives_interval and keepalives_count must be greater than 0".into());
+        }
         if self.limits.max_message_size < 1024 || self.limits.max_message_size > 0x3fff_ffff {
             return bad("limits.max_message_size must be between 1024 and 1073741823".into());
         }

@@ -9,7 +9,6 @@ use tokio::time::Instant;
 
 use super::{congestion, CheckoutError, Pool};
 use crate::circuit::{Admit, BreakerView, Event, State};
-use crate::config::BreakerOnOpen;
 use crate::server::ConnectError;
 
 impl Pool {
@@ -41,7 +40,7 @@ impl Pool {
                     // The upstream is down: idle connections are dead or hung. Close them
                     // so checkouts fail fast instead of trying each.
                     self.close_idle("breaker_open");
-                    if self.settings().on_open == BreakerOnOpen::FailFast {
+                    if !self.settings().queues_while_down() {
                         // Everyone queued would only wait out their timeout: fail them now.
                         self.fail_all_waiters();
                     }

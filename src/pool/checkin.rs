@@ -115,7 +115,7 @@ impl Pool {
         }
         while !st.waiters.is_empty() {
             let Some(idle) = st.idle.pop() else { break };
-            if let Some(reason) = Self::unusable(&idle, now) {
+            if let Some(reason) = Self::unusable(&idle, now, &settings) {
                 self.close_unusable(&mut st, idle, reason);
                 continue;
             }

@@ -15,7 +15,6 @@ use super::{
     MAX_CONN_ERRORS,
 };
 use crate::circuit::Event;
-use crate::config::BreakerOnOpen;
 use crate::server::{ConnectError, ServerConn};
 
 /// Idle connections last known good more recently than this are not peeked.
@@ -71,7 +70,7 @@ impl Pool {
             return None;
         }
         while let Some(idle) = st.idle.pop() {
-            if let Some(reason) = Self::unusable(&idle, now) {
+            if let Some(reason) = Self::unusable(&idle, now, &settings) {
                 self.close_unusable(&mut st, idle, reason);
                 continue;
             }
@@ -118,7 +117,7 @@ impl Pool {
                 Next::Connect => {
                     if let Err(e) = self.admit() {
                         self.unreserve();
-                        if settings.on_open == BreakerOnOpen::FailFast {
+                        if !settings.queues_while_down() {
                             break Err(e);
                         }
                         let rx = self.enqueue(front);
@@ -162,7 +161,7 @@ impl Pool {
         }
         if !st.paused {
             while let Some(idle) = st.idle.pop() {
-                if let Some(reason) = Self::unusable(&idle, now) {
+                if let Some(reason) = Self::unusable(&idle, now, &settings) {
                     self.close_unusable(&mut st, idle, reason);
                     continue;
                 }
@@ -182,7 +181,7 @@ impl Pool {
                 st.connecting += 1;
                 return Next::Connect;
             }
-            if !breaker_closed && settings.on_open == BreakerOnOpen::FailFast {
+            if !breaker_closed && !settings.queues_while_down() {
                 drop(st);
                 return Next::Fail(self.unavailable());
             }
@@ -464,9 +463,18 @@ impl Pool {
     /// The peek is skipped for a connection known good within `PEEK_AFTER`: under load
     /// that is nearly every checkout (one syscall saved per transaction), and one that
     /// died within that window is about as likely to die right after a peek.
-    pub(super) fn unusable(idle: &Idle, now: Instant) -> Option<&'static str> {
+    pub(super) fn unusable(
+        idle: &Idle,
+        now: Instant,
+        settings: &PoolSettings,
+    ) -> Option<&'static str> {
         if now.duration_since(idle.conn.created) > idle.conn.lifetime {
             return Some("lifetime");
+        }
+        // Its host is known to have another role now (a failover): never hand it out.
+        let hosts = &settings.identity.hosts;
+        if hosts.attrs.needs_role() && !hosts.fits(idle.conn.host_index) {
+            return Some("role");
         }
         if now.duration_since(idle.checked) < PEEK_AFTER {
             return None;

@@ -170,6 +170,13 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
+    /// Clients wait (up to `query_wait_timeout`) rather than fail while no server can
+    /// be had: with `breaker.on_open: queue`, and always with several upstream hosts,
+    /// where "down" usually means a failover in progress.
+    pub fn queues_while_down(&self) -> bool {
+        self.on_open == BreakerOnOpen::Queue || self.identity.hosts.list().len() > 1
+    }
+
     fn aimd_config(&self) -> AimdConfig {
         AimdConfig {
             enabled: self.aimd,
@@ -394,6 +401,23 @@ impl Lease {
     pub fn note_error(&mut self) {
         if let Some(c) = self.conn.as_mut() {
             c.errors += 1;
+        }
+    }
+
+    /// The server refused a write as read-only (25006). On a pool that needs a
+    /// primary, its host has failed over or been demoted: the host's role is checked
+    /// again at the next connect (others are tried first), and this connection is
+    /// retired when released.
+    pub fn note_read_only(&mut self) {
+        let Some(c) = self.conn.as_mut() else { return };
+        let hosts = &self.pool.settings().identity.hosts;
+        if !hosts.attrs.accepts(crate::server::hosts::Role {
+            in_recovery: false,
+            read_only: true,
+        }) {
+            tracing::warn!(pool = %self.pool.name, host = %hosts.get(c.host_index), "the server refused a write as read-only; checking the upstream's roles again");
+            hosts.suspect(c.host_index);
+            c.errors = MAX_CONN_ERRORS + 1;
         }
     }
 

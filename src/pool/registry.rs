@@ -10,11 +10,15 @@ use crate::auth::Secret;
 use crate::config::Config;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::Metrics;
-use crate::server::ServerIdentity;
+use crate::server::hosts::Hosts;
+use crate::server::{ServerIdentity, TcpSettings};
 
 pub struct Registry {
     pub metrics: Arc<Metrics>,
     config: RwLock<Arc<Config>>,
+    /// The upstream's hosts and their state, shared by every pool (kept across reloads
+    /// that leave the host list as it was).
+    hosts: RwLock<Arc<Hosts>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
@@ -22,6 +26,7 @@ impl Registry {
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Registry> {
         Arc::new(Registry {
             metrics,
+            hosts: RwLock::new(hosts_of(&config)),
             config: RwLock::new(config),
             pools: Mutex::new(HashMap::new()),
         })
@@ -31,13 +36,18 @@ impl Registry {
         self.config.read().clone()
     }
 
+    /// The upstream's hosts with what is known of them (roles, bans).
+    pub fn hosts(&self) -> Arc<Hosts> {
+        self.hosts.read().clone()
+    }
+
     /// The pool for `key`, created with settings from the current config.
     pub fn get(&self, key: &PoolKey) -> Arc<Pool> {
         let mut pools = self.pools.lock();
         if let Some(p) = pools.get(key) {
             return p.clone();
         }
-        let settings = settings_for(&self.config(), key);
+        let settings = settings_for(&self.config(), key, &self.hosts());
         let pool = Pool::new(key.clone(), settings, self.metrics.clone());
         pools.insert(key.clone(), pool.clone());
         pool
@@ -78,7 +88,7 @@ impl Registry {
             )
             .with_hint("list the databases clients use under databases:, or raise limits.max_dynamic_pools"));
         }
-        let settings = settings_for(&config, key);
+        let settings = settings_for(&config, key, &self.hosts());
         let pool = Pool::new(key.clone(), settings, self.metrics.clone());
         pools.insert(key.clone(), pool.clone());
         Ok(pool)
@@ -98,8 +108,19 @@ impl Registry {
     /// connected clients and open server connections carry on.
     pub fn apply(&self, config: Arc<Config>) {
         *self.config.write() = config.clone();
+        let fresh = hosts_of(&config);
+        let hosts = {
+            let mut h = self.hosts.write();
+            let same = h.list() == fresh.list()
+                && h.attrs == fresh.attrs
+                && h.load_balance == fresh.load_balance;
+            if !same {
+                *h = fresh;
+            }
+            h.clone()
+        };
         for pool in self.all() {
-            pool.update_settings(settings_for(&config, &pool.key));
+            pool.update_settings(settings_for(&config, &pool.key, &hosts));
         }
     }
 
@@ -190,7 +211,17 @@ impl Registry {
 }
 
 /// Derives one pool's settings: per-database and per-user overrides over the globals.
-pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
+/// The hosts of `config`'s upstream (validated already; an unparsable list falls back to
+/// its default host, which then fails to connect with a clear error).
+pub fn hosts_of(config: &Config) -> Arc<Hosts> {
+    let u = &config.upstream;
+    match u.hosts() {
+        Ok(list) => Arc::new(Hosts::new(list, u.target_session_attrs, u.load_balance_hosts)),
+        Err(_) => Arc::new(Hosts::single(&u.host, u.port)),
+    }
+}
+
+pub fn settings_for(config: &Config, key: &PoolKey, hosts: &Arc<Hosts>) -> PoolSettings {
     let user = config.find_user(&key.user);
     let db = config.find_database(&key.database);
     let server_user = user
@@ -239,8 +270,13 @@ pub fn settings_for(config: &Config, key: &PoolKey) -> PoolSettings {
             probe_timeout: config.health.probe_timeout,
         },
         identity: ServerIdentity {
-            host: config.upstream.host.clone(),
-            port: config.upstream.port,
+            hosts: hosts.clone(),
+            tcp: TcpSettings {
+                keepalives_idle: config.upstream.keepalives_idle,
+                keepalives_interval: config.upstream.keepalives_interval,
+                keepalives_count: config.upstream.keepalives_count,
+                user_timeout: config.upstream.tcp_user_timeout,
+            },
             user: server_user,
             password,
             database,

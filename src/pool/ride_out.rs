@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Pool, PoolSettings};
-use crate::config::BreakerOnOpen;
 use crate::error::sqlstate;
 use crate::server::ConnectError;
 
@@ -18,7 +17,7 @@ pub(super) const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// A failure that says the server is not there *yet*, not that the request is wrong.
 fn passes(e: &ConnectError) -> bool {
     match e {
-        ConnectError::Io { .. } | ConnectError::Timeout(..) => true,
+        ConnectError::Io { .. } | ConnectError::Timeout(..) | ConnectError::NoSuitableHost { .. } => true,
         ConnectError::Server { code, .. } => {
             code == sqlstate::CANNOT_CONNECT_NOW || code == sqlstate::ADMIN_SHUTDOWN
         }
@@ -29,7 +28,7 @@ fn passes(e: &ConnectError) -> bool {
 impl Pool {
     /// Whether this failed connect is to be ridden out rather than reported.
     pub(super) fn rides_out(&self, settings: &PoolSettings, e: &ConnectError) -> bool {
-        settings.on_open == BreakerOnOpen::Queue && passes(e)
+        settings.queues_while_down() && passes(e)
     }
 
     /// After a ridden-out failure of a connect made for waiters: try again shortly

@@ -112,6 +112,11 @@ where
                     if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
                         self.server_fatal = true;
                     }
+                    if code.as_deref() == Some(crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION) {
+                        if let Some(l) = self.server.as_mut() {
+                            l.note_read_only();
+                        }
+                    }
                     tracing::trace!(code = ?code, "server error");
                 }
                 _ => {}

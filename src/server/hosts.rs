@@ -1,0 +1,465 @@
+//! Several upstream hosts, libpq style: which one a new server connection goes to.
+//!
+//! `upstream.host: [a, b:5433]` (or `"a,b:5433"`, or the URL `postgres://u@a,b:5433/db`)
+//! lists the candidates; `target_session_attrs` says what a connection must be
+//! connected to (the same words libpq uses), and `load_balance_hosts: random` shuffles
+//! the order per connect. Every host has its own state, shared by all pools of the
+//! upstream: the role it reported last (from the `in_hot_standby` and
+//! `default_transaction_read_only` parameters PostgreSQL 14+ reports at login, else a
+//! query), and a ban after connect failures, doubled per failure up to 30 s, so a
+//! black-holed host costs one timeout, not one per client. The last candidate is never
+//! banned: with every host banned, all are tried.
+//!
+//! A host name is resolved again on every connect, so a Kubernetes Service or a DNS
+//! record that moves to the new primary is followed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// What a server connection must be connected to (libpq's `target_session_attrs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// Accepts writes: not in recovery and `default_transaction_read_only` off.
+    #[default]
+    ReadWrite,
+    /// Not in recovery.
+    Primary,
+    /// Refuses writes: in recovery, or `default_transaction_read_only` on.
+    ReadOnly,
+    /// In recovery.
+    Standby,
+    /// A standby if one is up, else any host.
+    PreferStandby,
+    Any,
+}
+
+impl std::fmt::Display for TargetSessionAttrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            TargetSessionAttrs::Standby => "standby",
+            TargetSessionAttrs::PreferStandby => "prefer-standby",
+            TargetSessionAttrs::Any => "any",
+        })
+    }
+}
+
+impl TargetSessionAttrs {
+    /// Whether a server of `role` serves these attributes (prefer-standby: any).
+    pub fn accepts(self, role: Role) -> bool {
+        match self {
+            TargetSessionAttrs::ReadWrite => !role.in_recovery && !role.read_only,
+            TargetSessionAttrs::Primary => !role.in_recovery,
+            TargetSessionAttrs::ReadOnly => role.in_recovery || role.read_only,
+            TargetSessionAttrs::Standby => role.in_recovery,
+            TargetSessionAttrs::PreferStandby | TargetSessionAttrs::Any => true,
+        }
+    }
+
+    /// Pools that read from replicas spread their connections over them.
+    fn spreads(self) -> bool {
+        matches!(
+            self,
+            TargetSessionAttrs::ReadOnly
+                | TargetSessionAttrs::Standby
+                | TargetSessionAttrs::PreferStandby
+        )
+    }
+
+    /// Whether the role must be known before a connection is used.
+    pub fn needs_role(self) -> bool {
+        self != TargetSessionAttrs::Any
+    }
+}
+
+/// libpq's `load_balance_hosts`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalanceHosts {
+    /// In the order listed (replica pools: round robin from the next host each time).
+    #[default]
+    Disable,
+    /// A random order per connect.
+    Random,
+}
+
+/// What a server said about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Role {
+    pub in_recovery: bool,
+    /// `default_transaction_read_only` (a standby is read-only whatever this says).
+    pub read_only: bool,
+}
+
+impl Role {
+    pub fn name(&self) -> &'static str {
+        if self.in_recovery {
+            "standby"
+        } else if self.read_only {
+            "read-only primary"
+        } else {
+            "primary"
+        }
+    }
+}
+
+/// One candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Splits `a,b:5433,[::1]:5434` into hosts; entries without a port get `default_port`.
+pub fn parse_hosts(list: &str, default_port: u16) -> Result<Vec<HostAddr>, String> {
+    let mut out = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(format!("empty host in {list:?}"));
+        }
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (h, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed [ in host {entry:?}"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return Err(format!("unexpected {after:?} after host {h:?}")),
+            }
+        } else if entry.matches(':').count() == 1 {
+            let (h, p) = entry.split_once(':').unwrap_or((entry, ""));
+            (h, Some(p))
+        } else {
+            (entry, None)
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("invalid port {p:?} for host {host:?}"))?,
+            None => default_port,
+        };
+        out.push(HostAddr {
+            host: host.to_string(),
+            port,
+        });
+    }
+    Ok(out)
+}
+
+/// First ban after a failed connect; doubled per further failure.
+const BAN_BASE: Duration = Duration::from_secs(1);
+const BAN_CAP: Duration = Duration::from_secs(30);
+
+/// What is known of one host.
+#[derive(Debug, Clone, Default)]
+pub struct HostState {
+    pub role: Option<Role>,
+    /// Consecutive connect failures.
+    pub failures: u32,
+    pub banned_until: Option<Instant>,
+    pub last_error: Option<String>,
+    /// Server connections opened to it.
+    pub connects: u64,
+}
+
+/// A host and its state, for the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostView {
+    pub address: String,
+    /// `primary`, `standby`, `read-only primary` or `unknown`.
+    pub role: &'static str,
+    pub up: bool,
+    pub banned_for_secs: Option<f64>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    pub connects: u64,
+}
+
+/// The hosts of one upstream and what is known of them; shared by its pools.
+#[derive(Debug)]
+pub struct Hosts {
+    list: Vec<HostAddr>,
+    pub attrs: TargetSessionAttrs,
+    pub load_balance: LoadBalanceHosts,
+    state: Mutex<Vec<HostState>>,
+    next: AtomicUsize,
+}
+
+impl Hosts {
+    pub fn new(
+        list: Vec<HostAddr>,
+        attrs: TargetSessionAttrs,
+        load_balance: LoadBalanceHosts,
+    ) -> Hosts {
+        let state = Mutex::new(vec![HostState::default(); list.len()]);
+        Hosts {
+            list,
+            attrs,
+            load_balance,
+            state,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// One host, any role (tests, tools).
+    pub fn single(host: &str, port: u16) -> Hosts {
+        Hosts::new(
+            vec![HostAddr {
+                host: host.to_string(),
+                port,
+            }],
+            TargetSessionAttrs::Any,
+            LoadBalanceHosts::Disable,
+        )
+    }
+
+    pub fn list(&self) -> &[HostAddr] {
+        &self.list
+    }
+
+    pub fn get(&self, i: usize) -> &HostAddr {
+        &self.list[i.min(self.list.len().saturating_sub(1))]
+    }
+
+    /// The order to try hosts in for a new connection: hosts not banned whose role fits
+    /// (or is unknown) first, then those of another role (a role can change: a
+    /// standby is promoted), then banned ones; with prefer-standby, known standbys
+    /// first. `shuffle` draws a random index below its argument.
+    pub fn order(&self, now: Instant, mut shuffle: impl FnMut(usize) -> usize) -> Vec<usize> {
+        let n = self.list.len();
+        let mut base: Vec<usize> = (0..n).collect();
+        match self.load_balance {
+            LoadBalanceHosts::Random => {
+                for i in (1..n).rev() {
+                    base.swap(i, shuffle(i + 1));
+                }
+            }
+            LoadBalanceHosts::Disable if self.attrs.spreads() && n > 1 => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                base.rotate_left(start);
+            }
+            LoadBalanceHosts::Disable => {}
+        }
+        let st = self.state.lock();
+        let rank = |i: &usize| {
+            let s = &st[*i];
+            let banned = s.banned_until.is_some_and(|t| now < t);
+            let fits = match s.role {
+                None => 1,
+                Some(r) if self.attrs == TargetSessionAttrs::PreferStandby => {
+                    if r.in_recovery {
+                        0
+                    } else {
+                        2
+                    }
+                }
+                Some(r) if self.attrs.accepts(r) => 0,
+                Some(_) => 3,
+            };
+            (u8::from(banned), fits)
+        };
+        base.sort_by_key(rank);
+        base
+    }
+
+    /// A connect to host `i` failed before its role was known.
+    pub fn failed(&self, i: usize, error: &str, now: Instant) {
+        let mut st = self.state.lock();
+        let Some(s) = st.get_mut(i) else { return };
+        s.failures = s.failures.saturating_add(1);
+        let ban = BAN_BASE
+            .saturating_mul(1 << (s.failures - 1).min(5))
+            .min(BAN_CAP);
+        s.banned_until = Some(now + ban);
+        s.last_error = Some(error.to_string());
+    }
+
+    /// Host `i` answered and reported `role`. Returns the previous role if it changed.
+    pub fn reported(&self, i: usize, role: Role) -> Option<Option<Role>> {
+        let mut st = self.state.lock();
+        let s = st.get_mut(i)?;
+        s.failures = 0;
+        s.banned_until = None;
+        s.last_error = None;
+        let before = s.role.replace(role);
+        (before != Some(role)).then_some(before)
+    }
+
+    pub fn connected(&self, i: usize) {
+        if let Some(s) = self.state.lock().get_mut(i) {
+            s.connects += 1;
+        }
+    }
+
+    /// Host `i` refused a write (25006) on a read-write pool: its role is no longer
+    /// known to fit; the next connect checks it again and tries the others first.
+    pub fn suspect(&self, i: usize) {
+        if let Some(s) = self.state.lock().get_mut(i) {
+            s.role = Some(Role {
+                in_recovery: false,
+                read_only: true,
+            });
+        }
+    }
+
+    /// Whether a connection to host `i` may be used now (its known role fits).
+    pub fn fits(&self, i: usize) -> bool {
+        let st = self.state.lock();
+        st.get(i)
+            .and_then(|s| s.role)
+            .is_none_or(|r| self.attrs.accepts(r))
+    }
+
+    /// The host that serves these attributes now, if known (for logs and the API).
+    pub fn current(&self) -> Option<usize> {
+        let st = self.state.lock();
+        (0..self.list.len()).find(|i| {
+            st[*i].role.is_some_and(|r| self.attrs.accepts(r))
+                && st[*i].banned_until.is_none()
+        })
+    }
+
+    pub fn views(&self, now: Instant) -> Vec<HostView> {
+        let st = self.state.lock();
+        self.list
+            .iter()
+            .zip(st.iter())
+            .map(|(a, s)| {
+                let banned = s.banned_until.filter(|t| now < *t);
+                HostView {
+                    address: a.to_string(),
+                    role: s.role.map_or("unknown", |r| r.name()),
+                    up: banned.is_none() && s.failures == 0,
+                    banned_for_secs: banned.map(|t| t.duration_since(now).as_secs_f64()),
+                    failures: s.failures,
+                    last_error: s.last_error.clone(),
+                    connects: s.connects,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The role from the parameters a server reported at login (PostgreSQL 14+ reports
+/// both as GUC_REPORT), if it did.
+pub fn role_from_params(get: impl Fn(&str) -> Option<String>) -> Option<Role> {
+    let on = |v: String| v == "on";
+    let in_recovery = get("in_hot_standby").map(on)?;
+    let read_only = get("default_transaction_read_only").map(on).unwrap_or(false);
+    Some(Role {
+        in_recovery,
+        read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRIMARY: Role = Role {
+        in_recovery: false,
+        read_only: false,
+    };
+    const STANDBY: Role = Role {
+        in_recovery: true,
+        read_only: true,
+    };
+
+    fn hosts(attrs: TargetSessionAttrs) -> Hosts {
+        Hosts::new(
+            parse_hosts("a,b,c", 5432).expect("valid"),
+            attrs,
+            LoadBalanceHosts::Disable,
+        )
+    }
+
+    #[test]
+    fn parses_host_lists_with_ports() {
+        let h = parse_hosts("db1, db2:5433,[::1]:5434,::1,[fe80::1]", 5432).expect("valid");
+        let s: Vec<String> = h.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            s,
+            ["db1:5432", "db2:5433", "[::1]:5434", "[::1]:5432", "[fe80::1]:5432"]
+        );
+        assert!(parse_hosts("a,,b", 1).is_err());
+        assert!(parse_hosts("a:0", 1).is_err());
+        assert!(parse_hosts("a:x", 1).is_err());
+        assert!(parse_hosts("[::1", 1).is_err());
+    }
+
+    #[test]
+    fn attributes_follow_libpq() {
+        use TargetSessionAttrs::*;
+        let ro_primary = Role {
+            in_recovery: false,
+            read_only: true,
+        };
+        assert!(ReadWrite.accepts(PRIMARY) && !ReadWrite.accepts(STANDBY));
+        assert!(!ReadWrite.accepts(ro_primary) && Primary.accepts(ro_primary));
+        assert!(ReadOnly.accepts(STANDBY) && ReadOnly.accepts(ro_primary));
+        assert!(Standby.accepts(STANDBY) && !Standby.accepts(ro_primary));
+        assert!(Any.accepts(STANDBY) && PreferStandby.accepts(PRIMARY));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn known_primary_first_then_unknown_then_other_roles_then_banned() {
+        let h = hosts(TargetSessionAttrs::ReadWrite);
+        let now = Instant::now();
+        assert_eq!(h.order(now, |_| 0), vec![0, 1, 2]);
+        h.reported(0, STANDBY);
+        h.reported(2, PRIMARY);
+        assert_eq!(h.order(now, |_| 0), vec![2, 1, 0]);
+        h.failed(2, "refused", now);
+        assert_eq!(h.order(now, |_| 0), vec![1, 0, 2], "banned last, never dropped");
+        // The ban doubles and expires.
+        assert_eq!(h.order(now + Duration::from_secs(1), |_| 0), vec![2, 1, 0]);
+        h.failed(2, "refused", now);
+        assert_eq!(h.order(now + Duration::from_secs(1), |_| 0)[2], 2);
+        assert_eq!(h.order(now + Duration::from_secs(2), |_| 0)[0], 2);
+        assert_eq!(h.current(), None, "failing");
+        h.reported(2, PRIMARY);
+        assert_eq!(h.current(), Some(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replica_pools_rotate_and_prefer_standbys() {
+        let h = hosts(TargetSessionAttrs::ReadOnly);
+        let now = Instant::now();
+        let firsts: Vec<usize> = (0..6).map(|_| h.order(now, |_| 0)[0]).collect();
+        assert_eq!(firsts, vec![0, 1, 2, 0, 1, 2]);
+        let p = hosts(TargetSessionAttrs::PreferStandby);
+        p.reported(0, PRIMARY);
+        p.reported(1, STANDBY);
+        assert_eq!(p.order(now, |_| 0)[0], 1);
+        assert_eq!(*p.order(now, |_| 0).last().unwrap_or(&9), 0);
+    }
+
+    #[test]
+    fn role_comes_from_reported_parameters() {
+        let get = |k: &str| match k {
+            "in_hot_standby" => Some("on".to_string()),
+            _ => None,
+        };
+        assert_eq!(role_from_params(get), Some(STANDBY).map(|r| Role { read_only: false, ..r }));
+        assert_eq!(role_from_params(|_| None), None);
+    }
+}
