@@ -18,13 +18,16 @@
 #
 # Environment:
 #   PGSIDECAR_BIN          binary to run (default target/release/pgsidecar)
-#   PGSIDECAR_DEPLOY_VENV  Python venv for the tools (default target/deploy-venv)
+#   PGSIDECAR_TEST_VENV    Python venv for the tools (default target/test-venv, shared
+#                          with tests/run-all.sh and tests/drivers/run.sh)
 #   PG_BIN                 PostgreSQL server binaries (default /usr/lib/postgresql/15/bin)
 #   KEEP_WORK=1            keep the temporary directory (logs, scrapes, rendered YAML)
-# Needs: python3 (venv, pip reaching PyPI), kubectl (for `kubectl kustomize`), curl,
+# Needs: python3 (venv, pip reaching PyPI), kubectl for `kubectl kustomize` (without it
+# a small renderer of the kustomize features deploy/kubernetes uses stands in), curl,
 # PostgreSQL 15 server + psql + pgbench, promtool and prometheus (Debian package
 # `prometheus`) and docker-compose (Debian package; only to parse the compose file);
-# Debian packages are installed with apt-get when missing and running as root.
+# Debian packages are installed with apt-get (--no-install-recommends, as root or through
+# sudo) when missing.
 # Prints PASS/FAIL/SKIP per check and ends with `deploy: N passed, N failed, N skipped`.
 set -euo pipefail
 
@@ -32,7 +35,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PGSIDECAR_BIN="${PGSIDECAR_BIN:-target/release/pgsidecar}"
 [[ "$PGSIDECAR_BIN" = /* ]] || PGSIDECAR_BIN="$ROOT/$PGSIDECAR_BIN"
-VENV="${PGSIDECAR_DEPLOY_VENV:-$ROOT/target/deploy-venv}"
+# as_root, apt_install, ensure_venv, TEST_VENV (the suites' one virtual environment).
+. "$ROOT/tests/setup-env.sh"
+VENV="$TEST_VENV"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 PY="$VENV/bin/python"
 CHECK="$PY $ROOT/tests/deploy/check_deploy.py"
@@ -129,31 +134,14 @@ wait_http() { # URL CODE SECONDS
 
 # ------------------------------------------------------------------ tools
 
-apt_install() {
-    if ! is_root || ! command -v apt-get >/dev/null; then
-        echo "missing $*: install them (apt-get install $*)"
-        return 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends "$@" || {
-        apt-get update -q && apt-get install -y --no-install-recommends "$@"
-    }
-}
-
 setup_tools() {
-    [[ -x "$PY" ]] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check \
-        -r tests/deploy/requirements.txt -r deploy/compose/importer/requirements.txt
+    ensure_venv tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         apt_install prometheus
     fi
     if ! command -v psql >/dev/null || ! command -v pgbench >/dev/null || [[ ! -x "$PG_BIN/initdb" ]]; then
         apt_install postgresql-15 postgresql-client-15
     fi
-    command -v kubectl >/dev/null || {
-        echo "kubectl (for kubectl kustomize) is missing"
-        return 1
-    }
     [[ -x "$PGSIDECAR_BIN" ]] || {
         echo "$PGSIDECAR_BIN not found: run cargo build --release or set PGSIDECAR_BIN"
         return 1
@@ -163,7 +151,11 @@ setup_tools() {
     "$VENV/bin/hadolint" --version
     "$VENV/bin/check-jsonschema" --version
     first_line promtool --version
-    first_line kubectl version --client
+    if command -v kubectl >/dev/null; then
+        first_line kubectl version --client
+    else
+        echo "kubectl: not installed (not in Debian/Ubuntu's archive); kustomize builds use tests/deploy/kustomize_lite.py"
+    fi
     "$PGSIDECAR_BIN" --version
 }
 
@@ -178,8 +170,13 @@ shell_lint() {
 }
 
 kustomize_build() {
-    kubectl kustomize deploy/kubernetes >"$WORK/k8s-native.yaml"
-    kubectl kustomize deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    if command -v kubectl >/dev/null; then
+        kubectl kustomize deploy/kubernetes >"$WORK/k8s-native.yaml"
+        kubectl kustomize deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    else
+        "$PY" tests/deploy/kustomize_lite.py deploy/kubernetes >"$WORK/k8s-native.yaml"
+        "$PY" tests/deploy/kustomize_lite.py deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    fi
     grep -c '^kind:' "$WORK/k8s-native.yaml" "$WORK/k8s-legacy.yaml"
 }
 
