@@ -414,6 +414,13 @@ pub struct LoggingConfig {
     /// A tracing filter, e.g. `info` or `pgsidecar=debug`. Default `info`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// An info line when a client has logged in (PgBouncer's log_connections). Default `true`.
+    #[serde(default = "default_true")]
+    pub log_connections: bool,
+    /// An info line when a logged-in client leaves, with how long it stayed
+    /// (PgBouncer's log_disconnections). Default `true`.
+    #[serde(default = "default_true")]
+    pub log_disconnections: bool,
 }
 
 fn default_listen() -> String {
@@ -527,6 +534,8 @@ impl Default for LoggingConfig {
         LoggingConfig {
             format: default_log_format(),
             level: default_log_level(),
+            log_connections: true,
+            log_disconnections: true,
         }
     }
 }

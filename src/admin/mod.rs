@@ -12,7 +12,11 @@
 //! Mutating endpoints need `Authorization: Bearer <admin.token>` when a token is set, and
 //! are refused outright on a non-loopback address without one.
 
+mod config_rows;
 pub mod console;
+mod control;
+pub mod show;
+mod stats;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -35,8 +39,14 @@ struct AdminState {
 
 /// Starts the admin server on `addr`; returns the bound address.
 pub async fn serve(addr: &str, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for the admin port on {addr} (admin_listen): {e}"),
+        )
+    })?;
     let local = listener.local_addr()?;
+    stats::spawn_sampler(shared.clone());
     let state = AdminState {
         shared,
         loopback: local.ip().is_loopback(),
@@ -71,6 +81,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
 
 async fn metrics(State(st): State<AdminState>) -> Response {
     st.shared.registry.refresh_metrics();
+    show::refresh_maxwait(&st.shared);
     (
         StatusCode::OK,
         [(

@@ -30,6 +30,7 @@ where
         pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.state.store(clients::WAITING, Ordering::Relaxed);
+            info.start_wait();
         }
         let _waiting = WaitingGuard(&pool);
         let checkout = pool.checkout();
@@ -39,11 +40,13 @@ where
                 r = &mut checkout => break r,
                 gone = poll_fn(|cx| self.poll_client_while_waiting(cx)) => {
                     if gone {
+                        self.end_wait();
                         return false;
                     }
                 }
             }
         };
+        self.end_wait();
         match result {
             Ok(lease) => {
                 self.attach(lease);
@@ -52,6 +55,7 @@ where
             Err(e) => {
                 let err = e.to_client_error(&self.pool.key);
                 self.shared.metrics.error("proxy", err.code);
+                self.pool.m.error("proxy");
                 if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
                     info.state.store(clients::IDLE, Ordering::Relaxed);
                 }
@@ -59,6 +63,12 @@ where
                 self.answer_locally(err);
                 true
             }
+        }
+    }
+
+    fn end_wait(&self) {
+        if let Some(e) = &self.entry {
+            e.info.end_wait();
         }
     }
 
@@ -84,8 +94,7 @@ where
     pub(super) fn attach(&mut self, mut lease: Lease) {
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.state.store(clients::ACTIVE, Ordering::Relaxed);
-            info.server_pid
-                .store(lease.conn().backend_pid, Ordering::Relaxed);
+            info.bind_server(lease.conn().backend_pid, lease.conn().created);
         }
         if let Some(g) = self.gauge.as_mut() {
             if !g.active {
