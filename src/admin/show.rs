@@ -138,21 +138,22 @@ fn pools(shared: &Arc<Shared>, out: &mut BytesMut) {
     );
 }
 
+// In the order PgBouncer documents them.
 const TOTAL_COLUMNS: [&str; 9] = [
-    "total_server_assignment_count",
     "total_xact_count",
     "total_query_count",
+    "total_server_assignment_count",
+    "total_server_closed_count",
     "total_received",
     "total_sent",
     "total_xact_time",
     "total_query_time",
     "total_wait_time",
-    "total_server_closed_count",
 ];
 const AVG_COLUMNS: [&str; 8] = [
-    "avg_server_assignment_count",
     "avg_xact_count",
     "avg_query_count",
+    "avg_server_assignment_count",
     "avg_recv",
     "avg_sent",
     "avg_xact_time",
@@ -189,15 +190,15 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
                 let t = Totals::of(p);
                 r.extend(
                     [
-                        t.server_assignment_count,
                         t.xact_count,
                         t.query_count,
+                        t.server_assignment_count,
+                        t.server_closed_count,
                         t.received,
                         t.sent,
                         t.xact_time,
                         t.query_time,
                         t.wait_time,
-                        t.server_closed_count,
                     ]
                     .map(s),
                 );
@@ -206,9 +207,9 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
                 let a = stats::averages_of(&p.name);
                 r.extend(
                     [
-                        a.server_assignment_count,
                         a.xact_count,
                         a.query_count,
+                        a.server_assignment_count,
                         a.recv,
                         a.sent,
                         a.xact_time,
