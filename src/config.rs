@@ -316,8 +316,8 @@ pub struct LimitsConfig {
     /// Most client connections at once; more get FATAL 53300. Default `10000`.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,
-    /// Largest Query/Parse/Bind/CopyData/FunctionCall message, in bytes. Default 1 GiB - 1
-    /// (PostgreSQL's own limit).
+    /// Largest Query/Parse/Bind/CopyData/FunctionCall message, in bytes. Default 128 MiB;
+    /// at most 1 GiB - 1 (PostgreSQL's own limit).
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
     /// Time a client has to complete startup, TLS and authentication; then FATAL 08P01.
@@ -462,8 +462,10 @@ fn default_server_lifetime() -> Duration {
 fn default_max_client_conn() -> usize {
     10_000
 }
+/// 128 MiB: a message is held whole while it is read, so this bounds the memory one
+/// client can make the proxy use (the Kubernetes limits are derived from it).
 fn default_max_message_size() -> usize {
-    0x3fff_ffff
+    128 << 20
 }
 fn default_client_login_timeout() -> Duration {
     Duration::from_secs(60)

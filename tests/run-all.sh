@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
-# as_root, apt_install (--no-install-recommends), ensure_venv, TEST_VENV, TEST_PY.
+# as_root, apt_install (--no-install-recommends), ensure_venv, TEST_VENV, DEPLOY_VENV.
 . tests/setup-env.sh
 
 log "checking the Rust toolchain"
@@ -39,10 +39,9 @@ command -v pgbench >/dev/null || apt_install postgresql-contrib
 
 command -v curl >/dev/null || apt_install curl ca-certificates
 
-log "Python test dependencies, in the virtual environment $TEST_VENV"
-ensure_venv tests/drivers/requirements.txt tests/deploy/requirements.txt \
-    deploy/compose/importer/requirements.txt
-export PGSIDECAR_TEST_VENV="$TEST_VENV"
+log "Python test dependencies, in the virtual environments $TEST_VENV and $DEPLOY_VENV"
+ensure_venv "$TEST_VENV" tests/drivers/requirements.txt
+ensure_venv "$DEPLOY_VENV" tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
 
 if [ -x tests/deploy/validate.sh ] && ! command -v promtool >/dev/null; then
     log "installing promtool (Debian package prometheus, without recommended packages)"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Sourced by tests/run-all.sh, tests/drivers/run.sh and tests/deploy/validate.sh: the one
-# Python virtual environment the test suites use (target/test-venv, or
-# $PGSIDECAR_TEST_VENV), created on first use. The system Python is never pip-installed
-# into (Debian 12 / Ubuntu 24.04 refuse it, PEP 668); apt runs only for packages the
-# machine lacks, with --no-install-recommends, as root or through sudo.
+# Sourced by tests/run-all.sh, tests/drivers/run.sh and tests/deploy/validate.sh: the
+# Python virtual environments the suites use, created on first use under target/
+# (target/test-venv for the driver matrix, target/deploy-venv for the deployment tools
+# and the example importer, which pins another psycopg). The system Python is never
+# pip-installed into (Debian 12 / Ubuntu 24.04 refuse it, PEP 668); apt runs only for
+# packages the machine lacks, with --no-install-recommends, as root or through sudo.
 
 _setup_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TEST_VENV="${PGSIDECAR_TEST_VENV:-$_setup_root/target/test-venv}"
-TEST_PY="$TEST_VENV/bin/python"
+DEPLOY_VENV="${PGSIDECAR_DEPLOY_VENV:-$_setup_root/target/deploy-venv}"
 
 # as_root CMD...: runs CMD as root (directly, or through sudo); fails with a message
 # naming what was wanted when neither is possible.
@@ -36,13 +37,15 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# ensure_venv: creates the venv (installing python3-venv when Debian lacks ensurepip)
-# and installs the pinned requirements files given as arguments into it.
+# ensure_venv DIR REQUIREMENTS...: creates the venv DIR (installing python3-venv when
+# Debian lacks ensurepip) and installs the pinned requirements files into it.
 ensure_venv() {
-    if [ ! -x "$TEST_PY" ]; then
+    local venv="$1"
+    shift
+    if [ ! -x "$venv/bin/python" ]; then
         command -v python3 >/dev/null || apt_install python3 || return 1
-        if ! python3 -m venv "$TEST_VENV" >/dev/null 2>&1; then
-            rm -rf "$TEST_VENV"
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            rm -rf "$venv"
             local minor
             minor="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
             echo "python3 -m venv failed (Debian ships ensurepip separately): installing python3-venv" >&2
@@ -50,12 +53,12 @@ ensure_venv() {
                 echo "cannot create a Python virtual environment: install python3-venv" >&2
                 return 1
             }
-            python3 -m venv "$TEST_VENV" || return 1
+            python3 -m venv "$venv" || return 1
         fi
     fi
     local args=() f
     for f in "$@"; do args+=(-r "$f"); done
     # PIP_REQUIRE_VIRTUALENV=true: pip refuses to run outside a venv, so this line can
     # only ever install into ours.
-    PIP_REQUIRE_VIRTUALENV=true "$TEST_PY" -m pip install -q --disable-pip-version-check "${args[@]}"
+    PIP_REQUIRE_VIRTUALENV=true "$venv/bin/python" -m pip install -q --disable-pip-version-check "${args[@]}"
 }

@@ -18,8 +18,8 @@
 #
 # Environment:
 #   PGSIDECAR_BIN          binary to run (default target/release/pgsidecar)
-#   PGSIDECAR_TEST_VENV    Python venv for the tools (default target/test-venv, shared
-#                          with tests/run-all.sh and tests/drivers/run.sh)
+#   PGSIDECAR_DEPLOY_VENV  Python venv for the tools (default target/deploy-venv; made by
+#                          tests/setup-env.sh, as tests/run-all.sh does)
 #   PG_BIN                 PostgreSQL server binaries (default /usr/lib/postgresql/15/bin)
 #   KEEP_WORK=1            keep the temporary directory (logs, scrapes, rendered YAML)
 # Needs: python3 (venv, pip reaching PyPI), kubectl for `kubectl kustomize` (without it
@@ -35,9 +35,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PGSIDECAR_BIN="${PGSIDECAR_BIN:-target/release/pgsidecar}"
 [[ "$PGSIDECAR_BIN" = /* ]] || PGSIDECAR_BIN="$ROOT/$PGSIDECAR_BIN"
-# as_root, apt_install, ensure_venv, TEST_VENV (the suites' one virtual environment).
+# as_root, apt_install, ensure_venv, DEPLOY_VENV.
 . "$ROOT/tests/setup-env.sh"
-VENV="$TEST_VENV"
+VENV="$DEPLOY_VENV"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 PY="$VENV/bin/python"
 CHECK="$PY $ROOT/tests/deploy/check_deploy.py"
@@ -135,7 +135,7 @@ wait_http() { # URL CODE SECONDS
 # ------------------------------------------------------------------ tools
 
 setup_tools() {
-    ensure_venv tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
+    ensure_venv "$VENV" tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         apt_install prometheus
     fi
@@ -181,7 +181,8 @@ kustomize_build() {
 }
 
 # kubernetes-validate only warns about kinds it has no schema for: that is accepted for
-# the PodMonitor CRD (checked by check_deploy.py manifests) and nothing else.
+# the PodMonitor and PrometheusRule CRDs (checked by check_deploy.py and helm_check.py)
+# and nothing else.
 k8s_validate() { # VARIANT VERSIONS...
     local variant="$1" v out
     shift
@@ -191,12 +192,47 @@ k8s_validate() { # VARIANT VERSIONS...
             return 1
         }
         echo "$out"
-        if grep -v 'kind PodMonitor with api version monitoring.coreos.com/v1' <<<"$out" |
+        if grep -vE 'kind (PodMonitor|PrometheusRule) with api version monitoring.coreos.com/v1' <<<"$out" |
             grep -E "WARN|ERROR|Couldn't find schema"; then
             echo "unexpected warning for kubernetes $v"
             return 1
         fi
     done
+}
+
+# The Helm chart, through Helm's own Go SDK (helm-python-sdk; no helm binary needed):
+# strict lint, then `helm template` of the native variant (defaults) and of the legacy
+# variant with the NetworkPolicy on, each validated like the kustomize output and
+# checked against the chart's promises.
+HELM="$PY tests/deploy/helm_check.py"
+helm_lint() {
+    $HELM lint deploy/helm/pgsidecar
+}
+
+helm_template() {
+    $HELM template deploy/helm/pgsidecar >"$WORK/k8s-helm-native.yaml"
+    $HELM template deploy/helm/pgsidecar \
+        --set-json '{"sidecar": {"native": false}, "networkPolicy": {"enabled": true}}' >"$WORK/k8s-helm-legacy.yaml"
+    grep -c '^kind:' "$WORK/k8s-helm-native.yaml" "$WORK/k8s-helm-legacy.yaml"
+    k8s_validate helm-native "${K8S_NATIVE_VERSIONS[@]}"
+    k8s_validate helm-legacy "${K8S_LEGACY_VERSIONS[@]}"
+    $HELM policy "$WORK/k8s-helm-native.yaml" --bin "$PGSIDECAR_BIN" --variant native
+    $HELM policy "$WORK/k8s-helm-legacy.yaml" --bin "$PGSIDECAR_BIN" --variant legacy
+}
+
+# The kustomize PrometheusRule carries alerts.yml as it is; the NetworkPolicy example is
+# a valid object.
+monitoring_objects() {
+    "$PY" - <<'EOF'
+import sys, yaml
+rule = yaml.safe_load(open("deploy/kubernetes/common/prometheusrule.yaml"))
+alerts = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+ok = rule["spec"] == alerts
+print("deploy/kubernetes/common/prometheusrule.yaml matches alerts.yml:", "ok" if ok else "FAILED")
+sys.exit(0 if ok else 1)
+EOF
+    cp deploy/kubernetes/examples/networkpolicy.yaml "$WORK/k8s-netpol.yaml"
+    k8s_validate netpol "${K8S_LEGACY_VERSIONS[@]}"
 }
 
 manifest_policy() { # VARIANT
@@ -225,10 +261,7 @@ prom_rules() {
 }
 
 prom_rule_tests() {
-    mkdir -p "$WORK/ruletest"
-    $CHECK strip-annotations deploy/prometheus/alerts.yml "$WORK/ruletest/alerts.yml"
-    cp tests/deploy/alerts_test.yml "$WORK/ruletest/"
-    (cd "$WORK/ruletest" && promtool test rules alerts_test.yml)
+    promtool test rules tests/deploy/alerts_test.yml
 }
 
 compose_schema() {
@@ -321,6 +354,7 @@ databases:
   - name: app
 pool:
   size: $2
+$("$PY" -c 'import sys, yaml; print(yaml.safe_dump({"limits": yaml.safe_load(open(sys.argv[1]))["limits"]}), end="")' deploy/kubernetes/common/proxy.yaml)
 admin:
   token: \${PGSIDECAR_ADMIN_TOKEN}
   shutdown_delay: 2s
@@ -402,6 +436,14 @@ memory_fits() {
     $CHECK rss --pid "$(cat "$WORK/proxy.pid")" --manifests "$WORK/k8s-native.yaml"
 }
 
+# The Kubernetes limits' worst case, measured: one 100 MB query under the ConfigMap's
+# limits (the live proxy runs with them); the peak RSS must stay under the memory limit.
+big_query() {
+    need_proxy
+    "$PY" tests/deploy/big_query.py "postgresql://app:app@127.0.0.1:$PROXY_PORT/app"
+    $CHECK rss --pid "$(cat "$WORK/proxy.pid")" --manifests "$WORK/k8s-native.yaml" --against limit
+}
+
 # A real Prometheus scraping the live proxy every second, with the alert rules loaded.
 prometheus_queries() {
     need_proxy
@@ -478,6 +520,9 @@ check "kubernetes-validate legacy variant (k8s ${K8S_LEGACY_VERSIONS[*]}, strict
     k8s_validate legacy "${K8S_LEGACY_VERSIONS[@]}"
 check "manifest policy: native sidecar variant" manifest_policy native
 check "manifest policy: legacy variant" manifest_policy legacy
+check "Helm chart: helm lint --strict (Helm's Go SDK via helm-python-sdk)" helm_lint
+check "Helm chart: helm template native + legacy/NetworkPolicy, kubernetes-validate, chart policy" helm_template
+check "PrometheusRule matches alerts.yml; NetworkPolicy example validates" monitoring_objects
 check "pgsidecar check: proxy.yaml and the image's config with the compose env" config_check
 check "promtool check rules/config" prom_rules
 check "promtool test rules tests/deploy/alerts_test.yml" prom_rule_tests
@@ -493,6 +538,7 @@ check "live: importer (COPY + executemany upserts), pgbench, errors, reloads" tr
 check "live: scrape /metrics, promtool check metrics" scrape
 check "live: every pgsidecar_* metric in dashboard and alerts exists in the scrape" metrics_used
 check "live: sidecar memory fits the manifests' requests" memory_fits
+check "live: a 100 MB query under the manifests' limits stays under their memory limit" big_query
 check "live: Prometheus evaluates every dashboard query and alert rule" prometheus_queries
 check "live: importer's POST /quitquitquit stops the sidecar (legacy Job)" quit_on_exit
 check "live: SIGTERM drain (readiness 503, still accepting, exit 0)" sigterm_drain

@@ -10,11 +10,11 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 cd "$root" || exit 2
-# The suites' one virtual environment (target/test-venv), created and filled here
+# The driver suite's virtual environment (target/test-venv), created and filled here
 # when missing; the system Python is never installed into.
 . "$root/tests/setup-env.sh"
-PY="$TEST_PY"
-ensure_venv "$here/requirements.txt" || exit 2
+PY="$TEST_VENV/bin/python"
+ensure_venv "$TEST_VENV" "$here/requirements.txt" || exit 2
 
 "$PY" -m pytest tests/drivers -q "$@"
 exit $?
