@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
 # as_root, apt_install (--no-install-recommends), ensure_venv, TEST_VENV, DEPLOY_VENV.
+# shellcheck source=SCRIPTDIR/setup-env.sh
 . tests/setup-env.sh
 
 log "checking the Rust toolchain"
@@ -25,14 +26,15 @@ echo "rustc $have_rust (needs $want_rust or newer)"
 find_pg_bin() {
     if [ -n "${PG_BIN:-}" ] && [ -x "$PG_BIN/initdb" ]; then echo "$PG_BIN"; return; fi
     if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then pg_config --bindir; return; fi
-    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
+    printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1
 }
 
 log "checking PostgreSQL server binaries"
 if [ -z "$(find_pg_bin)" ] || [ ! -x "$(find_pg_bin)/initdb" ]; then
     apt_install postgresql postgresql-contrib
 fi
-export PG_BIN="$(find_pg_bin)"
+PG_BIN="$(find_pg_bin)"
+export PG_BIN
 echo "PG_BIN=$PG_BIN"
 id postgres >/dev/null 2>&1 || as_root useradd -r -M postgres
 command -v pgbench >/dev/null || apt_install postgresql-contrib

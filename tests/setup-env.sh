@@ -7,8 +7,8 @@
 # packages the machine lacks, with --no-install-recommends, as root or through sudo.
 
 _setup_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-TEST_VENV="${PGSIDECAR_TEST_VENV:-$_setup_root/target/test-venv}"
-DEPLOY_VENV="${PGSIDECAR_DEPLOY_VENV:-$_setup_root/target/deploy-venv}"
+export TEST_VENV="${PGSIDECAR_TEST_VENV:-$_setup_root/target/test-venv}"
+export DEPLOY_VENV="${PGSIDECAR_DEPLOY_VENV:-$_setup_root/target/deploy-venv}"
 
 # as_root CMD...: runs CMD as root (directly, or through sudo); fails with a message
 # naming what was wanted when neither is possible.

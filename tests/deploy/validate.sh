@@ -36,6 +36,7 @@ cd "$ROOT"
 PGSIDECAR_BIN="${PGSIDECAR_BIN:-target/release/pgsidecar}"
 [[ "$PGSIDECAR_BIN" = /* ]] || PGSIDECAR_BIN="$ROOT/$PGSIDECAR_BIN"
 # as_root, apt_install, ensure_venv, DEPLOY_VENV.
+# shellcheck source=SCRIPTDIR/../setup-env.sh
 . "$ROOT/tests/setup-env.sh"
 VENV="$DEPLOY_VENV"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
@@ -166,7 +167,7 @@ yaml_lint() {
 }
 
 shell_lint() {
-    "$VENV/bin/shellcheck" tests/deploy/validate.sh
+    "$VENV/bin/shellcheck" -x tests/deploy/validate.sh tests/setup-env.sh tests/run-all.sh tests/drivers/run.sh
 }
 
 kustomize_build() {
@@ -512,7 +513,7 @@ sigterm_drain() {
 echo "pgsidecar deploy validation (binary: $PGSIDECAR_BIN, work: $WORK)"
 check "tools: venv (yamllint, shellcheck, kubernetes-validate, hadolint, check-jsonschema, psycopg), promtool, kubectl, PostgreSQL" setup_tools
 check "yamllint deploy/ proxy.yaml tests/deploy/" yaml_lint
-check "shellcheck tests/deploy/validate.sh" shell_lint
+check "shellcheck validate.sh, setup-env.sh, run-all.sh, drivers/run.sh" shell_lint
 check "kustomize build deploy/kubernetes and deploy/kubernetes/legacy" kustomize_build
 check "kubernetes-validate native sidecar variant (k8s ${K8S_NATIVE_VERSIONS[*]}, strict)" \
     k8s_validate native "${K8S_NATIVE_VERSIONS[@]}"

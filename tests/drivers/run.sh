@@ -12,6 +12,7 @@ root="$(cd "$here/../.." && pwd)"
 cd "$root" || exit 2
 # The driver suite's virtual environment (target/test-venv), created and filled here
 # when missing; the system Python is never installed into.
+# shellcheck source=SCRIPTDIR/../setup-env.sh
 . "$root/tests/setup-env.sh"
 PY="$TEST_VENV/bin/python"
 ensure_venv "$TEST_VENV" "$here/requirements.txt" || exit 2
