@@ -15,6 +15,7 @@
 mod config_rows;
 pub mod console;
 mod control;
+mod servers;
 pub mod show;
 mod stats;
 

@@ -5,18 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::time::Instant;
 
 use super::stats::{self, Totals};
 use crate::protocol::messages;
 use crate::proxy::Shared;
 
-type Row = Vec<Option<String>>;
+pub(super) type Row = Vec<Option<String>>;
 
-fn s(v: impl ToString) -> Option<String> {
+pub(super) fn s(v: impl ToString) -> Option<String> {
     Some(v.to_string())
 }
 
@@ -41,7 +40,7 @@ pub fn run(what: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> bool {
         "STATS" => stats(shared, out, true, true),
         "STATS_TOTALS" => stats(shared, out, true, false),
         "STATS_AVERAGES" => stats(shared, out, false, true),
-        "SERVERS" => servers(shared, out),
+        "SERVERS" => super::servers::show(shared, out),
         "DATABASES" => databases(shared, out),
         "USERS" => users(shared, out),
         "LISTS" => lists(shared, out),
@@ -226,106 +225,14 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
     table(out, &names, data);
 }
 
-/// Wall-clock time of an instant in the past, as PgBouncer prints it (UTC).
-fn wall(ago: Duration) -> Option<String> {
-    let t = SystemTime::now()
-        .checked_sub(ago)?
-        .duration_since(UNIX_EPOCH)
-        .ok()?;
-    let secs = t.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = crate::logfmt::civil_from_days(days as i64);
-    Some(format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    ))
-}
+/// Per database: (server connections, clients, every pool paused); per user:
+/// (server connections, clients). From the pools.
+type DbCounts = BTreeMap<String, (usize, usize, bool)>;
+type UserCounts = BTreeMap<String, (usize, usize)>;
 
-fn servers(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let config = shared.registry.config();
-    let (host, port) = (config.upstream.host.clone(), config.upstream.port);
-    let mut data = Vec::new();
-    let row =
-        |user: &str, db: &str, state: &str, pid: i32, age: Duration, idle: Duration, app: &str| {
-            vec![
-                s("S"),
-                s(user),
-                s(db),
-                s(state),
-                s(&host),
-                s(port),
-                wall(age),
-                wall(idle),
-                s(pid),
-                s(app),
-                s(format!("{:.1}", age.as_secs_f64())),
-                s(format!("{:.1}", idle.as_secs_f64())),
-            ]
-        };
-    for p in shared.registry.all() {
-        for v in p.idle_servers() {
-            let age = Duration::from_secs_f64(v.age_secs.max(0.0));
-            let idle = Duration::from_secs_f64(v.idle_secs.max(0.0));
-            data.push(row(
-                &p.key.user,
-                &p.key.database,
-                "idle",
-                v.backend_pid,
-                age,
-                idle,
-                "",
-            ));
-        }
-    }
-    let now = Instant::now();
-    for c in shared.client_list.all() {
-        let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some((age, bound)) = c.server_times(now) {
-            // In use: request_time is when this client took it; it is not idle.
-            let mut r = row(
-                &c.user,
-                &c.database,
-                "active",
-                pid,
-                age,
-                bound,
-                &c.application_name,
-            );
-            r[11] = s("0.0");
-            data.push(r);
-        }
-    }
-    table(
-        out,
-        &[
-            "type",
-            "user",
-            "database",
-            "state",
-            "addr",
-            "port",
-            "connect_time",
-            "request_time",
-            "remote_pid",
-            "application_name",
-            "age_secs",
-            "idle_secs",
-        ],
-        data,
-    );
-}
-
-/// Server connections and clients per database and per user, from the pools.
-fn counts(
-    shared: &Shared,
-) -> (
-    BTreeMap<String, (usize, usize, bool)>,
-    BTreeMap<String, (usize, usize)>,
-) {
-    let mut dbs: BTreeMap<String, (usize, usize, bool)> = BTreeMap::new();
-    let mut users: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+fn counts(shared: &Shared) -> (DbCounts, UserCounts) {
+    let mut dbs = DbCounts::new();
+    let mut users = UserCounts::new();
     for p in shared.registry.all() {
         let sn = p.snapshot();
         let d = dbs.entry(sn.database.clone()).or_insert((0, 0, true));
