@@ -441,10 +441,18 @@ async fn every_console_command_answers_psql_with_pgbouncer_column_names() {
 async fn kill_suspend_and_shutdown_as_clients_see_them() {
     bounded(async {
         let cluster = PgCluster::start();
-        let mut sc = spawn(&cluster, 2, "", &[]);
+        let mut sc = spawn(&cluster, 1, "", &[]);
         let admin = connect(&url(sc.port, "admin", "pgsidecar")).await;
+        // One client holds the only server in a transaction; another queues for it.
         let victim = connect(&url(sc.port, "postgres", "postgres")).await;
-        assert_eq!(simple_one(&victim, "select 1").await, "1");
+        victim
+            .batch_execute("begin; select 1")
+            .await
+            .expect("begin");
+        let waiter = connect(&url(sc.port, "postgres", "postgres")).await;
+        let queued = tokio::spawn(async move { waiter.simple_query("select 9").await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!queued.is_finished(), "the second client should be queued");
 
         admin.simple_query("KILL postgres").await.expect("KILL");
         let e = victim
@@ -455,6 +463,13 @@ async fn kill_suspend_and_shutdown_as_clients_see_them() {
             victim.is_closed() || e.code().is_some_and(|c| c.code() == "57P01"),
             "{e}"
         );
+        // The queued one is ended too, at once, not after query_wait_timeout (20s).
+        let r = tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .unwrap_or_else(|_| panic!("the queued client was not ended by KILL:\n{}", sc.log()))
+            .expect("join");
+        let e = r.expect_err("a killed queued client gets an error");
+        assert!(e.code().is_none_or(|c| c.code() == "57P01"), "{e}");
         // Killed databases wait for RESUME: a new client's query queues until then.
         let late = connect(&url(sc.port, "postgres", "postgres")).await;
         let q = tokio::spawn(async move { simple_one(&late, "select 3").await });

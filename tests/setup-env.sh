@@ -44,11 +44,13 @@ ensure_venv() {
     shift
     if [ ! -x "$venv/bin/python" ]; then
         command -v python3 >/dev/null || apt_install python3 || return 1
-        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        local err
+        if ! err="$(python3 -m venv "$venv" 2>&1)"; then
             rm -rf "$venv"
             local minor
             minor="$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-            echo "python3 -m venv failed (Debian ships ensurepip separately): installing python3-venv" >&2
+            echo "python3 -m venv $venv failed: ${err##*$'\n'}" >&2
+            echo "(Debian ships ensurepip separately): installing python3-venv" >&2
             apt_install python3-venv || apt_install "python$minor-venv" || {
                 echo "cannot create a Python virtual environment: install python3-venv" >&2
                 return 1

@@ -72,8 +72,16 @@ where
         }
     }
 
-    /// Reads from the client while it waits for a server. Ready(true): it went away.
+    /// Reads from the client while it waits for a server. Ready(true): it went away (or
+    /// was killed from the console).
     pub(super) fn poll_client_while_waiting(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        // KILL wakes the session through its entry's waker.
+        if let Some(e) = &self.entry {
+            e.info.waker.register(cx.waker());
+        }
+        if self.killed() {
+            return Poll::Ready(true);
+        }
         if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
             return Poll::Ready(true);
         }

@@ -242,13 +242,39 @@ where
         }
     }
 
+    /// The console's KILL reached this client.
+    fn killed(&self) -> bool {
+        self.entry
+            .as_ref()
+            .is_some_and(|e| e.info.killed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Ends the session after KILL: its server is closed, not reused, and the client is
+    /// told why.
+    async fn end_killed(&mut self) {
+        if let Some(lease) = self.server.take() {
+            lease.discard("killed");
+        }
+        self.set_inactive();
+        let _ = self.flush_client().await;
+        let e = ClientError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection: an administrator ran KILL for this database in the pgsidecar console; reconnect once it is resumed",
+        );
+        let _ = self.client.write_all(&e.to_bytes()).await;
+    }
+
     /// Handles a step that needs waiting; true when the session is over.
     async fn handle(&mut self, step: Step) -> bool {
         {
             match step {
                 Step::NeedServer => {
                     if !self.acquire().await {
-                        self.finish_client_gone().await;
+                        if self.killed() {
+                            self.end_killed().await;
+                        } else {
+                            self.finish_client_gone().await;
+                        }
                         return true;
                     }
                 }
@@ -282,16 +308,7 @@ where
                     return true;
                 }
                 Step::Killed => {
-                    if let Some(lease) = self.server.take() {
-                        lease.discard("killed");
-                    }
-                    self.set_inactive();
-                    let _ = self.flush_client().await;
-                    let e = ClientError::fatal(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "terminating connection: an administrator ran KILL for this database in the pgsidecar console; reconnect once it is resumed",
-                    );
-                    let _ = self.client.write_all(&e.to_bytes()).await;
+                    self.end_killed().await;
                     return true;
                 }
                 Step::ForceShutdown => {
