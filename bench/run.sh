@@ -283,7 +283,7 @@ max_client_conn = 10000
 ignore_startup_parameters = extra_float_digits,options
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
-; pgsidecar does not log each connection either
+; pgsidecar runs with PGSIDECAR_LOG=warn, so neither logs each connection
 log_connections = 0
 log_disconnections = 0
 EOF
@@ -331,7 +331,8 @@ stop_bouncer() {
 
 start_sidecar() {
     # setsid: its own session, like PostgreSQL and PgBouncer (see SESSIONS).
-    setsid "$PGSIDECAR_BIN" --upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+    # warn: no line per login/logout (logging.log_connections), as PgBouncer above.
+    PGSIDECAR_LOG=warn setsid "$PGSIDECAR_BIN" --upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
         --listen "127.0.0.1:$SIDECAR_PORT" --admin-listen "127.0.0.1:$SIDECAR_ADMIN_PORT" \
         --pool-mode transaction --pool-size "$POOL_SIZE" >>"$WORK/pgsidecar.log" 2>&1 &
     SIDECAR_PID=$!

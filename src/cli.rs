@@ -86,7 +86,8 @@ impl Cli {
             config.worker_threads = t;
         }
         if let Some(f) = &self.log_format {
-            config.logging.format = f.clone();
+            // `JSON` from an environment variable means json.
+            config.logging.format = f.to_ascii_lowercase();
         }
         config.validate().map_err(|e| self.locate(e))?;
         Ok(config)

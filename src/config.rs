@@ -337,8 +337,8 @@ pub struct LimitsConfig {
     /// Most client connections at once; more get FATAL 53300. Default `10000`.
     #[serde(default = "default_max_client_conn")]
     pub max_client_conn: usize,
-    /// Largest Query/Parse/Bind/CopyData/FunctionCall message, in bytes. Default 1 GiB - 1
-    /// (PostgreSQL's own limit).
+    /// Largest Query/Parse/Bind/CopyData/FunctionCall message, in bytes. Default 128 MiB;
+    /// at most 1 GiB - 1 (PostgreSQL's own limit).
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
     /// Time a client has to complete startup, TLS and authentication; then FATAL 08P01.
@@ -452,6 +452,13 @@ pub struct LoggingConfig {
     /// A tracing filter, e.g. `info` or `pgsidecar=debug`. Default `info`.
     #[serde(default = "default_log_level")]
     pub level: String,
+    /// An info line when a client has logged in (PgBouncer's log_connections). Default `true`.
+    #[serde(default = "default_true")]
+    pub log_connections: bool,
+    /// An info line when a logged-in client leaves, with how long it stayed
+    /// (PgBouncer's log_disconnections). Default `true`.
+    #[serde(default = "default_true")]
+    pub log_disconnections: bool,
 }
 
 fn default_listen() -> String {
@@ -519,8 +526,10 @@ fn default_server_lifetime() -> Duration {
 fn default_max_client_conn() -> usize {
     10_000
 }
+/// 128 MiB: a message is held whole while it is read, so this bounds the memory one
+/// client can make the proxy use (the Kubernetes limits are derived from it).
 fn default_max_message_size() -> usize {
-    0x3fff_ffff
+    128 << 20
 }
 fn default_pause_timeout() -> Duration {
     Duration::from_secs(30)
@@ -604,6 +613,8 @@ impl Default for LoggingConfig {
         LoggingConfig {
             format: default_log_format(),
             level: default_log_level(),
+            log_connections: true,
+            log_disconnections: true,
         }
     }
 }

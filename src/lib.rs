@@ -23,6 +23,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod lifecycle;
 pub mod limits;
+pub mod logfmt;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -48,8 +48,11 @@ fn init_logging(format: &str, level: &str) {
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
+    if format.eq_ignore_ascii_case("json") {
+        builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(pgsidecar::logfmt::FlatJson)
+            .init();
     } else {
         builder.init();
     }

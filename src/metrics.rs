@@ -57,6 +57,11 @@ pub struct Metrics {
     pub checkout_timeouts: IntCounterVec,
     pub aimd_ceiling: IntGaugeVec,
     pub upstream_login_failures: IntCounterVec,
+    /// Age of the oldest client queued for a server, per pool (set at scrape time from
+    /// the client list, so a queue that never moves is visible before any wait ends).
+    pub pool_maxwait: GaugeVec,
+    pub pool_errors: IntCounterVec,
+    pub pool_bytes: IntCounterVec,
     pub shutdown_clients_closed: IntCounter,
     pub bytes_c2s: IntCounter,
     pub bytes_s2c: IntCounter,
@@ -73,6 +78,21 @@ pub struct PoolMetrics {
     pub connect_duration: prometheus::Histogram,
     pub opened: prometheus::IntCounter,
     pub checkout_timeouts: prometheus::IntCounter,
+    /// Errors sent to this pool's clients, by origin: server, proxy, client.
+    pub errors: [prometheus::IntCounter; 3],
+    pub bytes_received: prometheus::IntCounter,
+    pub bytes_sent: prometheus::IntCounter,
+}
+
+/// The origins of `pgsidecar_pool_errors_total`, in the order of `PoolMetrics::errors`.
+pub const ERROR_ORIGINS: [&str; 3] = ["server", "proxy", "client"];
+
+impl PoolMetrics {
+    /// Counts an error a client of this pool received (`origin`: server, proxy, client).
+    pub fn error(&self, origin: &str) {
+        let i = ERROR_ORIGINS.iter().position(|o| *o == origin).unwrap_or(1);
+        self.errors[i].inc();
+    }
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -99,6 +119,12 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        // (Linux /proc), what memory-limit and fd alerts are written against.
+        #[cfg(target_os = "linux")]
+        let _ = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         let build = gauge(
             &r,
             "pgsidecar_build_info",
@@ -268,6 +294,29 @@ impl Metrics {
                 "Logins of the proxy to PostgreSQL that the server refused, by pool and SQLSTATE (28P01: wrong upstream password).",
                 &["pool", "sqlstate"],
             ),
+            pool_maxwait: GaugeVec::new(
+                Opts::new(
+                    "pgsidecar_pool_client_maxwait_seconds",
+                    "How long the oldest client now queued for a server connection has been waiting (0: none waiting).",
+                ),
+                &["pool"],
+            )
+            .inspect(|g| {
+                let _ = r.register(Box::new(g.clone()));
+            })
+            .unwrap_or_else(|e| unreachable!("static metric: {e}")),
+            pool_errors: counter(
+                &r,
+                "pgsidecar_pool_errors_total",
+                "Errors sent to clients, by pool and origin (server, proxy, client); SQLSTATE classes are in pgsidecar_errors_total.",
+                &["pool", "origin"],
+            ),
+            pool_bytes: counter(
+                &r,
+                "pgsidecar_pool_bytes_total",
+                "Bytes forwarded for a pool's clients, by direction (received from clients, sent to clients).",
+                &["pool", "direction"],
+            ),
             shutdown_clients_closed,
             registry: r,
         }
@@ -282,6 +331,9 @@ impl Metrics {
             connect_duration: self.connect_duration.with_label_values(&[pool]),
             opened: self.server_opened.with_label_values(&[pool]),
             checkout_timeouts: self.checkout_timeouts.with_label_values(&[pool]),
+            errors: ERROR_ORIGINS.map(|o| self.pool_errors.with_label_values(&[pool, o])),
+            bytes_received: self.pool_bytes.with_label_values(&[pool, "received"]),
+            bytes_sent: self.pool_bytes.with_label_values(&[pool, "sent"]),
         }
     }
 

@@ -65,7 +65,15 @@ impl Proxy {
         // the start instead of failing every TLS client later.
         let client_tls = crate::tls::prepare(&mut config)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-        let listener = TcpListener::bind(&config.listen).await?;
+        let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen for clients on {} (listen): {e}",
+                    config.listen
+                ),
+            )
+        })?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(Arc::new(config));
         shared.tls.store(client_tls);

@@ -6,33 +6,47 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n==> %s\n' "$*"; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-apt_updated=0
-apt_install() {
-    if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-}
+# as_root, apt_install (--no-install-recommends), ensure_venv, TEST_VENV, DEPLOY_VENV.
+# shellcheck source=SCRIPTDIR/setup-env.sh
+. tests/setup-env.sh
+
+log "checking the Rust toolchain"
+want_rust="$(sed -n 's/^rust-version *= *"\(.*\)"/\1/p' Cargo.toml)"
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install Rust $want_rust or newer (https://rustup.rs)" >&2
+    exit 1
+fi
+have_rust="$(rustc --version | awk '{print $2}')"
+if [ "$(printf '%s\n%s\n' "$want_rust" "$have_rust" | sort -V | head -1)" != "$want_rust" ]; then
+    echo "rustc $have_rust is older than the crate's rust-version $want_rust: rustup update" >&2
+    exit 1
+fi
+echo "rustc $have_rust (needs $want_rust or newer)"
 
 find_pg_bin() {
     if [ -n "${PG_BIN:-}" ] && [ -x "$PG_BIN/initdb" ]; then echo "$PG_BIN"; return; fi
     if command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; then pg_config --bindir; return; fi
-    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1
+    printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1
 }
 
 log "checking PostgreSQL server binaries"
 if [ -z "$(find_pg_bin)" ] || [ ! -x "$(find_pg_bin)/initdb" ]; then
     apt_install postgresql postgresql-contrib
 fi
-export PG_BIN="$(find_pg_bin)"
+PG_BIN="$(find_pg_bin)"
+export PG_BIN
 echo "PG_BIN=$PG_BIN"
 id postgres >/dev/null 2>&1 || as_root useradd -r -M postgres
 command -v pgbench >/dev/null || apt_install postgresql-contrib
 
-log "checking Python test dependencies"
-python3 -m pip install -q --disable-pip-version-check -r tests/drivers/requirements.txt
+command -v curl >/dev/null || apt_install curl ca-certificates
+
+log "Python test dependencies, in the virtual environments $TEST_VENV and $DEPLOY_VENV"
+ensure_venv "$TEST_VENV" tests/drivers/requirements.txt
+ensure_venv "$DEPLOY_VENV" tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
 
 if [ -x tests/deploy/validate.sh ] && ! command -v promtool >/dev/null; then
-    log "installing promtool (Debian package prometheus)"
+    log "installing promtool (Debian package prometheus, without recommended packages)"
     apt_install prometheus || echo "promtool unavailable; deploy validation will say so"
 fi
 

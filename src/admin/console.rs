@@ -1,7 +1,7 @@
 //! The PgBouncer-style admin console: a client that logs in to the virtual database
-//! `pgsidecar` as a user with `admin: true` gets `SHOW POOLS | CLIENTS | SERVERS | STATS |
-//! CONFIG | VERSION | HELP`, `PAUSE [db]`, `RESUME [db]`, `RELOAD`, answered as ordinary
-//! result sets over the simple query protocol (what psql uses).
+//! `pgsidecar` as a user with `admin: true` gets the commands `SHOW HELP` lists (SHOW
+//! commands in `show.rs`, KILL / SUSPEND / SHUTDOWN in `control.rs`), answered as
+//! ordinary result sets over the simple query protocol (what psql uses).
 
 use std::sync::Arc;
 
@@ -114,62 +114,9 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     let reg = &shared.registry;
     match w.as_slice() {
-        ["SHOW", "POOLS"] => {
-            let data = reg
-                .all()
-                .iter()
-                .map(|p| {
-                    let s = p.snapshot();
-                    let b = p.breaker_view();
-                    let login = p.login_failure();
-                    vec![
-                        s.database,
-                        s.user,
-                        s.mode,
-                        s.clients_active.to_string(),
-                        s.clients_waiting.to_string(),
-                        s.clients_idle.to_string(),
-                        s.active_servers.to_string(),
-                        s.idle.to_string(),
-                        s.connecting.to_string(),
-                        s.min_size.to_string(),
-                        s.max_size.to_string(),
-                        s.target_size.to_string(),
-                        if s.paused { "yes" } else { "no" }.into(),
-                        b.state.as_str().into(),
-                        login
-                            .as_ref()
-                            .map(|f| format!("{} {}", f.sqlstate, f.message))
-                            .unwrap_or_default(),
-                        login
-                            .map(|f| format!("{:.1}", f.failing_for_secs))
-                            .unwrap_or_default(),
-                    ]
-                })
-                .collect();
-            rows(
-                out,
-                &[
-                    "database",
-                    "user",
-                    "pool_mode",
-                    "cl_active",
-                    "cl_waiting",
-                    "cl_idle",
-                    "sv_active",
-                    "sv_idle",
-                    "sv_connecting",
-                    "min_size",
-                    "max_size",
-                    "target_size",
-                    "paused",
-                    "breaker",
-                    "upstream_login_error",
-                    "upstream_login_failing_secs",
-                ],
-                data,
-                "SHOW",
-            );
+        ["SHOW", what] if super::show::run(what, shared, out) => {}
+        ["KILL"] | ["KILL", _] | ["SUSPEND"] | ["SHUTDOWN"] => {
+            super::control::run(w[0], arg.as_deref(), shared, out)?
         }
         ["SHOW", "CLIENTS"] => {
             let data = shared
@@ -210,91 +157,6 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                 "SHOW",
             );
         }
-        ["SHOW", "SERVERS"] => {
-            let mut data = Vec::new();
-            for p in reg.all() {
-                for s in p.idle_servers() {
-                    data.push(vec![
-                        p.key.database.clone(),
-                        p.key.user.clone(),
-                        "idle".into(),
-                        s.backend_pid.to_string(),
-                        format!("{:.1}", s.age_secs),
-                        format!("{:.1}", s.idle_secs),
-                    ]);
-                }
-            }
-            for c in shared.client_list.all() {
-                let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
-                if pid != 0 {
-                    data.push(vec![
-                        c.database.to_string(),
-                        c.user.to_string(),
-                        "active".into(),
-                        pid.to_string(),
-                        String::new(),
-                        String::new(),
-                    ]);
-                }
-            }
-            rows(
-                out,
-                &[
-                    "database",
-                    "user",
-                    "state",
-                    "backend_pid",
-                    "age_secs",
-                    "idle_secs",
-                ],
-                data,
-                "SHOW",
-            );
-        }
-        ["SHOW", "STATS"] => {
-            let data = reg
-                .all()
-                .iter()
-                .map(|p| {
-                    let s = p.snapshot();
-                    vec![
-                        s.database,
-                        s.user,
-                        s.checkouts.to_string(),
-                        s.wait_timeouts.to_string(),
-                        format!("{:.6}", s.wait_seconds_total),
-                        s.connects.to_string(),
-                        s.connect_failures.to_string(),
-                        s.closed.to_string(),
-                    ]
-                })
-                .collect();
-            rows(
-                out,
-                &[
-                    "database",
-                    "user",
-                    "checkouts",
-                    "wait_timeouts",
-                    "wait_seconds_total",
-                    "server_connects",
-                    "server_connect_failures",
-                    "server_closed",
-                ],
-                data,
-                "SHOW",
-            );
-        }
-        ["SHOW", "CONFIG"] => {
-            // Serialisation skips every secret field (passwords, token).
-            let yaml = serde_yaml::to_string(&*reg.config()).unwrap_or_default();
-            let data = yaml
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| vec![l.to_string()])
-                .collect();
-            rows(out, &["config"], data, "SHOW");
-        }
         ["SHOW", "VERSION"] => rows(
             out,
             &["version"],
@@ -308,11 +170,20 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                 "SHOW POOLS",
                 "SHOW CLIENTS",
                 "SHOW SERVERS",
+                "SHOW DATABASES",
+                "SHOW USERS",
                 "SHOW STATS",
+                "SHOW STATS_TOTALS",
+                "SHOW STATS_AVERAGES",
+                "SHOW LISTS",
+                "SHOW MEM",
                 "SHOW CONFIG",
                 "SHOW VERSION",
                 "PAUSE [db]",
                 "RESUME [db]",
+                "KILL [db]",
+                "SUSPEND",
+                "SHUTDOWN",
                 "RELOAD",
             ]
             .iter()

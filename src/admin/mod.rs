@@ -12,8 +12,13 @@
 //! Mutating endpoints need `Authorization: Bearer <admin.token>` when a token is set, and
 //! are refused outright on a non-loopback address without one.
 
+mod config_rows;
 pub mod console;
 pub mod pause;
+mod control;
+mod servers;
+pub mod show;
+mod stats;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -36,8 +41,14 @@ struct AdminState {
 
 /// Starts the admin server on `addr`; returns the bound address.
 pub async fn serve(addr: &str, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for the admin port on {addr} (admin_listen): {e}"),
+        )
+    })?;
     let local = listener.local_addr()?;
+    stats::spawn_sampler(shared.clone());
     let state = AdminState {
         shared,
         loopback: local.ip().is_loopback(),
@@ -72,6 +83,7 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
 
 async fn metrics(State(st): State<AdminState>) -> Response {
     st.shared.registry.refresh_metrics();
+    show::refresh_maxwait(&st.shared);
     (
         StatusCode::OK,
         [(

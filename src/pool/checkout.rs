@@ -161,7 +161,7 @@ impl Pool {
         }
         if !st.paused {
             while let Some(idle) = st.idle.pop() {
-                if let Some(reason) = Self::unusable(&idle, now, &settings) {
+                if let Some(reason) = Self::unusable(&idle, now, settings) {
                     self.close_unusable(&mut st, idle, reason);
                     continue;
                 }

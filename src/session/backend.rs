@@ -108,6 +108,7 @@ where
                         self.shared
                             .metrics
                             .error("server", code.as_deref().unwrap_or("??"));
+                        self.pool.m.error("server");
                     }
                     if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
                         self.server_fatal = true;

@@ -30,6 +30,7 @@ where
         pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.state.store(clients::WAITING, Ordering::Relaxed);
+            info.start_wait();
         }
         let _waiting = WaitingGuard(&pool);
         let checkout = pool.checkout();
@@ -39,11 +40,13 @@ where
                 r = &mut checkout => break r,
                 gone = poll_fn(|cx| self.poll_client_while_waiting(cx)) => {
                     if gone {
+                        self.end_wait();
                         return false;
                     }
                 }
             }
         };
+        self.end_wait();
         match result {
             Ok(lease) => {
                 self.attach(lease);
@@ -52,6 +55,7 @@ where
             Err(e) => {
                 let err = self.pool.client_error(&e);
                 self.shared.metrics.error("proxy", err.code);
+                self.pool.m.error("proxy");
                 if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
                     info.state.store(clients::IDLE, Ordering::Relaxed);
                 }
@@ -62,8 +66,22 @@ where
         }
     }
 
-    /// Reads from the client while it waits for a server. Ready(true): it went away.
+    fn end_wait(&self) {
+        if let Some(e) = &self.entry {
+            e.info.end_wait();
+        }
+    }
+
+    /// Reads from the client while it waits for a server. Ready(true): it went away (or
+    /// was killed from the console).
     pub(super) fn poll_client_while_waiting(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        // KILL wakes the session through its entry's waker.
+        if let Some(e) = &self.entry {
+            e.info.waker.register(cx.waker());
+        }
+        if self.killed() {
+            return Poll::Ready(true);
+        }
         if let Poll::Ready(Err(_)) = self.s_in.poll_drain(cx, &mut self.client) {
             return Poll::Ready(true);
         }
@@ -84,8 +102,7 @@ where
     pub(super) fn attach(&mut self, mut lease: Lease) {
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.state.store(clients::ACTIVE, Ordering::Relaxed);
-            info.server_pid
-                .store(lease.conn().backend_pid, Ordering::Relaxed);
+            info.bind_server(lease.conn().backend_pid, lease.conn().created);
         }
         if let Some(g) = self.gauge.as_mut() {
             if !g.active {

@@ -56,6 +56,8 @@ pub(crate) enum Step {
     Shutdown,
     /// The drain deadline passed.
     ForceShutdown,
+    /// The admin console's KILL for this client's database.
+    Killed,
     /// A `limits.*_timeout` expired.
     Timeout(timers::Expired),
 }
@@ -262,13 +264,39 @@ where
         self.handle(Step::ClientProtocol(e)).await;
     }
 
+    /// The console's KILL reached this client.
+    fn killed(&self) -> bool {
+        self.entry
+            .as_ref()
+            .is_some_and(|e| e.info.killed.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Ends the session after KILL: its server is closed, not reused, and the client is
+    /// told why.
+    async fn end_killed(&mut self) {
+        if let Some(lease) = self.server.take() {
+            lease.discard("killed");
+        }
+        self.set_inactive();
+        let _ = self.flush_client().await;
+        let e = ClientError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection: an administrator ran KILL for this database in the pgsidecar console; reconnect once it is resumed",
+        );
+        let _ = self.client.write_all(&e.to_bytes()).await;
+    }
+
     /// Handles a step that needs waiting; true when the session is over.
     async fn handle(&mut self, step: Step) -> bool {
         {
             match step {
                 Step::NeedServer => {
                     if !self.acquire().await {
-                        self.finish_client_gone().await;
+                        if self.killed() {
+                            self.end_killed().await;
+                        } else {
+                            self.finish_client_gone().await;
+                        }
                         return true;
                     }
                 }
@@ -279,6 +307,7 @@ where
                 }
                 Step::ClientProtocol(e) => {
                     self.shared.metrics.error("client", e.code);
+                    self.pool.m.error("client");
                     tracing::info!(error = %e, "closing client after protocol error");
                     let _ = self.flush_client().await;
                     let _ = self.client.write_all(&e.to_bytes()).await;
@@ -298,6 +327,10 @@ where
                 }
                 Step::Timeout(what) => {
                     self.on_timeout(what).await;
+                    return true;
+                }
+                Step::Killed => {
+                    self.end_killed().await;
                     return true;
                 }
                 Step::ForceShutdown => {
@@ -417,10 +450,12 @@ where
         let s = &mut self.stats;
         if s.msgs_c2s > 0 {
             m.messages_c2s.inc_by(std::mem::take(&mut s.msgs_c2s));
+            self.pool.m.bytes_received.inc_by(s.bytes_c2s);
             m.bytes_c2s.inc_by(std::mem::take(&mut s.bytes_c2s));
         }
         if s.msgs_s2c > 0 {
             m.messages_s2c.inc_by(std::mem::take(&mut s.msgs_s2c));
+            self.pool.m.bytes_sent.inc_by(s.bytes_s2c);
             m.bytes_s2c.inc_by(std::mem::take(&mut s.bytes_s2c));
         }
         s.query_starts.clear();
@@ -446,6 +481,9 @@ where
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Option<Step> {
         if let Some(e) = &self.entry {
             e.info.waker.register(cx.waker());
+            if e.info.killed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Some(Step::Killed);
+            }
         }
         match self.shared.lifecycle.phase() {
             crate::lifecycle::RUNNING => None,

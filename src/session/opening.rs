@@ -185,6 +185,18 @@ where
             .server_pid
             .store(lease.conn().backend_pid, Ordering::Relaxed);
     }
+    let mut entry = entry;
+    let logging = &session.shared.registry.config().logging;
+    if logging.log_connections {
+        tracing::info!(
+            client = %peer,
+            user = %cap.user,
+            database = %cap.database,
+            application_name = %entry.info.application_name,
+            "client logged in"
+        );
+    }
+    entry.log_disconnect = logging.log_disconnections;
     session.entry = Some(entry);
     session.cap = Some(cap);
     Some((session, slot))

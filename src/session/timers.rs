@@ -203,6 +203,7 @@ where
             "query_timeout reached: cancelling the request on the server"
         );
         self.shared.metrics.error("proxy", sqlstate::QUERY_CANCELED);
+        self.pool.m.error("proxy");
         tokio::spawn(async move {
             crate::cancel::send_cancel(&target).await;
         });
@@ -236,6 +237,7 @@ where
         };
         tracing::info!(error = %err, "closing client on timeout");
         self.shared.metrics.error("proxy", err.code);
+        self.pool.m.error("proxy");
         if what == Expired::QueryUnanswered {
             if let Some(lease) = self.server.take() {
                 lease.discard("query_timeout");

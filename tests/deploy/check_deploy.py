@@ -15,8 +15,6 @@ Each subcommand prints what it checked and exits non-zero with the reasons on fa
       Every pgsidecar_* name queried by the dashboard and the alert rules exists in a
       live scrape (exact sample names in expressions: a histogram is queried through
       _bucket/_sum/_count; family names are accepted in prose).
-  strip-annotations ALERTS OUT
-      Copy of the rule file without annotations, for `promtool test rules`.
   queries --prom URL --dashboard FILE --alerts FILE
       Evaluates every dashboard query on a Prometheus that scrapes a live pgsidecar
       (each must succeed and return series) and checks every alert rule's health.
@@ -115,6 +113,16 @@ def pod_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str, st
             ref = e["valueFrom"]["secretKeyRef"]
             env[e["name"]] = secrets.get(ref["name"], {}).get(ref["key"], "")
     return env
+
+
+def memory_formula_mib(cfg: dict) -> float:
+    """The sidecar's worst-case memory (deploy/README.md, "Resources"): 16 MiB of binary,
+    runtime and metrics; per client up to two 256 KiB read buffers (client and server
+    side); and one message held whole while it is read, up to limits.max_message_size."""
+    limits = cfg.get("limits", {})
+    clients = int(limits.get("max_client_conn", 10000))
+    largest = int(limits.get("max_message_size", 128 * 2**20))
+    return 16 + clients * 0.5 + largest / 2**20
 
 
 def check_manifests(args) -> int:
@@ -231,8 +239,13 @@ def check_manifests(args) -> int:
         f.check(all(k in req for k in ("cpu", "memory")) and "memory" in lim,
                 f"{name}: pgsidecar has cpu/memory requests and a memory limit")
         if "memory" in req and "memory" in lim:
-            f.check(8 <= mib(req["memory"]) <= 64 and mib(lim["memory"]) <= 128,
-                    f"{name}: sidecar memory request {req['memory']} / limit {lim['memory']} are modest")
+            need = memory_formula_mib(cfg)
+            f.check(8 <= mib(req["memory"]) <= 64,
+                    f"{name}: sidecar memory request {req['memory']} is modest")
+            f.check(need <= mib(lim["memory"]) <= need * 1.5,
+                    f"{name}: memory limit {lim['memory']} covers the config's worst case "
+                    f"({need:.0f} MiB = 16 MiB + max_client_conn x 0.5 MiB + max_message_size) "
+                    f"without being far above it")
 
         sc = side.get("securityContext", {})
         psc = spec.get("securityContext", {})
@@ -401,16 +414,6 @@ def check_metrics_used(args) -> int:
     return f.finish()
 
 
-def strip_annotations(args) -> int:
-    rules = yaml.safe_load(open(args.alerts))
-    for g in rules["groups"]:
-        for r in g["rules"]:
-            r.pop("annotations", None)
-    with open(args.out, "w") as out:
-        yaml.safe_dump(rules, out, sort_keys=False)
-    return 0
-
-
 def prom_get(base: str, path: str, **params) -> dict:
     url = f"{base}{path}?{urllib.parse.urlencode(params)}"
     with urllib.request.urlopen(url, timeout=10) as r:
@@ -481,6 +484,9 @@ def check_rss(args) -> int:
     lim = min(l for _, l in reqs)
     print(f"  pgsidecar peak RSS after traffic: {rss_mib:.1f} MiB "
           f"(manifests: request {req:g} MiB, limit {lim:g} MiB)")
+    if args.against == "limit":
+        f.check(rss_mib < lim, f"peak RSS {rss_mib:.1f} MiB stays under the memory limit {lim:g} MiB")
+        return f.finish()
     f.check(rss_mib <= req, f"peak RSS {rss_mib:.1f} MiB fits the memory request {req:g} MiB")
     f.check(rss_mib * 2 <= lim, f"limit {lim:g} MiB leaves at least 2x headroom")
     return f.finish()
@@ -523,10 +529,6 @@ def main() -> int:
     p.add_argument("--dashboard", required=True)
     p.add_argument("--alerts", required=True)
     p.set_defaults(fn=check_metrics_used)
-    p = sub.add_parser("strip-annotations")
-    p.add_argument("alerts")
-    p.add_argument("out")
-    p.set_defaults(fn=strip_annotations)
     p = sub.add_parser("queries")
     p.add_argument("--prom", required=True)
     p.add_argument("--dashboard", required=True)
@@ -535,6 +537,7 @@ def main() -> int:
     p = sub.add_parser("rss")
     p.add_argument("--pid", required=True)
     p.add_argument("--manifests", required=True)
+    p.add_argument("--against", choices=("request", "limit"), default="request")
     p.set_defaults(fn=check_rss)
     p = sub.add_parser("compose")
     p.add_argument("file")

@@ -18,13 +18,16 @@
 #
 # Environment:
 #   PGSIDECAR_BIN          binary to run (default target/release/pgsidecar)
-#   PGSIDECAR_DEPLOY_VENV  Python venv for the tools (default target/deploy-venv)
+#   PGSIDECAR_DEPLOY_VENV  Python venv for the tools (default target/deploy-venv; made by
+#                          tests/setup-env.sh, as tests/run-all.sh does)
 #   PG_BIN                 PostgreSQL server binaries (default /usr/lib/postgresql/15/bin)
 #   KEEP_WORK=1            keep the temporary directory (logs, scrapes, rendered YAML)
-# Needs: python3 (venv, pip reaching PyPI), kubectl (for `kubectl kustomize`), curl,
+# Needs: python3 (venv, pip reaching PyPI), kubectl for `kubectl kustomize` (without it
+# a small renderer of the kustomize features deploy/kubernetes uses stands in), curl,
 # PostgreSQL 15 server + psql + pgbench, promtool and prometheus (Debian package
 # `prometheus`) and docker-compose (Debian package; only to parse the compose file);
-# Debian packages are installed with apt-get when missing and running as root.
+# Debian packages are installed with apt-get (--no-install-recommends, as root or through
+# sudo) when missing.
 # Prints PASS/FAIL/SKIP per check and ends with `deploy: N passed, N failed, N skipped`.
 set -euo pipefail
 
@@ -32,7 +35,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PGSIDECAR_BIN="${PGSIDECAR_BIN:-target/release/pgsidecar}"
 [[ "$PGSIDECAR_BIN" = /* ]] || PGSIDECAR_BIN="$ROOT/$PGSIDECAR_BIN"
-VENV="${PGSIDECAR_DEPLOY_VENV:-$ROOT/target/deploy-venv}"
+# as_root, apt_install, ensure_venv, DEPLOY_VENV.
+# shellcheck source=SCRIPTDIR/../setup-env.sh
+. "$ROOT/tests/setup-env.sh"
+VENV="$DEPLOY_VENV"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 PY="$VENV/bin/python"
 CHECK="$PY $ROOT/tests/deploy/check_deploy.py"
@@ -129,31 +135,14 @@ wait_http() { # URL CODE SECONDS
 
 # ------------------------------------------------------------------ tools
 
-apt_install() {
-    if ! is_root || ! command -v apt-get >/dev/null; then
-        echo "missing $*: install them (apt-get install $*)"
-        return 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y --no-install-recommends "$@" || {
-        apt-get update -q && apt-get install -y --no-install-recommends "$@"
-    }
-}
-
 setup_tools() {
-    [[ -x "$PY" ]] || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check \
-        -r tests/deploy/requirements.txt -r deploy/compose/importer/requirements.txt
+    ensure_venv "$VENV" tests/deploy/requirements.txt deploy/compose/importer/requirements.txt
     if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
         apt_install prometheus
     fi
     if ! command -v psql >/dev/null || ! command -v pgbench >/dev/null || [[ ! -x "$PG_BIN/initdb" ]]; then
         apt_install postgresql-15 postgresql-client-15
     fi
-    command -v kubectl >/dev/null || {
-        echo "kubectl (for kubectl kustomize) is missing"
-        return 1
-    }
     [[ -x "$PGSIDECAR_BIN" ]] || {
         echo "$PGSIDECAR_BIN not found: run cargo build --release or set PGSIDECAR_BIN"
         return 1
@@ -163,7 +152,11 @@ setup_tools() {
     "$VENV/bin/hadolint" --version
     "$VENV/bin/check-jsonschema" --version
     first_line promtool --version
-    first_line kubectl version --client
+    if command -v kubectl >/dev/null; then
+        first_line kubectl version --client
+    else
+        echo "kubectl: not installed (not in Debian/Ubuntu's archive); kustomize builds use tests/deploy/kustomize_lite.py"
+    fi
     "$PGSIDECAR_BIN" --version
 }
 
@@ -174,17 +167,23 @@ yaml_lint() {
 }
 
 shell_lint() {
-    "$VENV/bin/shellcheck" tests/deploy/validate.sh
+    "$VENV/bin/shellcheck" -x tests/deploy/validate.sh tests/setup-env.sh tests/run-all.sh tests/drivers/run.sh
 }
 
 kustomize_build() {
-    kubectl kustomize deploy/kubernetes >"$WORK/k8s-native.yaml"
-    kubectl kustomize deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    if command -v kubectl >/dev/null; then
+        kubectl kustomize deploy/kubernetes >"$WORK/k8s-native.yaml"
+        kubectl kustomize deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    else
+        "$PY" tests/deploy/kustomize_lite.py deploy/kubernetes >"$WORK/k8s-native.yaml"
+        "$PY" tests/deploy/kustomize_lite.py deploy/kubernetes/legacy >"$WORK/k8s-legacy.yaml"
+    fi
     grep -c '^kind:' "$WORK/k8s-native.yaml" "$WORK/k8s-legacy.yaml"
 }
 
 # kubernetes-validate only warns about kinds it has no schema for: that is accepted for
-# the PodMonitor CRD (checked by check_deploy.py manifests) and nothing else.
+# the PodMonitor and PrometheusRule CRDs (checked by check_deploy.py and helm_check.py)
+# and nothing else.
 k8s_validate() { # VARIANT VERSIONS...
     local variant="$1" v out
     shift
@@ -194,12 +193,47 @@ k8s_validate() { # VARIANT VERSIONS...
             return 1
         }
         echo "$out"
-        if grep -v 'kind PodMonitor with api version monitoring.coreos.com/v1' <<<"$out" |
+        if grep -vE 'kind (PodMonitor|PrometheusRule) with api version monitoring.coreos.com/v1' <<<"$out" |
             grep -E "WARN|ERROR|Couldn't find schema"; then
             echo "unexpected warning for kubernetes $v"
             return 1
         fi
     done
+}
+
+# The Helm chart, through Helm's own Go SDK (helm-python-sdk; no helm binary needed):
+# strict lint, then `helm template` of the native variant (defaults) and of the legacy
+# variant with the NetworkPolicy on, each validated like the kustomize output and
+# checked against the chart's promises.
+HELM="$PY tests/deploy/helm_check.py"
+helm_lint() {
+    $HELM lint deploy/helm/pgsidecar
+}
+
+helm_template() {
+    $HELM template deploy/helm/pgsidecar >"$WORK/k8s-helm-native.yaml"
+    $HELM template deploy/helm/pgsidecar \
+        --set-json '{"sidecar": {"native": false}, "networkPolicy": {"enabled": true}}' >"$WORK/k8s-helm-legacy.yaml"
+    grep -c '^kind:' "$WORK/k8s-helm-native.yaml" "$WORK/k8s-helm-legacy.yaml"
+    k8s_validate helm-native "${K8S_NATIVE_VERSIONS[@]}"
+    k8s_validate helm-legacy "${K8S_LEGACY_VERSIONS[@]}"
+    $HELM policy "$WORK/k8s-helm-native.yaml" --bin "$PGSIDECAR_BIN" --variant native
+    $HELM policy "$WORK/k8s-helm-legacy.yaml" --bin "$PGSIDECAR_BIN" --variant legacy
+}
+
+# The kustomize PrometheusRule carries alerts.yml as it is; the NetworkPolicy example is
+# a valid object.
+monitoring_objects() {
+    "$PY" - <<'EOF'
+import sys, yaml
+rule = yaml.safe_load(open("deploy/kubernetes/common/prometheusrule.yaml"))
+alerts = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+ok = rule["spec"] == alerts
+print("deploy/kubernetes/common/prometheusrule.yaml matches alerts.yml:", "ok" if ok else "FAILED")
+sys.exit(0 if ok else 1)
+EOF
+    cp deploy/kubernetes/examples/networkpolicy.yaml "$WORK/k8s-netpol.yaml"
+    k8s_validate netpol "${K8S_LEGACY_VERSIONS[@]}"
 }
 
 manifest_policy() { # VARIANT
@@ -228,10 +262,7 @@ prom_rules() {
 }
 
 prom_rule_tests() {
-    mkdir -p "$WORK/ruletest"
-    $CHECK strip-annotations deploy/prometheus/alerts.yml "$WORK/ruletest/alerts.yml"
-    cp tests/deploy/alerts_test.yml "$WORK/ruletest/"
-    (cd "$WORK/ruletest" && promtool test rules alerts_test.yml)
+    promtool test rules tests/deploy/alerts_test.yml
 }
 
 compose_schema() {
@@ -329,6 +360,7 @@ databases:
   - name: app
 pool:
   size: $2
+$("$PY" -c 'import sys, yaml; print(yaml.safe_dump({"limits": yaml.safe_load(open(sys.argv[1]))["limits"]}), end="")' deploy/kubernetes/common/proxy.yaml)
 admin:
   token: \${PGSIDECAR_ADMIN_TOKEN}
   shutdown_delay: 2s
@@ -416,6 +448,14 @@ memory_fits() {
     $CHECK rss --pid "$(cat "$WORK/proxy.pid")" --manifests "$WORK/k8s-native.yaml"
 }
 
+# The Kubernetes limits' worst case, measured: one 100 MB query under the ConfigMap's
+# limits (the live proxy runs with them); the peak RSS must stay under the memory limit.
+big_query() {
+    need_proxy
+    "$PY" tests/deploy/big_query.py "postgresql://app:app@127.0.0.1:$PROXY_PORT/app"
+    $CHECK rss --pid "$(cat "$WORK/proxy.pid")" --manifests "$WORK/k8s-native.yaml" --against limit
+}
+
 # A real Prometheus scraping the live proxy every second, with the alert rules loaded.
 prometheus_queries() {
     need_proxy
@@ -484,7 +524,7 @@ sigterm_drain() {
 echo "pgsidecar deploy validation (binary: $PGSIDECAR_BIN, work: $WORK)"
 check "tools: venv (yamllint, shellcheck, kubernetes-validate, hadolint, check-jsonschema, psycopg), promtool, kubectl, PostgreSQL" setup_tools
 check "yamllint deploy/ proxy.yaml tests/deploy/" yaml_lint
-check "shellcheck tests/deploy/validate.sh" shell_lint
+check "shellcheck validate.sh, setup-env.sh, run-all.sh, drivers/run.sh" shell_lint
 check "kustomize build deploy/kubernetes and deploy/kubernetes/legacy" kustomize_build
 check "kubernetes-validate native sidecar variant (k8s ${K8S_NATIVE_VERSIONS[*]}, strict)" \
     k8s_validate native "${K8S_NATIVE_VERSIONS[@]}"
@@ -492,6 +532,9 @@ check "kubernetes-validate legacy variant (k8s ${K8S_LEGACY_VERSIONS[*]}, strict
     k8s_validate legacy "${K8S_LEGACY_VERSIONS[@]}"
 check "manifest policy: native sidecar variant" manifest_policy native
 check "manifest policy: legacy variant" manifest_policy legacy
+check "Helm chart: helm lint --strict (Helm's Go SDK via helm-python-sdk)" helm_lint
+check "Helm chart: helm template native + legacy/NetworkPolicy, kubernetes-validate, chart policy" helm_template
+check "PrometheusRule matches alerts.yml; NetworkPolicy example validates" monitoring_objects
 check "pgsidecar check: proxy.yaml and the image's config with the compose env" config_check
 check "promtool check rules/config" prom_rules
 check "promtool test rules tests/deploy/alerts_test.yml" prom_rule_tests
@@ -507,6 +550,7 @@ check "live: importer (COPY + executemany upserts), pgbench, errors, reloads" tr
 check "live: scrape /metrics, promtool check metrics" scrape
 check "live: every pgsidecar_* metric in dashboard and alerts exists in the scrape" metrics_used
 check "live: sidecar memory fits the manifests' requests" memory_fits
+check "live: a 100 MB query under the manifests' limits stays under their memory limit" big_query
 check "live: Prometheus evaluates every dashboard query and alert rule" prometheus_queries
 check "live: importer's POST /quitquitquit stops the sidecar (legacy Job)" quit_on_exit
 check "live: SIGTERM drain (readiness 503, still accepting, exit 0)" sigterm_drain
