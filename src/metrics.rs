@@ -56,6 +56,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub checkout_timeouts: IntCounterVec,
     pub aimd_ceiling: IntGaugeVec,
+    /// Per upstream host (bounded: the configured list): reachable, and its role.
+    pub upstream_host_up: IntGaugeVec,
+    pub upstream_host_role: IntGaugeVec,
     pub upstream_login_failures: IntCounterVec,
     /// Age of the oldest client queued for a server, per pool (set at scrape time from
     /// the client list, so a queue that never moves is visible before any wait ends).
@@ -281,6 +284,18 @@ impl Metrics {
                 "pgsidecar_checkout_timeouts_total",
                 "Checkouts that hit query_wait_timeout.",
                 &["pool"],
+            ),
+            upstream_host_up: gauge(
+                &r,
+                "pgsidecar_upstream_host_up",
+                "1 while the upstream host answered its last connect, 0 while it fails (it is then tried last).",
+                &["host"],
+            ),
+            upstream_host_role: gauge(
+                &r,
+                "pgsidecar_upstream_host_role",
+                "1 for the role the upstream host reported last (primary, standby, read-only primary, unknown).",
+                &["host", "role"],
             ),
             aimd_ceiling: gauge(
                 &r,

@@ -5,7 +5,7 @@
 //! - `GET /livez` the process answers; `GET /readyz` it accepts clients (not draining, not
 //!   at max_client_conn, and optionally no open breaker); `GET /startupz` an upstream
 //!   answered once, or the startup grace period passed.
-//! - `GET /api/pools` pools as JSON.
+//! - `GET /api/pools` pools as JSON, and the upstream's hosts with their roles and health.
 //! - `POST /api/pools/{name}/pause|resume|reconnect` (`name`: `database/user` URL-encoded,
 //!   or just `database` for all of its pools), `POST /api/reload`, `POST /quitquitquit`.
 //!
@@ -14,8 +14,8 @@
 
 mod config_rows;
 pub mod console;
-pub mod pause;
 mod control;
+pub mod pause;
 mod servers;
 pub mod show;
 mod stats;
@@ -181,7 +181,13 @@ async fn pools(State(st): State<AdminState>) -> Response {
             v
         })
         .collect();
-    Json(serde_json::json!({ "pools": list })).into_response()
+    let hosts = st.shared.registry.hosts();
+    let upstream = serde_json::json!({
+        "target_session_attrs": hosts.attrs.to_string(),
+        "current": hosts.current().map(|i| hosts.get(i).to_string()),
+        "hosts": hosts.views(tokio::time::Instant::now()),
+    });
+    Json(serde_json::json!({ "pools": list, "upstream": upstream })).into_response()
 }
 
 /// Checks the bearer token for a mutating endpoint.

@@ -58,8 +58,29 @@ impl Pool {
         self.reap(&settings, now);
         self.start_idle_checks(&settings, now);
         self.maybe_sample(&settings, now);
+        self.watch_hosts(&settings, now);
         self.resize(&settings, now);
         self.trim_and_fill();
+    }
+
+    /// With several upstream hosts, checks every host's role each `probe_interval` (one
+    /// pool per upstream does it), so a standby promoted or a primary demoted while no
+    /// connection went there is known before a connection is needed; connections to a
+    /// host whose role no longer fits are then never handed out.
+    fn watch_hosts(&self, settings: &Arc<PoolSettings>, now: Instant) {
+        let hosts = &settings.identity.hosts;
+        if self.startup_params().is_none() || !hosts.watch_due(settings.health.probe_interval, now)
+        {
+            return;
+        }
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let ident = &settings.identity;
+            for i in 0..ident.hosts.list().len() {
+                crate::server::ServerConn::check_host(ident, i, settings.health.probe_timeout)
+                    .await;
+            }
+        });
     }
 
     /// Closes idle connections past their lifetime (always; the sizing controller

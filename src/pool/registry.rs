@@ -201,6 +201,16 @@ impl Registry {
                 .with_label_values(&[n])
                 .set(p.breaker_view().state.gauge());
         }
+        m.upstream_host_up.reset();
+        m.upstream_host_role.reset();
+        for h in self.hosts().views(tokio::time::Instant::now()) {
+            m.upstream_host_up
+                .with_label_values(&[&h.address])
+                .set(i64::from(h.up));
+            m.upstream_host_role
+                .with_label_values(&[&h.address, h.role])
+                .set(1);
+        }
     }
 
     pub fn close_all(&self) {
@@ -216,7 +226,11 @@ impl Registry {
 pub fn hosts_of(config: &Config) -> Arc<Hosts> {
     let u = &config.upstream;
     match u.hosts() {
-        Ok(list) => Arc::new(Hosts::new(list, u.target_session_attrs, u.load_balance_hosts)),
+        Ok(list) => Arc::new(Hosts::new(
+            list,
+            u.target_session_attrs,
+            u.load_balance_hosts,
+        )),
         Err(_) => Arc::new(Hosts::single(&u.host, u.port)),
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::hosts::{role_from_params, Role};
+use super::hosts::{role_from_params, Role, TargetSessionAttrs};
 use super::{ConnectError, QueryOutcome, ServerConn, ServerIdentity};
 use crate::error::sqlstate;
 
@@ -25,7 +25,9 @@ impl ServerConn {
         lifetime: Duration,
     ) -> Result<ServerConn, ConnectError> {
         let hosts = &ident.hosts;
-        let order = hosts.order(Instant::now(), |n| rand::random::<u64>() as usize % n.max(1));
+        let order = hosts.order(Instant::now(), |n| {
+            rand::random::<u64>() as usize % n.max(1)
+        });
         let mut tried = Vec::new();
         let mut last = None;
         let mut wrong_role = false;
@@ -73,7 +75,12 @@ impl ServerConn {
                     continue;
                 }
             }
-            hosts.connected(i);
+            if let Some(before) = hosts.connected(i) {
+                if hosts.attrs != TargetSessionAttrs::Any && !hosts.attrs.spreads() {
+                    tracing::warn!(from = %hosts.get(before), to = %addr, attrs = %hosts.attrs,
+                        "upstream failover: new server connections go to another host");
+                }
+            }
             return Ok(conn);
         }
         match last {
@@ -83,6 +90,34 @@ impl ServerConn {
                 attrs: hosts.attrs.to_string(),
                 tried: tried.join("; "),
             }),
+        }
+    }
+
+    /// Connects to host `i` only to learn its role (the background host watch), and
+    /// records what it learnt.
+    pub async fn check_host(ident: &ServerIdentity, i: usize, limit: Duration) {
+        let hosts = &ident.hosts;
+        let attempt = async {
+            let mut conn = Self::login(ident, i, "pgsidecar", 0, Duration::MAX)
+                .await
+                .map_err(|e| e.to_string())?;
+            let role = conn.role(limit).await;
+            conn.close().await;
+            role
+        };
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok(role)) => {
+                if let Some(Some(before)) = hosts.reported(i, role) {
+                    tracing::warn!(host = %hosts.get(i), was = before.name(), now = role.name(), "upstream host changed role");
+                }
+            }
+            Ok(Err(e)) => hosts.failed(i, &e, Instant::now()),
+            Err(_) => {
+                hosts.failed(i, &format!("no answer within {limit:?}"), Instant::now());
+                let n = hosts.sever(i);
+                tracing::warn!(host = %hosts.get(i), timeout = ?limit, closed = n,
+                    "upstream host does not answer a login: closing its connections; transactions in flight there get an error, new ones go to another host");
+            }
         }
     }
 

@@ -14,6 +14,7 @@
 //! record that moves to the new primary is followed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -64,7 +65,7 @@ impl TargetSessionAttrs {
     }
 
     /// Pools that read from replicas spread their connections over them.
-    fn spreads(self) -> bool {
+    pub fn spreads(self) -> bool {
         matches!(
             self,
             TargetSessionAttrs::ReadOnly
@@ -202,6 +203,13 @@ pub struct Hosts {
     pub load_balance: LoadBalanceHosts,
     state: Mutex<Vec<HostState>>,
     next: AtomicUsize,
+    /// The host the last connection went to (usize::MAX: none yet), to log a move.
+    last_used: AtomicUsize,
+    /// When the hosts' roles were last checked in the background.
+    watched: Mutex<Option<Instant>>,
+    /// A handle on the socket of every server connection, per host, so that a host
+    /// declared dead can have all its connections ended at once (see `sever`).
+    sockets: Mutex<Vec<Vec<Weak<socket2::Socket>>>>,
 }
 
 impl Hosts {
@@ -210,13 +218,17 @@ impl Hosts {
         attrs: TargetSessionAttrs,
         load_balance: LoadBalanceHosts,
     ) -> Hosts {
-        let state = Mutex::new(vec![HostState::default(); list.len()]);
+        let n_hosts = list.len();
+        let state = Mutex::new(vec![HostState::default(); n_hosts]);
         Hosts {
             list,
             attrs,
             load_balance,
             state,
             next: AtomicUsize::new(0),
+            last_used: AtomicUsize::new(usize::MAX),
+            watched: Mutex::new(None),
+            sockets: Mutex::new(vec![Vec::new(); n_hosts]),
         }
     }
 
@@ -304,10 +316,62 @@ impl Hosts {
         (before != Some(role)).then_some(before)
     }
 
-    pub fn connected(&self, i: usize) {
+    /// A connection was opened to host `i`; returns the host used before if it was
+    /// another one (a failover, for a read-write pool).
+    pub fn connected(&self, i: usize) -> Option<usize> {
         if let Some(s) = self.state.lock().get_mut(i) {
             s.connects += 1;
         }
+        let before = self.last_used.swap(i, Ordering::Relaxed);
+        (before != i && before != usize::MAX).then_some(before)
+    }
+
+    /// Keeps a handle on a new connection's socket to host `i`.
+    pub fn track(&self, i: usize, sock: &Arc<socket2::Socket>) {
+        let mut all = self.sockets.lock();
+        if let Some(v) = all.get_mut(i) {
+            if v.len() >= 16 && v.len().is_power_of_two() {
+                v.retain(|w| w.strong_count() > 0);
+            }
+            v.push(Arc::downgrade(sock));
+        }
+    }
+
+    /// Host `i` does not answer at all (a frozen server, a network black hole whose
+    /// packets the kernel still acknowledges): ends every connection to it, idle or in
+    /// use, so that clients waiting on it get an error now instead of waiting forever,
+    /// and their next transactions go to a host that works. Returns how many.
+    pub fn sever(&self, i: usize) -> usize {
+        let socks: Vec<_> = self
+            .sockets
+            .lock()
+            .get_mut(i)
+            .map(|v| {
+                std::mem::take(v)
+                    .into_iter()
+                    .filter_map(|w| w.upgrade())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for s in &socks {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        socks.len()
+    }
+
+    /// True once per `every` (for one caller): time to check every host's role in the
+    /// background, so a host that changed role while unused is known before it is
+    /// needed. Only for several hosts.
+    pub fn watch_due(&self, every: Duration, now: Instant) -> bool {
+        if self.list.len() < 2 || every.is_zero() {
+            return false;
+        }
+        let mut w = self.watched.lock();
+        if w.is_some_and(|t| now.duration_since(t) < every) {
+            return false;
+        }
+        *w = Some(now);
+        true
     }
 
     /// Host `i` refused a write (25006) on a read-write pool: its role is no longer
@@ -333,8 +397,7 @@ impl Hosts {
     pub fn current(&self) -> Option<usize> {
         let st = self.state.lock();
         (0..self.list.len()).find(|i| {
-            st[*i].role.is_some_and(|r| self.attrs.accepts(r))
-                && st[*i].banned_until.is_none()
+            st[*i].role.is_some_and(|r| self.attrs.accepts(r)) && st[*i].banned_until.is_none()
         })
     }
 
@@ -364,7 +427,9 @@ impl Hosts {
 pub fn role_from_params(get: impl Fn(&str) -> Option<String>) -> Option<Role> {
     let on = |v: String| v == "on";
     let in_recovery = get("in_hot_standby").map(on)?;
-    let read_only = get("default_transaction_read_only").map(on).unwrap_or(false);
+    let read_only = get("default_transaction_read_only")
+        .map(on)
+        .unwrap_or(false);
     Some(Role {
         in_recovery,
         read_only,
@@ -398,7 +463,13 @@ mod tests {
         let s: Vec<String> = h.iter().map(|a| a.to_string()).collect();
         assert_eq!(
             s,
-            ["db1:5432", "db2:5433", "[::1]:5434", "[::1]:5432", "[fe80::1]:5432"]
+            [
+                "db1:5432",
+                "db2:5433",
+                "[::1]:5434",
+                "[::1]:5432",
+                "[fe80::1]:5432"
+            ]
         );
         assert!(parse_hosts("a,,b", 1).is_err());
         assert!(parse_hosts("a:0", 1).is_err());
@@ -429,7 +500,11 @@ mod tests {
         h.reported(2, PRIMARY);
         assert_eq!(h.order(now, |_| 0), vec![2, 1, 0]);
         h.failed(2, "refused", now);
-        assert_eq!(h.order(now, |_| 0), vec![1, 0, 2], "banned last, never dropped");
+        assert_eq!(
+            h.order(now, |_| 0),
+            vec![1, 0, 2],
+            "banned last, never dropped"
+        );
         // The ban doubles and expires.
         assert_eq!(h.order(now + Duration::from_secs(1), |_| 0), vec![2, 1, 0]);
         h.failed(2, "refused", now);
@@ -459,7 +534,13 @@ mod tests {
             "in_hot_standby" => Some("on".to_string()),
             _ => None,
         };
-        assert_eq!(role_from_params(get), Some(STANDBY).map(|r| Role { read_only: false, ..r }));
+        assert_eq!(
+            role_from_params(get),
+            Some(STANDBY).map(|r| Role {
+                read_only: false,
+                ..r
+            })
+        );
         assert_eq!(role_from_params(|_| None), None);
     }
 }

@@ -15,11 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::prepared::PreparedCache;
 use super::{
     params, ConnectError, ServerConn, ServerConnState, ServerIdentity, ServerStream, NEXT_ID,
     STARTUP_MESSAGE_LIMIT,
 };
-use super::prepared::PreparedCache;
 use crate::error::sqlstate;
 use crate::protocol::framing::backend_header;
 
@@ -44,6 +44,13 @@ impl ServerConn {
             .map_err(io_err)?;
         tcp.set_nodelay(true).map_err(io_err)?;
         ident.tcp.apply(&tcp);
+        let sever = socket2::SockRef::from(&tcp)
+            .try_clone()
+            .ok()
+            .map(std::sync::Arc::new);
+        if let Some(s) = &sever {
+            ident.hosts.track(index, s);
+        }
         let mut stream = match &ident.tls.prepared {
             Some(tls) => tls.negotiate(tcp, &target.host).await,
             // An identity built from a configuration that was never prepared (files not
@@ -183,6 +190,7 @@ impl ServerConn {
             host: target.host.as_str().into(),
             port: target.port,
             host_index: index,
+            sever,
             params: original_params.clone(),
             params_fp: 0,
             raw_settings: params::RawSettings::new(),

@@ -158,6 +158,8 @@ pub struct ServerConnState {
     pub port: u16,
     /// Which of the upstream's hosts (`ServerIdentity::hosts`) this is.
     pub host_index: usize,
+    /// A second handle on the socket, kept by the host list too (`Hosts::sever`).
+    pub sever: Option<std::sync::Arc<socket2::Socket>>,
     /// Parameters as the server reported them at startup (its defaults).
     pub original_params: HashMap<String, String>,
     /// Parameters as they are now, kept up to date from ParameterStatus and our own SETs.
@@ -212,4 +214,3 @@ impl ServerConn {
         .await;
     }
 }
-

@@ -348,7 +348,11 @@ where
                     return true;
                 }
                 Step::ServerGone(reason) => {
-                    tracing::warn!(%reason, pool = %self.pool.key, "server connection lost");
+                    let host = self.server.as_ref().map(|l| {
+                        let c = l.conn_ref();
+                        format!("{}:{}", c.host, c.port)
+                    });
+                    tracing::warn!(%reason, pool = %self.pool.key, host = host.as_deref().unwrap_or("?"), "server connection lost");
                     if let Some(lease) = self.server.take() {
                         lease.discard("server lost");
                     }
@@ -356,9 +360,12 @@ where
                     if !self.server_fatal {
                         let e = ClientError::fatal(
                             sqlstate::CONNECTION_FAILURE,
-                            "pgsidecar: the server connection was lost while this client was using it; any open transaction was rolled back",
+                            format!(
+                                "pgsidecar: the server connection{} was lost while this client was using it (the database restarted, failed over or became unreachable); any open transaction was rolled back",
+                                host.map(|h| format!(" to {h}")).unwrap_or_default()
+                            ),
                         )
-                        .with_hint("reconnect and retry the transaction");
+                        .with_hint("reconnect and retry the transaction: new connections go to a host that works");
                         let _ = self.client.write_all(&e.to_bytes()).await;
                     }
                     return true;

@@ -287,6 +287,85 @@ impl PgCluster {
         })
     }
 
+    /// A streaming standby of `primary` (`pg_basebackup -R` over the primary's Unix
+    /// socket), on a port of its own, started and accepting read-only connections.
+    pub fn standby_of(primary: &PgCluster) -> PgCluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("pgsidecar-test-standby-")
+            .tempdir_in(temp_base())
+            .expect("could not create temp dir for the standby");
+        let base = tmp.path().to_path_buf();
+        if let Some((uid, gid)) = primary.run_as {
+            std::os::unix::fs::chown(&base, Some(uid), Some(gid))
+                .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", base.display()));
+        }
+        let mut standby = PgCluster {
+            tmp: Some(tmp),
+            data: base.join("data"),
+            log_file: base.join("postgres.log"),
+            base,
+            bin: primary.bin.clone(),
+            run_as: primary.run_as,
+            port: 0,
+            opts: primary.opts.clone(),
+            frozen: AtomicBool::new(false),
+        };
+        standby.base_backup_from(primary);
+        for _ in 0..8 {
+            standby.port = free_port();
+            standby.write_conf();
+            match standby.pg_ctl_start() {
+                Ok(()) => {
+                    standby.wait_ready(Duration::from_secs(30));
+                    return standby;
+                }
+                Err(StartError::PortInUse(_)) => continue,
+                Err(StartError::Other(msg)) => panic!("starting the standby failed:\n{msg}"),
+            }
+        }
+        panic!("could not start the standby: port in use 8 times in a row");
+    }
+
+    /// Replaces this cluster's data with a fresh base backup of `primary` and starts it
+    /// as its standby, on the same port (an old primary rejoining after a failover).
+    pub fn rejoin_as_standby_of(&self, primary: &PgCluster) {
+        let _ = fs::remove_dir_all(&self.data);
+        self.base_backup_from(primary);
+        self.write_conf();
+        self.start_again();
+    }
+
+    fn base_backup_from(&self, primary: &PgCluster) {
+        let mut cmd = self.pg_command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-R", "-X", "stream", "-c", "fast", "-U", SUPERUSER, "-h"])
+            .arg(&primary.base)
+            .args(["-p", &primary.port.to_string()]);
+        let out = run_capture(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pg_basebackup failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl promote`: the standby leaves recovery and accepts writes.
+    pub fn promote(&self) {
+        let mut cmd = self.pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60", "promote"]);
+        let out = run_capture(&mut cmd);
+        assert!(
+            out.status.success(),
+            "pg_ctl promote failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `pg_ctl stop -m immediate` (crash-like stop; needs recovery on restart).
     pub fn stop_immediate(&self) {
         self.stop_mode("immediate");
@@ -449,6 +528,7 @@ impl PgCluster {
         let hba = format!(
             "# written by the pgsidecar test harness\n\
              local all all trust\n\
+             local replication all trust\n\
              host all all 127.0.0.1/32 {m}\n\
              host all all ::1/128 {m}\n"
         );
