@@ -20,7 +20,7 @@ impl Pool {
             self.discarded(conn, "errors");
             return;
         }
-        if now.duration_since(conn.created) > conn.lifetime {
+        if super::past_lifetime(&conn, &settings, now) {
             self.discarded(conn, "lifetime");
             return;
         }

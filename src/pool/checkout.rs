@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::health::{self, CheckOutcome, Testing};
 use super::{
-    drop_later, is_congestion, jitter, CheckoutError, Idle, Lease, Pool, PoolSettings, PoolState,
+    drop_later, is_congestion, CheckoutError, Idle, Lease, Pool, PoolSettings, PoolState,
     MAX_CONN_ERRORS,
 };
 use crate::circuit::Event;
@@ -334,15 +334,8 @@ impl Pool {
         self: &Arc<Self>,
         settings: &PoolSettings,
     ) -> Result<ServerConn, Arc<ConnectError>> {
-        let lifetime = jitter(settings.server_lifetime);
         let started = Instant::now();
-        let r = ServerConn::connect(
-            &settings.identity,
-            "pgsidecar",
-            settings.max_prepared,
-            lifetime,
-        )
-        .await;
+        let r = ServerConn::connect(&settings.identity, "pgsidecar", settings.max_prepared).await;
         let took = started.elapsed();
         let now = Instant::now();
         self.m.connect_duration.observe(took.as_secs_f64());
@@ -468,7 +461,7 @@ impl Pool {
         now: Instant,
         settings: &PoolSettings,
     ) -> Option<&'static str> {
-        if now.duration_since(idle.conn.created) > idle.conn.lifetime {
+        if super::past_lifetime(&idle.conn, settings, now) {
             return Some("lifetime");
         }
         // Its host is known to have another role now (a failover): never hand it out.

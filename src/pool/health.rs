@@ -175,12 +175,12 @@ pub enum ProbeOutcome {
 }
 
 /// Connects, logs in and runs the check query within `limit`.
-pub async fn probe(settings: &PoolSettings, lifetime: Duration) -> ProbeOutcome {
+pub async fn probe(settings: &PoolSettings) -> ProbeOutcome {
     let limit = settings.health.probe_timeout;
     let started = Instant::now();
     let mut ident: ServerIdentity = settings.identity.clone();
     ident.connect_timeout = ident.connect_timeout.min(limit);
-    let connected = ServerConn::connect(&ident, "pgsidecar", settings.max_prepared, lifetime).await;
+    let connected = ServerConn::connect(&ident, "pgsidecar", settings.max_prepared).await;
     let mut conn = match connected {
         Ok(c) => c,
         Err(e) if super::is_congestion(&e) => return ProbeOutcome::Full(e.to_string()),
@@ -365,7 +365,7 @@ impl Pool {
 
     async fn run_probe(self: Arc<Self>, settings: &Arc<PoolSettings>) {
         let started = Instant::now();
-        let outcome = probe(settings, super::jitter(settings.server_lifetime)).await;
+        let outcome = probe(settings).await;
         let took = started.elapsed();
         let now = Instant::now();
         let aimd = settings.aimd_config();

@@ -38,18 +38,6 @@ pub(super) fn spawn(pool: &Arc<Pool>) {
     });
 }
 
-/// Spreads idle timeouts over -10%..0 per connection, so connections that went idle
-/// together are not all closed (and, below min_size, reopened) together. Derived from
-/// the connection id, so it is stable for a connection's life without storing it.
-fn idle_timeout_of(id: u64, base: Duration) -> Duration {
-    // splitmix64: a good spread from sequential ids.
-    let mut z = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    base.mul_f64(0.9 + (z % 1000) as f64 / 10_000.0)
-}
-
 impl Pool {
     fn tick(self: &Arc<Self>) {
         let settings = self.settings();
@@ -96,11 +84,11 @@ impl Pool {
             let mut i = 0;
             while i < st.idle.len() {
                 let c = &st.idle[i].conn;
-                let reason = if now.duration_since(c.created) > c.lifetime {
+                let reason = if super::past_lifetime(c, settings, now) {
                     Some("lifetime")
                 } else if st.open > keep
                     && now.duration_since(c.last_used)
-                        > idle_timeout_of(c.id, settings.server_idle_timeout)
+                        > super::spread(c.id, settings.server_idle_timeout)
                 {
                     Some("idle_timeout")
                 } else {
@@ -204,21 +192,5 @@ impl Pool {
             tracing::debug!(pool = %self.name, opening = to_open, "growing the pool toward its target");
             self.spawn_connects(to_open, settings, false);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idle_timeout_jitter_stays_within_ten_percent_and_spreads() {
-        let base = Duration::from_secs(100);
-        let v: Vec<Duration> = (1..200).map(|id| idle_timeout_of(id, base)).collect();
-        assert!(v
-            .iter()
-            .all(|d| *d >= Duration::from_secs(90) && *d <= base));
-        let distinct: std::collections::HashSet<_> = v.iter().map(|d| d.as_millis()).collect();
-        assert!(distinct.len() > 100, "spread: {}", distinct.len());
     }
 }

@@ -644,15 +644,43 @@ fn is_congestion(e: &ConnectError) -> bool {
     matches!(e, ConnectError::Server { code, .. } if code == sqlstate::TOO_MANY_CONNECTIONS)
 }
 
-/// Up to -10% so connections opened together do not all expire at once.
-fn jitter(d: Duration) -> Duration {
-    let f = 0.9 + rand::random::<f64>() * 0.1;
-    d.mul_f64(f)
+/// Spreads a per-connection limit over -10%..0, so connections opened or idle together
+/// are not all closed (and reopened) together. Derived from the connection id, so it is
+/// stable for a connection's life without storing it, and follows a reloaded setting.
+fn spread(id: u64, base: Duration) -> Duration {
+    // splitmix64: a good spread from sequential ids.
+    let mut z = id.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    base.mul_f64(0.9 + (z % 1000) as f64 / 10_000.0)
+}
+
+/// Past `server_lifetime` as the settings say now (a reload applies to open connections).
+fn past_lifetime(conn: &ServerConn, settings: &PoolSettings, now: Instant) -> bool {
+    // Another salt than the idle timeout's, so the two spreads are independent.
+    now.duration_since(conn.created) > spread(conn.id ^ 0x5bd1_e995, settings.server_lifetime)
 }
 
 /// Sends Terminate in the background; callers may hold a lock.
 fn drop_later(conn: ServerConn) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(conn.close());
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::*;
+
+    #[test]
+    fn spread_stays_within_ten_percent_and_spreads() {
+        let base = Duration::from_secs(100);
+        let v: Vec<Duration> = (1..200).map(|id| spread(id, base)).collect();
+        assert!(v
+            .iter()
+            .all(|d| *d >= Duration::from_secs(90) && *d <= base));
+        let distinct: std::collections::HashSet<_> = v.iter().map(|d| d.as_millis()).collect();
+        assert!(distinct.len() > 100, "spread: {}", distinct.len());
     }
 }

@@ -22,7 +22,6 @@ impl ServerConn {
         ident: &ServerIdentity,
         application_name: &str,
         max_prepared: usize,
-        lifetime: Duration,
     ) -> Result<ServerConn, ConnectError> {
         let hosts = &ident.hosts;
         let order = hosts.order(Instant::now(), |n| {
@@ -34,7 +33,7 @@ impl ServerConn {
         for i in order {
             let addr = hosts.get(i).to_string();
             let limit = ident.connect_timeout;
-            let attempt = Self::login(ident, i, application_name, max_prepared, lifetime);
+            let attempt = Self::login(ident, i, application_name, max_prepared);
             let result = match tokio::time::timeout(limit, attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(ConnectError::Timeout(limit, addr.clone())),
@@ -98,7 +97,7 @@ impl ServerConn {
     pub async fn check_host(ident: &ServerIdentity, i: usize, limit: Duration) {
         let hosts = &ident.hosts;
         let attempt = async {
-            let mut conn = Self::login(ident, i, "pgsidecar", 0, Duration::MAX)
+            let mut conn = Self::login(ident, i, "pgsidecar", 0)
                 .await
                 .map_err(|e| e.to_string())?;
             let role = conn.role(limit).await;

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
@@ -31,7 +30,6 @@ impl ServerConn {
         index: usize,
         application_name: &str,
         max_prepared: usize,
-        lifetime: Duration,
     ) -> Result<ServerConn, ConnectError> {
         let target = ident.hosts.get(index);
         let addr = &target.to_string();
@@ -200,7 +198,6 @@ impl ServerConn {
             prepared: PreparedCache::new(max_prepared),
             dirty: false,
             errors: 0,
-            lifetime,
         })))
     }
 }

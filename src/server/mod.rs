@@ -177,8 +177,6 @@ pub struct ServerConnState {
     pub dirty: bool,
     /// I/O or protocol errors seen on this connection; too many retire it.
     pub errors: u32,
-    /// Randomised lifetime so connections opened together do not all expire together.
-    pub lifetime: Duration,
 }
 
 impl std::fmt::Debug for ServerConnState {
