@@ -52,7 +52,7 @@ impl Cli {
     /// Builds the effective configuration: file (if any), then flags on top.
     pub fn build_config(&self) -> Result<Config, ConfigError> {
         let mut config = match (&self.config, &self.upstream) {
-            (Some(path), _) => Config::load(path)?,
+            (Some(path), _) => Config::load(path).map_err(|e| self.locate(e))?,
             (None, Some(url)) => config_from_url(url)?,
             (None, None) => {
                 return Err(ConfigError::Invalid(
@@ -96,7 +96,26 @@ impl Cli {
     /// Names the file and line of the key a validation error is about, when it is
     /// written in the file.
     fn locate(&self, e: ConfigError) -> ConfigError {
-        let (ConfigError::Invalid(m), Some(path)) = (&e, &self.config) else {
+        let Some(path) = &self.config else { return e };
+        let p = path.display();
+        match &e {
+            ConfigError::YamlSyntax {
+                line,
+                column,
+                message,
+            } => return ConfigError::Invalid(format!("{p}:{line}:{column}: {message}")),
+            ConfigError::Yaml { key, message } => {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                return ConfigError::Invalid(
+                    match crate::config::checks::position_of(&text, key) {
+                        Some((line, col)) => format!("{p}:{line}:{col} {key}: {message}"),
+                        None => format!("{p} {key}: {message}"),
+                    },
+                );
+            }
+            _ => {}
+        }
+        let ConfigError::Invalid(m) = &e else {
             return e;
         };
         let text = std::fs::read_to_string(path).unwrap_or_default();

@@ -17,13 +17,24 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid YAML: {0}")]
-    Yaml(String),
+    /// A value of the wrong type or shape: `key` is its dotted path (`pool.size`).
+    #[error("{key}: {message}")]
+    Yaml { key: String, message: String },
+    /// Not YAML at all, at a position of the text.
+    #[error("invalid YAML at line {line} column {column}: {message}")]
+    YamlSyntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("environment variable {0} is not set (use ${{{0}:-default}} to give a default)")]
     MissingEnv(String),
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
+
+/// Longest duration any setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How server connections are shared between clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -679,10 +690,75 @@ impl Config {
     /// `env`. Expansion happens after YAML parsing so a secret's characters can never
     /// change the document's structure.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let mut value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigError::YamlSyntax {
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })?;
         expand_value(&mut value, env)?;
-        serde_yaml::from_value(value).map_err(|e| ConfigError::Yaml(e.to_string()))
+        // The path of the value that failed (`pool.size`), which serde_yaml's own error
+        // does not name once the document is a Value.
+        serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Yaml {
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+
+    /// Every duration at most `MAX_DURATION`: time arithmetic with absurd values
+    /// (`1000000000000years`) would overflow at run time.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        let (u, p, h, l, b, a) = (
+            &self.upstream,
+            &self.pool,
+            &self.health,
+            &self.limits,
+            &self.breaker,
+            &self.admin,
+        );
+        let all = [
+            ("upstream.connect_timeout", Some(u.connect_timeout)),
+            ("upstream.tcp_user_timeout", Some(u.tcp_user_timeout)),
+            ("upstream.keepalives_idle", Some(u.keepalives_idle)),
+            ("upstream.keepalives_interval", Some(u.keepalives_interval)),
+            ("pool.query_wait_timeout", Some(p.query_wait_timeout)),
+            ("pool.server_idle_timeout", Some(p.server_idle_timeout)),
+            ("pool.server_lifetime", Some(p.server_lifetime)),
+            ("pool.shrink_delay", Some(p.shrink_delay)),
+            ("pool.aimd_interval", Some(p.aimd_interval)),
+            ("health.check_timeout", Some(h.check_timeout)),
+            ("health.server_check_delay", Some(h.server_check_delay)),
+            ("health.idle_check_interval", Some(h.idle_check_interval)),
+            ("health.probe_interval", Some(h.probe_interval)),
+            ("health.probe_timeout", Some(h.probe_timeout)),
+            ("limits.client_login_timeout", Some(l.client_login_timeout)),
+            (
+                "limits.client_startup_timeout",
+                Some(l.client_startup_timeout),
+            ),
+            (
+                "limits.idle_transaction_timeout",
+                l.idle_transaction_timeout,
+            ),
+            ("limits.query_timeout", l.query_timeout),
+            ("limits.client_idle_timeout", l.client_idle_timeout),
+            ("breaker.backoff_base", Some(b.backoff_base)),
+            ("breaker.backoff_cap", Some(b.backoff_cap)),
+            ("admin.pause_timeout", Some(a.pause_timeout)),
+            ("admin.startup_grace", Some(a.startup_grace)),
+            ("admin.shutdown_delay", Some(a.shutdown_delay)),
+            ("admin.shutdown_timeout", Some(a.shutdown_timeout)),
+        ];
+        for (key, d) in all {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is longer than the most allowed, 365 days"
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn find_user(&self, name: &str) -> Option<&UserConfig> {
@@ -819,6 +895,7 @@ impl Config {
             return bad("limits.max_message_size must be between 1024 and 1073741823".into());
         }
         checks::log_level(&self.logging.level).map_err(ConfigError::Invalid)?;
+        self.check_durations()?;
         if !matches!(self.logging.format.as_str(), "text" | "json") {
             return bad(format!(
                 "logging.format must be text or json, not {:?}",
@@ -838,6 +915,14 @@ impl Config {
                     "users: {:?} has no password but auth.method is {:?}; set a password or use auth.method: trust",
                     u.name, self.auth.method
                 ));
+            }
+            for (what, p) in [
+                ("password", &u.password),
+                ("server_password", &u.server_password),
+            ] {
+                if let Some(Err(e)) = p.as_deref().map(Secret::parse_strict) {
+                    return bad(format!("users: {:?} has a {what} that {e}", u.name));
+                }
             }
             if self.auth.method == AuthMethod::Md5 {
                 if let Some(Secret::Scram(_)) = u.password.as_deref().map(Secret::parse) {

@@ -31,6 +31,17 @@ pub fn log_level(filter: &str) -> Result<(), String> {
         .map_err(|e| format!("logging.level: {e}"))
 }
 
+/// The 1-based line and column of a dotted key's value, if it is written out.
+pub fn position_of(text: &str, dotted: &str) -> Option<(usize, usize)> {
+    let line = line_of(text, dotted)?;
+    let last = dotted.rsplit('.').next()?;
+    let body = text.lines().nth(line - 1)?;
+    let at = body.find(last)? + last.len();
+    let after = body.get(at..)?.strip_prefix(':')?;
+    let col = at + 2 + (after.len() - after.trim_start().len());
+    Some((line, col))
+}
+
 /// The 1-based line of a dotted key (`logging.level`) in a YAML document, found by
 /// indentation: each part must be a mapping key nested under the previous one. Only
 /// for messages; `None` when the key is not written out (a default or a flag).

@@ -127,3 +127,55 @@ fn managed_pool_settings_have_documented_defaults_and_are_validated() {
     }
     assert!(Config::parse("upstream:\n  host: db\nbreaker:\n  on_open: retry\n", &env).is_err());
 }
+
+#[test]
+fn type_errors_name_the_key_and_syntax_errors_the_position() {
+    let text = "upstream:\n  host: db\npool:\n  size: eight\n";
+    match Config::parse(text, &env) {
+        Err(ConfigError::Yaml { key, message }) => {
+            assert_eq!(key, "pool.size");
+            assert!(message.contains("eight"), "{message}");
+            assert_eq!(super::checks::position_of(text, &key), Some((4, 9)));
+        }
+        other => panic!("{other:?}"),
+    }
+    match Config::parse("upstream:\n  host: [db\n", &env) {
+        Err(ConfigError::YamlSyntax { line, .. }) => assert!(line >= 2),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn absurd_durations_and_malformed_verifiers_are_refused_at_check() {
+    for (key, text) in [
+        (
+            "pool.query_wait_timeout",
+            "pool:\n  query_wait_timeout: 317097919180years\n",
+        ),
+        ("pool.shrink_delay", "pool:\n  shrink_delay: 500000days\n"),
+        (
+            "breaker.backoff_cap",
+            "breaker:\n  backoff_cap: 1000years\n",
+        ),
+        (
+            "admin.shutdown_timeout",
+            "admin:\n  shutdown_timeout: 400days\n",
+        ),
+    ] {
+        let text = format!("upstream:\n  host: db\nauth:\n  method: trust\n{text}");
+        let e = Config::parse(&text, &env)
+            .expect("parses")
+            .validate()
+            .expect_err(key)
+            .to_string();
+        assert!(e.contains(key) && e.contains("365 days"), "{e}");
+    }
+    // A verifier with a broken stored key is not a plaintext password.
+    let text = "upstream:\n  host: db\nusers:\n  - name: app\n    password: \"SCRAM-SHA-256$4096:c2FsdA==$bm90LWEta2V5:bm90LWEta2V5\"\n";
+    let e = Config::parse(text, &env)
+        .expect("parses")
+        .validate()
+        .expect_err("malformed verifier")
+        .to_string();
+    assert!(e.contains("\"app\""), "{e}");
+}
