@@ -293,6 +293,8 @@ fn extra_columns(cmd: &str) -> &'static [&'static str] {
             "ceiling",
             "paused",
             "breaker",
+            "upstream_login_error",
+            "upstream_login_failing_secs",
         ],
         "SHOW STATS" | "SHOW STATS_TOTALS" | "SHOW STATS_AVERAGES" => &["user"],
         "SHOW SERVERS" => &["age_secs", "idle_secs"],
