@@ -488,6 +488,8 @@ impl Metrics {
             &self.health_checks,
             &self.checkout_timeouts,
             &self.upstream_login_failures,
+            &self.pool_errors,
+            &self.pool_bytes,
         ] {
             drop_from(v, pool);
         }
@@ -514,6 +516,7 @@ impl Metrics {
             drop_from(v, pool);
         }
         drop_from(&self.server_age_max, pool);
+        drop_from(&self.pool_maxwait, pool);
     }
 }
 

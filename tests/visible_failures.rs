@@ -141,6 +141,17 @@ async fn wrong_upstream_password_is_a_visible_bounded_state() {
         let c = connect(&url).await;
         assert_eq!(simple_one(&c, "select current_user").await, "vf_upstream");
         drop(c);
+        // The session returns its server asynchronously: wait for it to be idle, so
+        // that the reconnect below closes it.
+        wait_until(
+            Duration::from_secs(5),
+            "the server back in the pool",
+            || {
+                let pools = proxy.shared.registry.all();
+                async move { pools.iter().all(|p| p.snapshot().active_servers == 0) }
+            },
+        )
+        .await;
         proxy
             .shared
             .registry

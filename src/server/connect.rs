@@ -50,7 +50,10 @@ impl ServerConn {
                 // does not exist): every host would say the same.
                 Err(e) => return Err(e),
             };
-            let role = if hosts.attrs.needs_role() {
+            // With one host there is nothing to choose: its role is checked only when
+            // it reports one at login (PostgreSQL 14+), so servers that do not (older
+            // ones, PostgreSQL-compatible ones) need no extra query.
+            let role = if hosts.attrs.needs_role() && hosts.list().len() > 1 {
                 match conn.role(limit).await {
                     Ok(r) => Some(r),
                     Err(e) => {
