@@ -133,12 +133,7 @@ impl Aimd {
         if !cfg.enabled {
             return None;
         }
-        let from = self.ceiling;
-        let to = established.min(from).max(cfg.floor.min(cfg.max)).max(1);
-        self.last_change = Some(now);
-        self.ceiling = to;
-        self.was_cut |= to < from;
-        (to != from).then_some((from, to))
+        Some(self.lower(cfg, established, now)).filter(|(from, to)| from != to)
     }
 
     /// Lowers the ceiling to `to` (within the floor), at most once per interval: further
@@ -147,13 +142,18 @@ impl Aimd {
         if !cfg.enabled || self.quiet_until.is_some_and(|t| now < t) {
             return None;
         }
+        self.quiet_until = Some(now + cfg.interval);
+        Some(self.lower(cfg, to, now)).filter(|(from, to)| from != to)
+    }
+
+    /// Sets the ceiling to `to` (never above it now, never below the floor).
+    fn lower(&mut self, cfg: &AimdConfig, to: usize, now: Instant) -> Change {
         let from = self.ceiling;
         let to = to.min(from).max(cfg.floor.min(cfg.max)).max(1);
-        self.quiet_until = Some(now + cfg.interval);
         self.last_change = Some(now);
         self.ceiling = to;
         self.was_cut |= to < from;
-        (to != from).then_some((from, to))
+        (from, to)
     }
 
     /// A connection opened in `took`; a sharp rise over the baseline counts as congestion.
