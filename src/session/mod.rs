@@ -9,6 +9,7 @@ pub mod frontend;
 pub mod handshake;
 mod opening;
 pub mod relay;
+pub mod sessionstate;
 pub mod setstmt;
 mod settings;
 pub mod timers;
