@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use atomic_waker::AtomicWaker;
@@ -24,6 +24,8 @@ pub struct ClientInfo {
     pub state: AtomicU8,
     /// Backend pid of the server this client holds now (0: none).
     pub server_pid: AtomicI32,
+    /// Transaction mode: the client holds its server for session state.
+    pub pinned: AtomicBool,
     /// The session task's waker, for the drain to wake idle clients (cheaper per
     /// client, and per wake-up, than a cancellation future each).
     pub waker: AtomicWaker,
@@ -75,6 +77,7 @@ impl ClientList {
             connected: Instant::now(),
             state: AtomicU8::new(IDLE),
             server_pid: AtomicI32::new(0),
+            pinned: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         self.map.lock().insert(id, info.clone());

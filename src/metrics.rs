@@ -62,6 +62,9 @@ pub struct Metrics {
     pub bytes_s2c: IntCounter,
     pub messages_c2s: IntCounter,
     pub messages_s2c: IntCounter,
+    pub pinned_clients: IntGaugeVec,
+    pub pins: IntCounterVec,
+    pub pinned_duration: HistogramVec,
 }
 
 /// Per-pool handles, resolved once so the hot path does no label lookups.
@@ -73,6 +76,9 @@ pub struct PoolMetrics {
     pub connect_duration: prometheus::Histogram,
     pub opened: prometheus::IntCounter,
     pub checkout_timeouts: prometheus::IntCounter,
+    /// Transaction-mode clients holding their server for session state.
+    pub pinned: prometheus::IntGauge,
+    pub pinned_duration: prometheus::Histogram,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -250,6 +256,25 @@ impl Metrics {
                 "Configuration reloads, by result (ok, failed).",
                 &["result"],
             ),
+            pinned_clients: gauge(
+                &r,
+                "pgsidecar_pinned_clients",
+                "Transaction-mode clients holding their server connection for session state (advisory lock, temp table, SQL PREPARE, LISTEN, WITH HOLD cursor, session characteristics).",
+                &["pool"],
+            ),
+            pins: counter(
+                &r,
+                "pgsidecar_pins_total",
+                "Transaction-mode clients that started holding their server connection, by the kind of session state that made them.",
+                &["pool", "reason"],
+            ),
+            pinned_duration: histogram(
+                &r,
+                "pgsidecar_pinned_duration_seconds",
+                "How long transaction-mode clients held their server connection for session state.",
+                &["pool"],
+                &[0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0],
+            ),
             checkout_timeouts: counter(
                 &r,
                 "pgsidecar_checkout_timeouts_total",
@@ -282,6 +307,8 @@ impl Metrics {
             connect_duration: self.connect_duration.with_label_values(&[pool]),
             opened: self.server_opened.with_label_values(&[pool]),
             checkout_timeouts: self.checkout_timeouts.with_label_values(&[pool]),
+            pinned: self.pinned_clients.with_label_values(&[pool]),
+            pinned_duration: self.pinned_duration.with_label_values(&[pool]),
         }
     }
 
@@ -421,6 +448,7 @@ impl Metrics {
             &self.health_checks,
             &self.checkout_timeouts,
             &self.upstream_login_failures,
+            &self.pins,
         ] {
             drop_from(v, pool);
         }
@@ -434,6 +462,7 @@ impl Metrics {
             &self.pool_paused,
             &self.aimd_ceiling,
             &self.breaker_state,
+            &self.pinned_clients,
         ] {
             drop_from(v, pool);
         }
@@ -443,6 +472,7 @@ impl Metrics {
             &self.query_duration,
             &self.connect_duration,
             &self.health_check_duration,
+            &self.pinned_duration,
         ] {
             drop_from(v, pool);
         }
