@@ -163,10 +163,16 @@ async fn every_kind_of_session_state_stays_with_its_owner() {
         ];
         for item in ITEMS {
             let owner = connect(&url(&p)).await;
-            try_sql(&owner, item.create).await.unwrap_or_else(|e| panic!("{}: {e}", item.name));
+            try_sql(&owner, item.create)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", item.name));
             for i in 0..30 {
                 let what = format!("{} check {i}", item.name);
-                check(&format!("owner, {what}"), try_sql(&owner, item.probe).await, item.owner_sees);
+                check(
+                    &format!("owner, {what}"),
+                    try_sql(&owner, item.probe).await,
+                    item.owner_sees,
+                );
                 let other = &others[i % others.len()];
                 check(
                     &format!("other client, {what}"),
@@ -196,7 +202,10 @@ async fn listen_under_pin_gets_notifications() {
     bounded(async {
         let p = proxy(POOL, SessionStatePolicy::Pin).await;
         let (listener, mut messages) = connect_with_messages(&url(&p)).await;
-        listener.batch_execute("LISTEN pin_news").await.expect("listen");
+        listener
+            .batch_execute("LISTEN pin_news")
+            .await
+            .expect("listen");
         let other = connect(&url(&p)).await;
         for i in 0..5 {
             other
@@ -295,18 +304,32 @@ async fn pins_follow_what_the_server_holds() {
         c.batch_execute("SELECT PG_CATALOG.pg_advisory_lock(7272)")
             .await
             .expect("lock");
-        assert!(!server_free(&p).await, "pg_catalog.pg_advisory_lock must pin");
-        c.batch_execute("SELECT pg_advisory_unlock(7272)").await.expect("unlock");
+        assert!(
+            !server_free(&p).await,
+            "pg_catalog.pg_advisory_lock must pin"
+        );
+        c.batch_execute("SELECT pg_advisory_unlock(7272)")
+            .await
+            .expect("unlock");
         assert!(server_free(&p).await, "unlocked: unpinned");
 
         // Extended protocol, a parameter, the same prepared statement twice: stacked.
-        let lock = c.prepare("SELECT pg_advisory_lock($1)").await.expect("prepare");
+        let lock = c
+            .prepare("SELECT pg_advisory_lock($1)")
+            .await
+            .expect("prepare");
         c.execute(&lock, &[&7373i64]).await.expect("lock 1");
         c.execute(&lock, &[&7373i64]).await.expect("lock 2");
         assert!(!server_free(&p).await, "extended-protocol lock must pin");
-        let unlock = c.prepare("SELECT pg_advisory_unlock($1)").await.expect("prepare");
+        let unlock = c
+            .prepare("SELECT pg_advisory_unlock($1)")
+            .await
+            .expect("prepare");
         c.execute(&unlock, &[&7373i64]).await.expect("unlock 1");
-        assert!(!server_free(&p).await, "one of two locks left: still pinned");
+        assert!(
+            !server_free(&p).await,
+            "one of two locks left: still pinned"
+        );
         assert_eq!(advisory_held(&admin, 7373).await, 1);
         c.execute(&unlock, &[&7373i64]).await.expect("unlock 2");
         assert!(server_free(&p).await, "both unlocked: unpinned");
@@ -317,7 +340,9 @@ async fn pins_follow_what_the_server_holds() {
             .await
             .expect("state");
         assert!(!server_free(&p).await);
-        c.batch_execute("SELECT pg_advisory_unlock_all()").await.expect("unlock all");
+        c.batch_execute("SELECT pg_advisory_unlock_all()")
+            .await
+            .expect("unlock all");
         assert!(!server_free(&p).await, "LISTEN still held");
         c.batch_execute("DISCARD ALL").await.expect("discard");
         assert!(server_free(&p).await, "DISCARD ALL released everything");
@@ -354,6 +379,68 @@ async fn reject_policy_refuses_session_state() {
             .await
             .expect("xact lock passes");
         assert_eq!(simple_one(&c, "SELECT 1").await, "1");
+    })
+    .await;
+}
+
+fn metric(p: &pgsidecar::proxy::Proxy, series: &str) -> Option<f64> {
+    p.shared
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// A pin shows in SHOW CLIENTS, in the pinned gauge, in pins_total by reason and, once
+/// over, in the duration histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_are_visible() {
+    bounded(async {
+        let pg = shared_cluster(ClusterAuth::Trust);
+        let p = start_proxy(&pg, |c| {
+            c.pool.size = POOL;
+            let user = |name: &str, admin| pgsidecar::config::UserConfig {
+                name: name.into(),
+                password: None,
+                server_user: None,
+                server_password: None,
+                pool_mode: None,
+                admin,
+            };
+            c.users = vec![user(SUPERUSER, false), user("admin", true)];
+        })
+        .await;
+        let console = connect(&proxy_url(&p, "admin", "pgsidecar")).await;
+        let pinned_rows = || async {
+            console
+                .simple_query("SHOW CLIENTS")
+                .await
+                .expect("SHOW CLIENTS")
+                .into_iter()
+                .filter(|m| {
+                    matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get("pinned") == Some("true"))
+                })
+                .count()
+        };
+        let c = connect(&url(&p)).await;
+        let idle = connect(&url(&p)).await;
+        simple_one(&idle, "SELECT 1").await;
+        assert_eq!(pinned_rows().await, 0);
+        c.batch_execute("SELECT pg_advisory_lock(9191)").await.expect("lock");
+        assert_eq!(pinned_rows().await, 1);
+        let pool = "pool=\"postgres/postgres\"";
+        assert_eq!(metric(&p, &format!("pgsidecar_pinned_clients{{{pool}}}")), Some(1.0));
+        assert_eq!(
+            metric(&p, &format!("pgsidecar_pins_total{{{pool},reason=\"advisory_lock\"}}")),
+            Some(1.0)
+        );
+        c.batch_execute("SELECT pg_advisory_unlock(9191)").await.expect("unlock");
+        assert_eq!(pinned_rows().await, 0);
+        assert_eq!(metric(&p, &format!("pgsidecar_pinned_clients{{{pool}}}")), Some(0.0));
+        assert_eq!(
+            metric(&p, &format!("pgsidecar_pinned_duration_seconds_count{{{pool}}}")),
+            Some(1.0)
+        );
     })
     .await;
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::pinning::Verdict;
 use super::relay::BodyMode;
 use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
-use super::pinning::Verdict;
 use super::{ReadReady, Session, Step};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::{sqlstate, ClientError};

@@ -241,9 +241,18 @@ fn statement(st: &[Token]) -> Scan {
             out.creates = out.creates.or(Some(r));
         }
         out.releases = true;
-    } else if ["unlisten", "close", "deallocate", "discard", "drop", "reset", "rollback", "abort"]
-        .iter()
-        .any(|k| word(k))
+    } else if [
+        "unlisten",
+        "close",
+        "deallocate",
+        "discard",
+        "drop",
+        "reset",
+        "rollback",
+        "abort",
+    ]
+    .iter()
+    .any(|k| word(k))
     {
         out.releases = true;
     }
@@ -370,31 +379,58 @@ mod tests {
         let cases = [
             ("CREATE TEMP TABLE t (a int)", Reason::TempObject),
             ("create temporary view v as select 1", Reason::TempObject),
-            ("CREATE GLOBAL TEMPORARY TABLE t (a int)", Reason::TempObject),
-            ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", Reason::TempObject),
+            (
+                "CREATE GLOBAL TEMPORARY TABLE t (a int)",
+                Reason::TempObject,
+            ),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                Reason::TempObject,
+            ),
             ("CREATE TEMP SEQUENCE s", Reason::TempObject),
             ("CREATE TABLE pg_temp.t (a int)", Reason::TempObject),
             ("SELECT 1 AS a INTO TEMP t", Reason::TempObject),
-            ("CREATE TEMP TABLE t ON COMMIT PRESERVE ROWS AS SELECT 1", Reason::TempObject),
+            (
+                "CREATE TEMP TABLE t ON COMMIT PRESERVE ROWS AS SELECT 1",
+                Reason::TempObject,
+            ),
             ("PREPARE q(int) AS SELECT $1", Reason::Prepare),
             ("LISTEN chan", Reason::Listen),
-            ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", Reason::HoldCursor),
-            ("declare c no scroll cursor with hold for select 1", Reason::HoldCursor),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Reason::HoldCursor,
+            ),
+            (
+                "declare c no scroll cursor with hold for select 1",
+                Reason::HoldCursor,
+            ),
             (
                 "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
                 Reason::Characteristics,
             ),
-            ("SET default_transaction_read_only = on", Reason::Characteristics),
-            ("set session default_transaction_isolation to 'serializable'", Reason::Characteristics),
+            (
+                "SET default_transaction_read_only = on",
+                Reason::Characteristics,
+            ),
+            (
+                "set session default_transaction_isolation to 'serializable'",
+                Reason::Characteristics,
+            ),
             ("SET ROLE app", Reason::Role),
             ("SET SESSION AUTHORIZATION bob", Reason::Role),
             ("LOAD 'auto_explain'", Reason::Load),
-            ("SELECT set_config('search_path', 'x', false)", Reason::SetConfig),
+            (
+                "SELECT set_config('search_path', 'x', false)",
+                Reason::SetConfig,
+            ),
             ("SELECT set_config('a', 'b', $1)", Reason::SetConfig),
         ];
         for (sql, r) in cases {
             assert_eq!(creates(sql), Some(r), "{sql}");
-            assert!(r.label().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(r
+                .label()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
         }
     }
 
