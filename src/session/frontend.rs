@@ -10,7 +10,7 @@ use super::pinning::Verdict;
 use super::relay::BodyMode;
 use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
 use super::{ReadReady, Session, Step};
-use crate::config::{PoolMode, SessionStatePolicy};
+use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
 use crate::protocol::framing::{fe, Header};
 use crate::protocol::messages;
@@ -170,20 +170,6 @@ where
         }
     }
 
-    /// A Query's SQL text (without its terminating NUL).
-    fn query_text(&self, h: Header) -> &[u8] {
-        let body = self.frame(h);
-        body.strip_suffix(b"\0").unwrap_or(body)
-    }
-
-    /// An owned copy of SQL the session-state detector must look at; None (no copy)
-    /// for the statements its pre-filter passes, nearly all of them.
-    fn sql_to_note(&self, sql: &[u8]) -> Option<Vec<u8>> {
-        (self.state_policy != SessionStatePolicy::Allow
-            && super::sessionstate::prefilter(sql, self.pin.is_some()))
-        .then(|| sql.to_vec())
-    }
-
     /// With no server bound: a lone Sync or Flush is answered here; after a failed
     /// checkout the rest of the batch is dropped; anything else needs a server.
     fn without_server(&mut self, h: Header) -> Outcome {
@@ -291,7 +277,7 @@ where
         self.apply_effects();
     }
 
-    fn frame(&self, h: Header) -> &[u8] {
+    pub(super) fn frame(&self, h: Header) -> &[u8] {
         &self.c_in.unscanned()[5..h.frame_len()]
     }
 

@@ -445,15 +445,9 @@ where
     fn at_boundary(&self) -> bool {
         let quiet_input = self.c_in.unscanned().is_empty() && !self.local_sync_owed;
         match self.mode {
-            PoolMode::Transaction if self.pinned() => {
-                quiet_input
-                    && self.tracker.is_empty()
-                    && self.tracker.status == b'I'
-                    && !self.batch_open
-                    && self.c_in.body_left == 0
-            }
-            PoolMode::Transaction => self.server.is_none() && quiet_input,
-            PoolMode::Session => {
+            // A pinned client holds its server between transactions, as in session mode.
+            PoolMode::Transaction if !self.pinned() => self.server.is_none() && quiet_input,
+            _ => {
                 quiet_input
                     && self.tracker.is_empty()
                     && self.tracker.status == b'I'

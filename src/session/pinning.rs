@@ -16,6 +16,7 @@ use super::{ReadReady, Session};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::ClientError;
 use crate::pool::{Lease, Pool};
+use crate::protocol::framing::Header;
 use crate::server::QueryOutcome;
 
 /// A client that ran a statement of interest (boxed: most clients never do).
@@ -92,6 +93,20 @@ where
             p.stmts.insert(n.into());
         }
         Verdict::Forward
+    }
+
+    /// A Query's SQL text (without its terminating NUL).
+    pub(super) fn query_text(&self, h: Header) -> &[u8] {
+        let body = self.frame(h);
+        body.strip_suffix(b"\0").unwrap_or(body)
+    }
+
+    /// An owned copy of SQL the detector must look at; None (no copy) for what the
+    /// pre-filter passes: nearly every statement.
+    pub(super) fn sql_to_note(&self, sql: &[u8]) -> Option<Vec<u8>> {
+        (self.state_policy != SessionStatePolicy::Allow
+            && sessionstate::prefilter(sql, self.pin.is_some()))
+        .then(|| sql.to_vec())
     }
 
     /// A Bind of a named protocol statement: one that touches session state runs again.
