@@ -99,8 +99,10 @@ pub const CHECK_SQL: &str = "SELECT \
    ('default_transaction_isolation', 'default_transaction_read_only', 'default_transaction_deferrable')) \
  + (pg_catalog.current_setting('role') <> 'none')::int";
 
-/// Words whose presence makes a statement worth tokenizing (lower case). `listen`
-/// covers UNLISTEN, `advisory` the unlock functions, `temp` TEMPORARY and pg_temp.
+/// Words whose presence, at the start of a word (after a byte that is not a letter or
+/// digit, so `_` counts: `pg_temp`, `pg_try_advisory_lock`), makes a statement worth
+/// tokenizing (lower case). `advisory` covers the unlock functions too, `temp`
+/// TEMPORARY and pg_temp.
 const CREATORS: &[&[u8]] = &[
     b"advisory",
     b"temp",
@@ -116,6 +118,7 @@ const CREATORS: &[&[u8]] = &[
 ];
 /// Only of interest while a client may hold state.
 const RELEASERS: &[&[u8]] = &[
+    b"unlisten",
     b"deallocate",
     b"close",
     b"discard",
@@ -125,29 +128,47 @@ const RELEASERS: &[&[u8]] = &[
     b"abort",
 ];
 
+/// First letters of the needles, as a bit set over 'a'..='z'.
+const fn first_letters(needles: &[&[u8]]) -> u32 {
+    let mut mask = 0u32;
+    let mut i = 0;
+    while i < needles.len() {
+        mask |= 1 << (needles[i][0] - b'a');
+        i += 1;
+    }
+    mask
+}
+const CREATORS_FIRST: u32 = first_letters(CREATORS);
+const RELEASERS_FIRST: u32 = first_letters(RELEASERS);
+
 /// Cheap test, without allocating: could `sql` touch session state? `holding`: the
 /// client may hold some, so statements that drop state count too.
 pub fn prefilter(sql: &[u8], holding: bool) -> bool {
-    contains_any(sql, CREATORS) || (holding && contains_any(sql, RELEASERS))
+    contains_any(sql, CREATORS, CREATORS_FIRST)
+        || (holding && contains_any(sql, RELEASERS, RELEASERS_FIRST))
 }
 
-fn contains_any(sql: &[u8], needles: &[&[u8]]) -> bool {
-    // First letters of the needles, as a bit set over 'a'..='z'.
-    let mut first = 0u32;
-    for n in needles {
-        first |= 1 << (n[0] - b'a');
-    }
-    let n = sql.len();
-    for i in 0..n {
-        let c = sql[i] | 0x20;
-        if !c.is_ascii_lowercase() || first & (1 << (c - b'a')) == 0 {
-            continue;
-        }
-        for nd in needles {
-            if nd[0] == c && n - i >= nd.len() && sql[i..i + nd.len()].eq_ignore_ascii_case(nd) {
-                return true;
+/// Whether a needle starts at some word start of `sql` (any letter case). Only word
+/// starts are compared: a handful per statement.
+fn contains_any(sql: &[u8], needles: &[&[u8]], first: u32) -> bool {
+    let mut in_word = false;
+    for (i, &b) in sql.iter().enumerate() {
+        let word = b.is_ascii_alphanumeric();
+        if word && !in_word {
+            let c = b | 0x20;
+            if c.is_ascii_lowercase() && first & (1 << (c - b'a')) != 0 {
+                let rest = &sql[i..];
+                for nd in needles {
+                    if nd[0] == c
+                        && rest.len() >= nd.len()
+                        && rest[..nd.len()].eq_ignore_ascii_case(nd)
+                    {
+                        return true;
+                    }
+                }
             }
         }
+        in_word = word;
     }
     false
 }
@@ -446,6 +467,7 @@ mod tests {
             "DROP TABLE t",
             "RESET ROLE",
             "ROLLBACK",
+            "unlisten chan",
         ] {
             let s = scan(sql.as_bytes(), true);
             assert!(s.releases, "{sql}");
