@@ -27,7 +27,10 @@ const TYPICAL: &[(&str, &str)] = &[
 
 const STATEFUL: &[(&str, &str)] = &[
     ("advisory_lock", "SELECT pg_catalog.pg_advisory_lock($1)"),
-    ("create_temp", "CREATE TEMP TABLE import_rows (id bigint, payload jsonb)"),
+    (
+        "create_temp",
+        "CREATE TEMP TABLE import_rows (id bigint, payload jsonb)",
+    ),
 ];
 
 fn bench(c: &mut Criterion) {
