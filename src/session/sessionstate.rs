@@ -236,7 +236,7 @@ fn statement(st: &[Token]) -> Scan {
             }
             n if n.starts_with("pg_advisory_unlock") => out.releases = true,
             "set_config" if !local_set_config(&st[i + 1..]) => {
-                out.creates = out.creates.or(Some(Reason::SetConfig));
+                out.creates = out.creates.or(set_config_state(&st[i + 1..]));
             }
             _ => {}
         }
@@ -326,6 +326,35 @@ fn set_statement(rest: &[Token]) -> Option<Reason> {
     }
 }
 
+/// Settings PostgreSQL 15 reports with ParameterStatus: a change to one follows the
+/// client to its next servers already (lower case).
+const REPORTED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "standard_conforming_strings",
+    "timezone",
+];
+
+/// `set_config(name, value, false)`: the state it makes, by the name when it is a
+/// literal (`args` starts at the opening parenthesis).
+fn set_config_state(args: &[Token]) -> Option<Reason> {
+    let name = match (args.get(1), args.get(2)) {
+        (Some(Token::SingleQuotedString(n)), Some(Token::Comma)) => n.to_ascii_lowercase(),
+        _ => return Some(Reason::SetConfig),
+    };
+    if REPORTED.contains(&name.as_str()) {
+        None
+    } else if name.starts_with("default_transaction_") {
+        Some(Reason::Characteristics)
+    } else if name == "role" {
+        Some(Reason::Role)
+    } else {
+        Some(Reason::SetConfig)
+    }
+}
+
 /// `set_config(a, b, true)`: local to the transaction. Reads the last argument of the
 /// call whose opening parenthesis starts `args`.
 fn local_set_config(args: &[Token]) -> bool {
@@ -389,6 +418,9 @@ mod tests {
             "PREPARE TRANSACTION 'gid'",
             "CREATE TEMP TABLE t (a int) ON COMMIT DROP",
             "SELECT set_config('x.y', '1', true)",
+            // Reported settings follow the client through ParameterStatus.
+            "SELECT set_config('application_name', $1, false)",
+            "SELECT set_config('TimeZone', 'UTC', false)",
             "SELECT * FROM roles WHERE holder = 1",
         ] {
             assert_eq!(creates(sql), None, "{sql}");
@@ -445,6 +477,11 @@ mod tests {
                 Reason::SetConfig,
             ),
             ("SELECT set_config('a', 'b', $1)", Reason::SetConfig),
+            ("SELECT set_config($1, 'b', false)", Reason::SetConfig),
+            (
+                "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+                Reason::Characteristics,
+            ),
         ];
         for (sql, r) in cases {
             assert_eq!(creates(sql), Some(r), "{sql}");
