@@ -444,3 +444,31 @@ async fn pins_are_visible() {
     })
     .await;
 }
+
+/// SET SESSION AUTHORIZATION holds the server until the client leaves (the server
+/// check cannot tell it from the login role); the next client is itself again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_authorization_stays_with_its_client() {
+    bounded(async {
+        let p = proxy(1, SessionStatePolicy::Pin).await;
+        let c = connect(&url(&p)).await;
+        c.batch_execute(&format!("SET SESSION AUTHORIZATION {APP_USER}"))
+            .await
+            .expect("set session authorization");
+        assert!(!server_free(&p).await, "SET SESSION AUTHORIZATION must pin");
+        assert_eq!(simple_one(&c, "SELECT session_user::text").await, APP_USER);
+        drop(c);
+        let next = connect(&url(&p)).await;
+        wait_until(
+            Duration::from_secs(5),
+            "the server is free again",
+            || async { next.simple_query("SELECT 1").await.is_ok() },
+        )
+        .await;
+        assert_eq!(
+            simple_one(&next, "SELECT session_user::text").await,
+            SUPERUSER
+        );
+    })
+    .await;
+}

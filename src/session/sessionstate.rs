@@ -25,6 +25,8 @@ pub enum Reason {
     HoldCursor,
     Characteristics,
     Role,
+    /// `SET SESSION AUTHORIZATION`: the server check cannot tell it from the login role.
+    Authorization,
     /// `LOAD` of a library: nothing can undo it, the connection is closed at exit.
     Load,
     /// `set_config(name, value, false)`: a session setting the proxy does not carry.
@@ -34,7 +36,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::AdvisoryLock,
         Reason::TempObject,
         Reason::Prepare,
@@ -42,6 +44,7 @@ impl Reason {
         Reason::HoldCursor,
         Reason::Characteristics,
         Reason::Role,
+        Reason::Authorization,
         Reason::Load,
         Reason::SetConfig,
         Reason::Unknown,
@@ -56,6 +59,7 @@ impl Reason {
             Reason::HoldCursor => "hold_cursor",
             Reason::Characteristics => "session_characteristics",
             Reason::Role => "role",
+            Reason::Authorization => "session_authorization",
             Reason::Load => "load",
             Reason::SetConfig => "set_config",
             Reason::Unknown => "unknown",
@@ -65,7 +69,10 @@ impl Reason {
     /// State the server check cannot see (`CHECK_SQL`): the pin lasts until the client
     /// leaves.
     pub fn sticky(self) -> bool {
-        matches!(self, Reason::Load | Reason::SetConfig | Reason::Unknown)
+        matches!(
+            self,
+            Reason::Authorization | Reason::Load | Reason::SetConfig | Reason::Unknown
+        )
     }
 }
 
@@ -312,7 +319,7 @@ fn set_statement(rest: &[Token]) -> Option<Reason> {
             return Some(Reason::Characteristics);
         }
         if is_kw(rest.get(1), "authorization") {
-            return Some(Reason::Role);
+            return Some(Reason::Authorization);
         }
         rest = &rest[1..];
     }
@@ -321,7 +328,8 @@ fn set_statement(rest: &[Token]) -> Option<Reason> {
     }
     match rest.first().and_then(ident) {
         Some(n) if n.starts_with("default_transaction_") => Some(Reason::Characteristics),
-        Some(n) if n == "session_authorization" || n == "role" => Some(Reason::Role),
+        Some(n) if n == "session_authorization" => Some(Reason::Authorization),
+        Some(n) if n == "role" => Some(Reason::Role),
         _ => None,
     }
 }
@@ -470,7 +478,7 @@ mod tests {
                 Reason::Characteristics,
             ),
             ("SET ROLE app", Reason::Role),
-            ("SET SESSION AUTHORIZATION bob", Reason::Role),
+            ("SET SESSION AUTHORIZATION bob", Reason::Authorization),
             ("LOAD 'auto_explain'", Reason::Load),
             (
                 "SELECT set_config('search_path', 'x', false)",
