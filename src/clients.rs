@@ -25,6 +25,8 @@ pub struct ClientInfo {
     pub state: AtomicU8,
     /// Backend pid of the server this client holds now (0: none).
     pub server_pid: AtomicI32,
+    /// Transaction mode: the client holds its server for session state.
+    pub pinned: AtomicBool,
     /// The session task's waker, for the drain to wake idle clients (cheaper per
     /// client, and per wake-up, than a cancellation future each).
     pub waker: AtomicWaker,
@@ -148,6 +150,7 @@ impl ClientList {
             connected: Instant::now(),
             state: AtomicU8::new(IDLE),
             server_pid: AtomicI32::new(0),
+            pinned: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             wait_since: AtomicU64::new(0),
             server_bound: AtomicU64::new(0),

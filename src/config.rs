@@ -47,6 +47,22 @@ pub enum PoolMode {
     Transaction,
 }
 
+/// Transaction mode: what happens to a client whose statement leaves state on its server
+/// connection past the transaction (session advisory lock, temp table, SQL PREPARE,
+/// LISTEN, WITH HOLD cursor, session characteristics, SET ROLE, LOAD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatePolicy {
+    /// The client keeps its server until the state is gone (or it leaves, when the
+    /// server is cleaned before anyone else gets it). Costs pool capacity while held.
+    #[default]
+    Pin,
+    /// The statement is refused with SQLSTATE 0A000.
+    Reject,
+    /// Forwarded as is: the state stays on the server for whoever gets it next.
+    Allow,
+}
+
 impl std::str::FromStr for PoolMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -261,6 +277,10 @@ pub struct PoolConfig {
     /// AIMD additive-increase period. Default `1s`.
     #[serde(default = "default_aimd_interval", with = "humantime_serde")]
     pub aimd_interval: Duration,
+    /// Transaction mode: `pin` (default), `reject` or `allow` statements that leave
+    /// session state on a server connection.
+    #[serde(default)]
+    pub session_state: SessionStatePolicy,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -584,6 +604,7 @@ impl Default for PoolConfig {
             shrink_delay: default_shrink_delay(),
             aimd: true,
             aimd_interval: default_aimd_interval(),
+            session_state: SessionStatePolicy::default(),
         }
     }
 }

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub bytes_s2c: IntCounter,
     pub messages_c2s: IntCounter,
     pub messages_s2c: IntCounter,
+    pub pinned_clients: IntGaugeVec,
+    pub pins: IntCounterVec,
+    pub pinned_duration: HistogramVec,
 }
 
 /// Per-pool handles, resolved once so the hot path does no label lookups.
@@ -85,6 +88,9 @@ pub struct PoolMetrics {
     pub errors: [prometheus::IntCounter; 3],
     pub bytes_received: prometheus::IntCounter,
     pub bytes_sent: prometheus::IntCounter,
+    /// Transaction-mode clients holding their server for session state.
+    pub pinned: prometheus::IntGauge,
+    pub pinned_duration: prometheus::Histogram,
 }
 
 /// The origins of `pgsidecar_pool_errors_total`, in the order of `PoolMetrics::errors`.
@@ -279,6 +285,25 @@ impl Metrics {
                 "Configuration reloads, by result (ok, failed).",
                 &["result"],
             ),
+            pinned_clients: gauge(
+                &r,
+                "pgsidecar_pinned_clients",
+                "Transaction-mode clients holding their server connection for session state (advisory lock, temp table, SQL PREPARE, LISTEN, WITH HOLD cursor, session characteristics).",
+                &["pool"],
+            ),
+            pins: counter(
+                &r,
+                "pgsidecar_pins_total",
+                "Transaction-mode clients that started holding their server connection, by the kind of session state that made them.",
+                &["pool", "reason"],
+            ),
+            pinned_duration: histogram(
+                &r,
+                "pgsidecar_pinned_duration_seconds",
+                "How long transaction-mode clients held their server connection for session state.",
+                &["pool"],
+                &[0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0],
+            ),
             checkout_timeouts: counter(
                 &r,
                 "pgsidecar_checkout_timeouts_total",
@@ -349,6 +374,8 @@ impl Metrics {
             errors: ERROR_ORIGINS.map(|o| self.pool_errors.with_label_values(&[pool, o])),
             bytes_received: self.pool_bytes.with_label_values(&[pool, "received"]),
             bytes_sent: self.pool_bytes.with_label_values(&[pool, "sent"]),
+            pinned: self.pinned_clients.with_label_values(&[pool]),
+            pinned_duration: self.pinned_duration.with_label_values(&[pool]),
         }
     }
 
@@ -490,6 +517,7 @@ impl Metrics {
             &self.upstream_login_failures,
             &self.pool_errors,
             &self.pool_bytes,
+            &self.pins,
         ] {
             drop_from(v, pool);
         }
@@ -503,6 +531,7 @@ impl Metrics {
             &self.pool_paused,
             &self.aimd_ceiling,
             &self.breaker_state,
+            &self.pinned_clients,
         ] {
             drop_from(v, pool);
         }
@@ -512,6 +541,7 @@ impl Metrics {
             &self.query_duration,
             &self.connect_duration,
             &self.health_check_duration,
+            &self.pinned_duration,
         ] {
             drop_from(v, pool);
         }
@@ -534,19 +564,4 @@ impl Default for Metrics {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_with_prefix_and_bounded_class_labels() {
-        let m = Metrics::new();
-        m.error("server", "42P01");
-        m.error("proxy", "x");
-        m.checkout_wait.with_label_values(&["db/u"]).observe(0.002);
-        let text = m.render();
-        assert!(text.contains("pgsidecar_errors_total{class=\"42\",origin=\"server\"} 1"));
-        assert!(text.contains("pgsidecar_errors_total{class=\"??\",origin=\"proxy\"} 1"));
-        assert!(text.contains("pgsidecar_checkout_wait_seconds_bucket"));
-        assert!(text.contains("pgsidecar_build_info"));
-    }
-}
+mod tests;

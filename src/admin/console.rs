@@ -138,6 +138,10 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                         } else {
                             pid.to_string()
                         },
+                        // Transaction mode: holds its server for session state.
+                        c.pinned
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            .to_string(),
                     ]
                 })
                 .collect();
@@ -152,6 +156,7 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
                     "application_name",
                     "connected_secs",
                     "server_pid",
+                    "pinned",
                 ],
                 data,
                 "SHOW",

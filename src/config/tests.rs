@@ -179,3 +179,27 @@ fn absurd_durations_and_malformed_verifiers_are_refused_at_check() {
         .to_string();
     assert!(e.contains("\"app\""), "{e}");
 }
+
+#[test]
+fn session_state_policy_defaults_to_pin_and_takes_only_known_values() {
+    let c = Config::parse(MINIMAL, &env).expect("parses");
+    assert_eq!(c.pool.session_state, SessionStatePolicy::Pin);
+    for (text, want) in [
+        ("reject", SessionStatePolicy::Reject),
+        ("allow", SessionStatePolicy::Allow),
+        ("pin", SessionStatePolicy::Pin),
+    ] {
+        let c = Config::parse(
+            &format!("upstream:\n  host: db\npool:\n  session_state: {text}\n"),
+            &env,
+        )
+        .expect("parses");
+        assert_eq!(c.pool.session_state, want);
+    }
+    let e = Config::parse(
+        "upstream:\n  host: db\npool:\n  session_state: sometimes\n",
+        &env,
+    )
+    .expect_err("unknown policy");
+    assert!(e.to_string().contains("pin"), "{e}");
+}

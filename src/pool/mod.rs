@@ -166,6 +166,8 @@ pub struct PoolSettings {
     pub aimd: bool,
     /// AIMD additive-increase period.
     pub aimd_interval: Duration,
+    /// Transaction mode: what sessions do about statements that leave session state.
+    pub session_state: crate::config::SessionStatePolicy,
     pub health: HealthSettings,
 }
 

@@ -275,6 +275,7 @@ pub fn settings_for(config: &Config, key: &PoolKey, hosts: &Arc<Hosts>) -> PoolS
         shrink_delay: config.pool.shrink_delay,
         aimd: config.pool.aimd,
         aimd_interval: config.pool.aimd_interval,
+        session_state: config.pool.session_state,
         health: super::HealthSettings {
             check_query: config.health.check_query.clone(),
             check_timeout: config.health.check_timeout,

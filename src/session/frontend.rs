@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::pinning::Verdict;
 use super::relay::BodyMode;
 use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
 use super::{ReadReady, Session, Step};
@@ -74,18 +75,18 @@ where
         match h.tag {
             fe::QUERY | fe::FUNCTION_CALL => {
                 if inspect && h.tag == fe::QUERY {
+                    if let Some(sql) = self.sql_to_note(self.query_text(h)) {
+                        if let Verdict::Reject(err) = self.note_sql(&sql, None) {
+                            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                            self.push(Req::LocalError(err.to_bytes()));
+                            return Ok(self.released_if_idle());
+                        }
+                    }
                     if let Some(tag) = self.inspect_query(h) {
                         // Answered by the proxy (DEALLOCATE of proxy-named statements).
                         self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
                         self.push(Req::LocalCommand(tag));
-                        if self.tracker.is_empty()
-                            && self.tracker.status == b'I'
-                            && !self.batch_open
-                        {
-                            // Nothing else in flight: the server is free again.
-                            return Ok(Outcome::Stop(Step::Release));
-                        }
-                        return Ok(Outcome::Continue);
+                        return Ok(self.released_if_idle());
                     }
                 }
                 self.note_request();
@@ -157,6 +158,16 @@ where
             _ => self.c_in.take_frame(h.frame_len(), BodyMode::Forward),
         }
         Ok(Outcome::Continue)
+    }
+
+    /// After a query the proxy answered itself: with nothing else in flight the server
+    /// is free again.
+    fn released_if_idle(&self) -> Outcome {
+        if self.tracker.is_empty() && self.tracker.status == b'I' && !self.batch_open {
+            Outcome::Stop(Step::Release)
+        } else {
+            Outcome::Continue
+        }
     }
 
     /// With no server bound: a lone Sync or Flush is answered here; after a failed
@@ -234,7 +245,8 @@ where
             return None;
         }
         let p = messages::parse_parse(&avail[5..sync_at])?;
-        if p.name.is_empty() {
+        if p.name.is_empty() || self.sql_of_interest(p.query) {
+            // Statements that touch session state are seen when a server runs them.
             return None;
         }
         let name: Box<[u8]> = p.name.into();
@@ -265,7 +277,7 @@ where
         self.apply_effects();
     }
 
-    fn frame(&self, h: Header) -> &[u8] {
+    pub(super) fn frame(&self, h: Header) -> &[u8] {
         &self.c_in.unscanned()[5..h.frame_len()]
     }
 
@@ -314,6 +326,9 @@ where
             // or of all of them is this client's business and answered here.
             if let Some(target) = deallocate_target(text) {
                 match target {
+                    // A client that may hold SQL prepared statements has the server
+                    // drop them too; its CommandComplete clears the proxy's names.
+                    None if self.pin.is_some() => return None,
                     None => {
                         self.stmts.clear();
                         return Some("DEALLOCATE ALL");
@@ -389,16 +404,26 @@ where
     }
 
     fn parse_named(&mut self, h: Header) -> Result<(), ClientError> {
-        let (name, def) = {
+        let (name, def, noted) = {
             let p = messages::parse_parse(self.frame(h)).ok_or_else(|| malformed("Parse"))?;
+            let noted = self.sql_to_note(p.query);
             let name: Box<[u8]> = p.name.into();
             let def = if name.is_empty() || self.stmts.contains_key(&name) {
                 None
             } else {
                 Some(StmtDef::new(p.query, p.param_types))
             };
-            (name, def)
+            (name, def, noted)
         };
+        if let Some(sql) = noted {
+            if let Verdict::Reject(err) = self.note_sql(&sql, Some(&name)) {
+                // As PostgreSQL refusing a Parse: the batch is skipped up to Sync.
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                self.skip_until_sync = true;
+                self.push(Req::Synthetic(err.to_bytes()));
+                return Ok(());
+            }
+        }
         if name.is_empty() {
             self.push(Req::Parse {
                 stmt: None,
@@ -439,6 +464,10 @@ where
         } else {
             self.stmts.get(stmt).cloned()
         };
+        if self.pin.is_some() && !stmt.is_empty() {
+            let stmt = stmt.to_vec();
+            self.note_bind(&stmt);
+        }
         let Some(def) = def else {
             // Unnamed, or unknown to this client: PostgreSQL answers (26000 for unknown).
             self.push(Req::Bind);

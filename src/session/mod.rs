@@ -8,7 +8,9 @@ mod binding;
 pub mod frontend;
 pub mod handshake;
 mod opening;
+mod pinning;
 pub mod relay;
+pub mod sessionstate;
 pub mod setstmt;
 mod settings;
 pub mod timers;
@@ -117,6 +119,10 @@ pub struct Session<C> {
     cap: Option<CapGuard>,
     /// Idle, idle-in-transaction and query timeouts.
     timers: timers::Timers,
+    /// Transaction mode: what to do about statements that leave session state.
+    state_policy: crate::config::SessionStatePolicy,
+    /// Session state this client may hold on its server (None for nearly every client).
+    pin: Option<Box<pinning::PinState>>,
 }
 
 /// A client's named statements: allocated on first use, so clients that never name one
@@ -237,6 +243,10 @@ where
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
                 Step::Release => {
+                    if Box::pin(self.keep_server()).await {
+                        // Pinned: the server stays with this client for the next transaction.
+                        continue;
+                    }
                     self.release();
                     if let Some(e) = self.unusable_settings.take() {
                         Box::pin(self.end_unusable_settings(e)).await;
@@ -431,6 +441,11 @@ where
                 return;
             }
         }
+        if let Err(why) = self.clean_after_pin(&mut lease, limit).await {
+            tracing::debug!(why, "closing a server that held a client's session state");
+            lease.discard(why);
+            return;
+        }
         if self.mode == PoolMode::Session {
             let reset = lease.pool().settings().reset_query.clone();
             if !reset.is_empty() && lease.conn_ref().dirty {
@@ -472,8 +487,9 @@ where
     fn at_boundary(&self) -> bool {
         let quiet_input = self.c_in.unscanned().is_empty() && !self.local_sync_owed;
         match self.mode {
-            PoolMode::Transaction => self.server.is_none() && quiet_input,
-            PoolMode::Session => {
+            // A pinned client holds its server between transactions, as in session mode.
+            PoolMode::Transaction if !self.pinned() => self.server.is_none() && quiet_input,
+            _ => {
                 quiet_input
                     && self.tracker.is_empty()
                     && self.tracker.status == b'I'

@@ -360,6 +360,8 @@ where
             entry: None,
             cap: None,
             timers: timers::Timers::new(&config.limits),
+            state_policy: settings.session_state,
+            pin: None,
         };
         // The first login to a pool (and every session-mode login) needs a server: to
         // learn the parameters clients are told, and to surface upstream errors

@@ -43,6 +43,10 @@ pub enum Req {
     /// exists under the proxy's name): CommandComplete with this tag and ReadyForQuery
     /// carrying the server's current transaction status.
     LocalCommand(&'static str),
+    /// A simple query the proxy refused (an encoded ErrorResponse): the error and a
+    /// ReadyForQuery with the server's current transaction status (the refusal does not
+    /// abort an open transaction).
+    LocalError(BytesMut),
     /// The client ended a COPY FROM STDIN (CopyDone/CopyFail) before the server said
     /// the COPY started (CopyInResponse). Marks where the server's copy-in mode will end
     /// in the client's stream; gets no answer of its own.
@@ -173,9 +177,15 @@ impl Tracker {
 
     /// Answers the proxy owes at the head of the queue are sent now, in order.
     fn emit_synthetic(&mut self, emit: &mut BytesMut) {
-        while let Some(Req::Synthetic(_) | Req::LocalCommand(_)) = self.queue.front() {
+        while let Some(Req::Synthetic(_) | Req::LocalCommand(_) | Req::LocalError(_)) =
+            self.queue.front()
+        {
             match self.queue.pop_front() {
                 Some(Req::Synthetic(bytes)) => emit.extend_from_slice(&bytes),
+                Some(Req::LocalError(bytes)) => {
+                    emit.extend_from_slice(&bytes);
+                    messages::ready_for_query(emit, self.status);
+                }
                 Some(Req::LocalCommand(tag)) => {
                     if self.status == b'E' {
                         // As PostgreSQL in a failed transaction block.

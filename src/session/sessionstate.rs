@@ -1,0 +1,545 @@
+//! Finds statements that create or may drop state living past the end of a
+//! transaction on the server connection (session advisory locks, temporary objects,
+//! SQL prepared statements, LISTEN, WITH HOLD cursors, session characteristics and
+//! roles, LOAD, `set_config(.., false)`), so that transaction mode can keep such a
+//! client on its server (see `pinning.rs`).
+//!
+//! Two stages: a byte pre-filter for keywords, cheap enough for every statement; then,
+//! for the rare statements it lets through, PostgreSQL tokens (so a keyword inside a
+//! string literal, a quoted identifier or a comment is told apart from a real one).
+//! What cannot be seen: state made inside functions, DO blocks or dynamic SQL
+//! (`EXECUTE format(..)`), whose bodies are string literals here. The server is asked
+//! what it holds whenever a statement of interest ran (see `CHECK_SQL`), so counting
+//! never decides on its own.
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+/// Why a client holds its server: bounded labels for `pgsidecar_pins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    AdvisoryLock,
+    TempObject,
+    Prepare,
+    Listen,
+    HoldCursor,
+    Characteristics,
+    Role,
+    /// `SET SESSION AUTHORIZATION`: the server check cannot tell it from the login role.
+    Authorization,
+    /// `LOAD` of a library: nothing can undo it, the connection is closed at exit.
+    Load,
+    /// `set_config(name, value, false)`: a session setting the proxy does not carry.
+    SetConfig,
+    /// A statement of interest the tokenizer could not read; the server decides.
+    Unknown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::AdvisoryLock,
+        Reason::TempObject,
+        Reason::Prepare,
+        Reason::Listen,
+        Reason::HoldCursor,
+        Reason::Characteristics,
+        Reason::Role,
+        Reason::Authorization,
+        Reason::Load,
+        Reason::SetConfig,
+        Reason::Unknown,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::AdvisoryLock => "advisory_lock",
+            Reason::TempObject => "temp_object",
+            Reason::Prepare => "sql_prepare",
+            Reason::Listen => "listen",
+            Reason::HoldCursor => "hold_cursor",
+            Reason::Characteristics => "session_characteristics",
+            Reason::Role => "role",
+            Reason::Authorization => "session_authorization",
+            Reason::Load => "load",
+            Reason::SetConfig => "set_config",
+            Reason::Unknown => "unknown",
+        }
+    }
+
+    /// State the server check cannot see (`CHECK_SQL`): the pin lasts until the client
+    /// leaves.
+    pub fn sticky(self) -> bool {
+        matches!(
+            self,
+            Reason::Authorization | Reason::Load | Reason::SetConfig | Reason::Unknown
+        )
+    }
+}
+
+/// What one message's SQL does to session state.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// It may create session state (the first kind found).
+    pub creates: Option<Reason>,
+    /// It may drop session state (unlock, DEALLOCATE, UNLISTEN, CLOSE, DISCARD, DROP,
+    /// RESET, ROLLBACK).
+    pub releases: bool,
+}
+
+impl Scan {
+    /// Whether the server should be asked at the next transaction boundary.
+    pub fn needs_check(&self) -> bool {
+        self.creates.is_some() || self.releases
+    }
+}
+
+/// One query tells whether the server connection holds any session state the proxy
+/// can see: a non-zero answer keeps the client pinned. Each part is what PostgreSQL
+/// itself keeps per backend.
+pub const CHECK_SQL: &str = "SELECT \
+ (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+ + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+ + (SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
+ + (SELECT count(*) FROM pg_catalog.pg_cursors) \
+ + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+ + (SELECT count(*) FROM pg_catalog.pg_settings WHERE source = 'session' AND name IN \
+   ('default_transaction_isolation', 'default_transaction_read_only', 'default_transaction_deferrable')) \
+ + (pg_catalog.current_setting('role') <> 'none')::int";
+
+/// Words whose presence, at the start of a word (after a byte that is not a letter or
+/// digit, so `_` counts: `pg_temp`, `pg_try_advisory_lock`), makes a statement worth
+/// tokenizing (lower case). `advisory` covers the unlock functions too, `temp`
+/// TEMPORARY and pg_temp.
+const CREATORS: &[&[u8]] = &[
+    b"advisory",
+    b"temp",
+    b"prepare",
+    b"listen",
+    b"hold",
+    b"characteristics",
+    b"default_transaction",
+    b"load",
+    b"role",
+    b"authorization",
+    b"set_config",
+];
+/// Only of interest while a client may hold state.
+const RELEASERS: &[&[u8]] = &[
+    b"unlisten",
+    b"deallocate",
+    b"close",
+    b"discard",
+    b"drop",
+    b"reset",
+    b"rollback",
+    b"abort",
+];
+
+/// First letters of the needles, as a bit set over 'a'..='z'.
+const fn first_letters(needles: &[&[u8]]) -> u32 {
+    let mut mask = 0u32;
+    let mut i = 0;
+    while i < needles.len() {
+        mask |= 1 << (needles[i][0] - b'a');
+        i += 1;
+    }
+    mask
+}
+const CREATORS_FIRST: u32 = first_letters(CREATORS);
+const RELEASERS_FIRST: u32 = first_letters(RELEASERS);
+
+/// Cheap test, without allocating: could `sql` touch session state? `holding`: the
+/// client may hold some, so statements that drop state count too.
+pub fn prefilter(sql: &[u8], holding: bool) -> bool {
+    contains_any(sql, CREATORS, CREATORS_FIRST)
+        || (holding && contains_any(sql, RELEASERS, RELEASERS_FIRST))
+}
+
+/// Whether a needle starts at some word start of `sql` (any letter case). Only word
+/// starts are compared: a handful per statement.
+fn contains_any(sql: &[u8], needles: &[&[u8]], first: u32) -> bool {
+    let mut in_word = false;
+    for (i, &b) in sql.iter().enumerate() {
+        let word = b.is_ascii_alphanumeric();
+        if word && !in_word {
+            let c = b | 0x20;
+            if c.is_ascii_lowercase() && first & (1 << (c - b'a')) != 0 {
+                let rest = &sql[i..];
+                for nd in needles {
+                    if nd[0] == c
+                        && rest.len() >= nd.len()
+                        && rest[..nd.len()].eq_ignore_ascii_case(nd)
+                    {
+                        return true;
+                    }
+                }
+            }
+        }
+        in_word = word;
+    }
+    false
+}
+
+/// Scans one message's SQL (a simple Query may hold several statements).
+pub fn scan(sql: &[u8], holding: bool) -> Scan {
+    if !prefilter(sql, holding) {
+        return Scan::default();
+    }
+    let text = String::from_utf8_lossy(sql);
+    let tokens = match Tokenizer::new(&PostgreSqlDialect {}, &text).tokenize() {
+        Ok(t) => t,
+        // PostgreSQL will refuse it too; the server check settles what is left.
+        Err(_) => {
+            return Scan {
+                creates: Some(Reason::Unknown),
+                releases: true,
+            }
+        }
+    };
+    let tokens: Vec<Token> = tokens
+        .into_iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    let mut out = Scan::default();
+    for stmt in tokens.split(|t| matches!(t, Token::SemiColon)) {
+        let s = statement(stmt);
+        out.creates = out.creates.or(s.creates);
+        out.releases |= s.releases;
+    }
+    out
+}
+
+/// An unquoted word equal to `kw` (any case).
+fn is_kw(t: Option<&Token>, kw: &str) -> bool {
+    matches!(t, Some(Token::Word(w)) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(kw))
+}
+
+/// A name as PostgreSQL resolves it: unquoted folds to lower case, quoted is exact.
+fn ident(t: &Token) -> Option<String> {
+    match t {
+        Token::Word(w) if w.quote_style.is_none() => Some(w.value.to_ascii_lowercase()),
+        Token::Word(w) if w.quote_style == Some('"') => Some(w.value.clone()),
+        _ => None,
+    }
+}
+
+fn statement(st: &[Token]) -> Scan {
+    let mut out = Scan::default();
+    // Function calls anywhere in the statement.
+    for (i, t) in st.iter().enumerate() {
+        let Some(name) = ident(t) else { continue };
+        if !matches!(st.get(i + 1), Some(Token::LParen)) {
+            if name == "pg_temp" && matches!(st.get(i + 1), Some(Token::Period)) {
+                out.creates = out.creates.or(Some(Reason::TempObject));
+            }
+            continue;
+        }
+        match name.as_str() {
+            "pg_advisory_lock"
+            | "pg_advisory_lock_shared"
+            | "pg_try_advisory_lock"
+            | "pg_try_advisory_lock_shared" => {
+                out.creates = out.creates.or(Some(Reason::AdvisoryLock));
+            }
+            n if n.starts_with("pg_advisory_unlock") => out.releases = true,
+            "set_config" if !local_set_config(&st[i + 1..]) => {
+                out.creates = out.creates.or(set_config_state(&st[i + 1..]));
+            }
+            _ => {}
+        }
+    }
+    let first = st.first();
+    let second = st.get(1);
+    let word = |kw: &str| is_kw(first, kw);
+    if word("prepare") && !is_kw(second, "transaction") {
+        out.creates = out.creates.or(Some(Reason::Prepare));
+    } else if word("listen") {
+        out.creates = out.creates.or(Some(Reason::Listen));
+    } else if word("declare") {
+        let hold = st
+            .windows(2)
+            .any(|w| is_kw(Some(&w[0]), "with") && is_kw(Some(&w[1]), "hold"));
+        if hold {
+            out.creates = out.creates.or(Some(Reason::HoldCursor));
+        }
+    } else if word("load") {
+        out.creates = out.creates.or(Some(Reason::Load));
+    } else if word("set") {
+        if let Some(r) = set_statement(&st[1..]) {
+            out.creates = out.creates.or(Some(r));
+        }
+        out.releases = true;
+    } else if [
+        "unlisten",
+        "close",
+        "deallocate",
+        "discard",
+        "drop",
+        "reset",
+        "rollback",
+        "abort",
+    ]
+    .iter()
+    .any(|k| word(k))
+    {
+        out.releases = true;
+    }
+    // CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP|TEMPORARY ..., SELECT .. INTO TEMP ..
+    let temp_at = |i: usize| is_kw(st.get(i), "temp") || is_kw(st.get(i), "temporary");
+    let created_temp = (word("create") && (1..5).any(temp_at))
+        || st
+            .iter()
+            .enumerate()
+            .any(|(i, t)| is_kw(Some(t), "into") && (temp_at(i + 1) || temp_at(i + 2)));
+    if created_temp && !on_commit_drop(st) {
+        out.creates = out.creates.or(Some(Reason::TempObject));
+    }
+    if out.creates == Some(Reason::TempObject) && on_commit_drop(st) {
+        // Dropped at the end of the transaction that made it (or at once, outside one).
+        out.creates = None;
+    }
+    out
+}
+
+fn on_commit_drop(st: &[Token]) -> bool {
+    st.windows(3).any(|w| {
+        is_kw(Some(&w[0]), "on") && is_kw(Some(&w[1]), "commit") && is_kw(Some(&w[2]), "drop")
+    })
+}
+
+/// After SET: which session state it makes, if any (SET LOCAL and SET TRANSACTION end
+/// with the transaction; plain settings follow the client already).
+fn set_statement(rest: &[Token]) -> Option<Reason> {
+    let mut rest = rest;
+    if is_kw(rest.first(), "local") || is_kw(rest.first(), "transaction") {
+        return None;
+    }
+    if is_kw(rest.first(), "session") {
+        if is_kw(rest.get(1), "characteristics") {
+            return Some(Reason::Characteristics);
+        }
+        if is_kw(rest.get(1), "authorization") {
+            return Some(Reason::Authorization);
+        }
+        rest = &rest[1..];
+    }
+    if is_kw(rest.first(), "role") {
+        return Some(Reason::Role);
+    }
+    match rest.first().and_then(ident) {
+        Some(n) if n.starts_with("default_transaction_") => Some(Reason::Characteristics),
+        Some(n) if n == "session_authorization" => Some(Reason::Authorization),
+        Some(n) if n == "role" => Some(Reason::Role),
+        _ => None,
+    }
+}
+
+/// Settings PostgreSQL 15 reports with ParameterStatus: a change to one follows the
+/// client to its next servers already (lower case).
+const REPORTED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "standard_conforming_strings",
+    "timezone",
+];
+
+/// `set_config(name, value, false)`: the state it makes, by the name when it is a
+/// literal (`args` starts at the opening parenthesis).
+fn set_config_state(args: &[Token]) -> Option<Reason> {
+    let name = match (args.get(1), args.get(2)) {
+        (Some(Token::SingleQuotedString(n)), Some(Token::Comma)) => n.to_ascii_lowercase(),
+        _ => return Some(Reason::SetConfig),
+    };
+    if REPORTED.contains(&name.as_str()) {
+        None
+    } else if name.starts_with("default_transaction_") {
+        Some(Reason::Characteristics)
+    } else if name == "role" {
+        Some(Reason::Role)
+    } else {
+        Some(Reason::SetConfig)
+    }
+}
+
+/// `set_config(a, b, true)`: local to the transaction. Reads the last argument of the
+/// call whose opening parenthesis starts `args`.
+fn local_set_config(args: &[Token]) -> bool {
+    let mut depth = 0;
+    let mut last_arg_start = 1;
+    for (i, t) in args.iter().enumerate() {
+        match t {
+            Token::LParen => depth += 1,
+            Token::RParen => {
+                depth -= 1;
+                if depth == 0 {
+                    let arg = &args[last_arg_start..i];
+                    return arg.len() == 1 && is_kw(arg.first(), "true");
+                }
+            }
+            Token::Comma if depth == 1 => last_arg_start = i + 1,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creates(sql: &str) -> Option<Reason> {
+        scan(sql.as_bytes(), false).creates
+    }
+
+    #[test]
+    fn advisory_locks_any_spelling() {
+        for sql in [
+            "SELECT pg_advisory_lock(5151)",
+            "select PG_ADVISORY_LOCK(1, 2)",
+            "SELECT pg_catalog.pg_advisory_lock($1)",
+            "SELECT pg_catalog . pg_try_advisory_lock_shared(1)",
+            "SELECT \"pg_advisory_lock\"(1)",
+            "SELECT 1; SELECT pg_try_advisory_lock(7) AS got",
+            "WITH x AS (SELECT pg_advisory_lock_shared(1)) SELECT * FROM x",
+        ] {
+            assert_eq!(creates(sql), Some(Reason::AdvisoryLock), "{sql}");
+        }
+    }
+
+    #[test]
+    fn not_fooled_by_literals_comments_or_xact_forms() {
+        for sql in [
+            "SELECT 'pg_advisory_lock(1)'",
+            "SELECT $$ pg_advisory_lock(1) $$",
+            "SELECT 1 -- pg_advisory_lock(1)",
+            "SELECT /* CREATE TEMP TABLE x() */ 1",
+            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT \"PG_ADVISORY_LOCK\"(1)",
+            "SELECT temperature, payload, threshold FROM readings",
+            "SET LOCAL default_transaction_isolation TO serializable",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET search_path TO app",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1",
+            "PREPARE TRANSACTION 'gid'",
+            "CREATE TEMP TABLE t (a int) ON COMMIT DROP",
+            "SELECT set_config('x.y', '1', true)",
+            // Reported settings follow the client through ParameterStatus.
+            "SELECT set_config('application_name', $1, false)",
+            "SELECT set_config('TimeZone', 'UTC', false)",
+            "SELECT * FROM roles WHERE holder = 1",
+        ] {
+            assert_eq!(creates(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn every_kind_of_state() {
+        let cases = [
+            ("CREATE TEMP TABLE t (a int)", Reason::TempObject),
+            ("create temporary view v as select 1", Reason::TempObject),
+            (
+                "CREATE GLOBAL TEMPORARY TABLE t (a int)",
+                Reason::TempObject,
+            ),
+            (
+                "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+                Reason::TempObject,
+            ),
+            ("CREATE TEMP SEQUENCE s", Reason::TempObject),
+            ("CREATE TABLE pg_temp.t (a int)", Reason::TempObject),
+            ("SELECT 1 AS a INTO TEMP t", Reason::TempObject),
+            (
+                "CREATE TEMP TABLE t ON COMMIT PRESERVE ROWS AS SELECT 1",
+                Reason::TempObject,
+            ),
+            ("PREPARE q(int) AS SELECT $1", Reason::Prepare),
+            ("LISTEN chan", Reason::Listen),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                Reason::HoldCursor,
+            ),
+            (
+                "declare c no scroll cursor with hold for select 1",
+                Reason::HoldCursor,
+            ),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                Reason::Characteristics,
+            ),
+            (
+                "SET default_transaction_read_only = on",
+                Reason::Characteristics,
+            ),
+            (
+                "set session default_transaction_isolation to 'serializable'",
+                Reason::Characteristics,
+            ),
+            ("SET ROLE app", Reason::Role),
+            ("SET SESSION AUTHORIZATION bob", Reason::Authorization),
+            ("LOAD 'auto_explain'", Reason::Load),
+            (
+                "SELECT set_config('search_path', 'x', false)",
+                Reason::SetConfig,
+            ),
+            ("SELECT set_config('a', 'b', $1)", Reason::SetConfig),
+            ("SELECT set_config($1, 'b', false)", Reason::SetConfig),
+            (
+                "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+                Reason::Characteristics,
+            ),
+        ];
+        for (sql, r) in cases {
+            assert_eq!(creates(sql), Some(r), "{sql}");
+            assert!(r
+                .label()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
+        }
+    }
+
+    #[test]
+    fn releases_only_count_while_holding() {
+        for sql in [
+            "SELECT pg_advisory_unlock(5151)",
+            "SELECT pg_catalog.pg_advisory_unlock_all()",
+            "DEALLOCATE q",
+            "UNLISTEN *",
+            "CLOSE c",
+            "DISCARD ALL",
+            "DROP TABLE t",
+            "RESET ROLE",
+            "ROLLBACK",
+            "unlisten chan",
+        ] {
+            let s = scan(sql.as_bytes(), true);
+            assert!(s.releases, "{sql}");
+            assert!(s.needs_check());
+        }
+        assert!(!scan(b"DROP TABLE t", false).needs_check());
+        // The unlock functions carry 'advisory': seen even without a pin.
+        assert!(scan(b"SELECT pg_advisory_unlock(1)", false).releases);
+    }
+
+    #[test]
+    fn prefilter_passes_typical_statements() {
+        for sql in [
+            &b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"[..],
+            b"UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;",
+            b"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP);",
+            b"BEGIN",
+            b"COMMIT",
+        ] {
+            assert!(!prefilter(sql, false), "{}", String::from_utf8_lossy(sql));
+        }
+    }
+
+    #[test]
+    fn unreadable_sql_is_left_to_the_server() {
+        let s = scan(b"SELECT pg_advisory_lock(1) 'unterminated", false);
+        assert!(s.needs_check());
+        assert!(scan(b"\xff pg_advisory_lock(1)", false).creates.is_some());
+    }
+}
