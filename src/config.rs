@@ -401,6 +401,11 @@ pub struct LimitsConfig {
     /// FATAL 57014 and the server connection is closed. Unset: no limit.
     #[serde(default, with = "humantime_serde")]
     pub query_timeout: Option<Duration>,
+    /// A transaction (or a single request outside one) lasting this long, busy or idle,
+    /// ends with FATAL 25P04: an idle transaction's server is rolled back and reused,
+    /// one with a request still running is closed. Unset: no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub transaction_timeout: Option<Duration>,
     /// A client idle outside a transaction this long gets FATAL 57P05. Unset: no limit.
     #[serde(default, with = "humantime_serde")]
     pub client_idle_timeout: Option<Duration>,
@@ -621,6 +626,7 @@ impl Default for LimitsConfig {
             max_user_client_connections: None,
             idle_transaction_timeout: None,
             query_timeout: None,
+            transaction_timeout: None,
             client_idle_timeout: None,
         }
     }
@@ -892,6 +898,10 @@ impl Config {
                 self.limits.idle_transaction_timeout,
             ),
             ("limits.query_timeout", self.limits.query_timeout),
+            (
+                "limits.transaction_timeout",
+                self.limits.transaction_timeout,
+            ),
             (
                 "limits.client_idle_timeout",
                 self.limits.client_idle_timeout,

@@ -24,6 +24,7 @@ pub mod sqlstate {
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const TRANSACTION_TIMEOUT: &str = "25P04";
     pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
     pub const INTERNAL_ERROR: &str = "XX000";

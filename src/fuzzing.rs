@@ -150,6 +150,162 @@ pub fn scram(data: &[u8]) {
     let _ = server.handle_client_final(fin);
 }
 
+/// The YAML config loader: `${VAR}` / `${VAR:-default}` expansion, then parsing and
+/// validation, with an environment in which names of even length are set.
+pub fn config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let env = |name: &str| (name.len() % 2 == 0).then(|| format!("v{}", name.len()));
+    if let Ok(expanded) = crate::config::expand_str(&text, &env) {
+        // Text without `$` comes back unchanged.
+        if !text.contains('$') {
+            assert_eq!(expanded, text);
+        }
+    }
+    if let Ok(config) = crate::config::Config::parse(&text, &env) {
+        let _ = config.validate();
+    }
+}
+
+/// One observation of the incremental server scan: a frame's type, length, whether it
+/// was forwarded and (for frames read whole) its body.
+type Seen = (u8, usize, bool, Vec<u8>);
+
+/// Builds a stream of well-formed server frames from `data` (type byte, body length
+/// byte, body), then scans it as `Session::scan_server` does (same `Inbound`, header
+/// check, streamed/whole rule and response tracker), once whole and once fed in chunks
+/// whose sizes come from the input: frames, decisions and forwarded bytes must match.
+pub fn chunked(data: &[u8]) {
+    let Some((&plan, rest)) = data.split_first() else {
+        return;
+    };
+    let mut stream = Vec::new();
+    let mut sizes = Vec::new();
+    let mut it = rest.iter().copied();
+    while let (Some(tag), Some(n)) = (it.next(), it.next()) {
+        let body: Vec<u8> = it.by_ref().take(usize::from(n)).collect();
+        stream.push(tag);
+        stream.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        stream.extend_from_slice(&body);
+        sizes.push(usize::from(tag % 7) + usize::from(n % 5));
+    }
+    let whole = scan_in_chunks(plan, &stream, &[stream.len().max(1)]);
+    let split = scan_in_chunks(plan, &stream, &sizes);
+    assert_eq!(whole, split, "the split changed what the scanner saw");
+}
+
+fn scan_in_chunks(plan: u8, stream: &[u8], sizes: &[usize]) -> (Vec<Seen>, Vec<u8>) {
+    use crate::protocol::framing::BACKEND_WHOLE_MESSAGE_LIMIT;
+    use crate::session::relay::{BodyMode, Inbound};
+    let mut t = Tracker::default();
+    let (mut emit, mut fx) = (BytesMut::new(), Effects::default());
+    t.push(Req::Query, &mut emit, &mut fx);
+    if plan & 1 != 0 {
+        t.push(Req::Bind, &mut emit, &mut fx);
+        t.push(Req::Execute, &mut emit, &mut fx);
+        t.push(Req::Sync, &mut emit, &mut fx);
+    }
+    let mut inb = Inbound::default();
+    let (mut seen, mut out) = (Vec::new(), Vec::new());
+    let mut fed = 0;
+    let mut chunk = sizes.iter().cycle();
+    let waker = noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    while fed < stream.len() {
+        let n = chunk
+            .next()
+            .copied()
+            .unwrap_or(1)
+            .max(1)
+            .min(stream.len() - fed);
+        inb.buf.extend_from_slice(&stream[fed..fed + n]);
+        fed += n;
+        loop {
+            if inb.body_left > 0 {
+                inb.continue_body();
+                if inb.body_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            let avail = inb.unscanned().len();
+            let h = match backend_header(inb.unscanned(), 1 << 30) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => panic!("well-formed stream refused: {e}"),
+            };
+            let streamed = matches!(
+                h.tag,
+                be::DATA_ROW
+                    | be::COPY_DATA
+                    | be::FUNCTION_CALL_RESPONSE
+                    | be::PARAMETER_DESCRIPTION
+            );
+            assert!(streamed || h.len <= BACKEND_WHOLE_MESSAGE_LIMIT);
+            if !streamed && avail < h.frame_len() {
+                inb.need = h.frame_len();
+                break;
+            }
+            inb.need = 0;
+            let body = if streamed {
+                Vec::new()
+            } else {
+                inb.buf[inb.scanned + 5..inb.scanned + h.frame_len()].to_vec()
+            };
+            let forward = t.on_server(h.tag, &body, &mut emit, &mut fx);
+            if t.is_empty() {
+                t.push(Req::Query, &mut emit, &mut fx);
+            }
+            // Synthetic answers are queued in order, as the session does.
+            inb.push_own(&emit);
+            emit.clear();
+            fx.unprepared.clear();
+            fx.forget.clear();
+            let mode = if forward {
+                BodyMode::Forward
+            } else {
+                BodyMode::Skip
+            };
+            inb.take_frame(h.frame_len(), mode);
+            seen.push((h.tag, h.len, forward, body));
+        }
+        let mut w = VecWriter(&mut out);
+        let drained = inb.poll_drain(&mut cx, &mut w);
+        assert!(matches!(drained, std::task::Poll::Ready(Ok(()))));
+    }
+    assert_eq!(inb.body_left, 0, "a whole stream leaves no body pending");
+    assert!(inb.unscanned().is_empty());
+    (seen, out)
+}
+
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl tokio::io::AsyncWrite for VecWriter<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.get_mut().0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn noop_waker() -> std::task::Waker {
+    std::task::Waker::noop().clone()
+}
+
 /// Replays the committed corpora and every input a fuzzer ever crashed on
 /// (`fuzz/regressions/<target>/`), then runs a short deterministic mutation loop: a
 /// stable-Rust smoke test of the same entry points, part of the normal test suite.
@@ -158,8 +314,10 @@ mod tests {
     use std::path::Path;
 
     type Target = (&'static str, fn(&[u8]));
-    const TARGETS: [Target; 4] = [
+    const TARGETS: [Target; 6] = [
         ("startup", super::startup),
+        ("config", super::config),
+        ("chunked", super::chunked),
         ("frontend", super::frontend),
         ("backend", super::backend),
         ("scram", super::scram),

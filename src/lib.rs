@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cancel;
+pub mod cancel_limit;
 pub mod circuit;
 pub mod cli;
 pub mod clients;

@@ -21,6 +21,7 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub cancels: Arc<CancelRegistry>,
+    pub cancel_limit: crate::cancel_limit::CancelLimiter,
     /// Client connections open now (all states, before the startup packet included).
     pub clients: AtomicUsize,
     /// Connections past their startup packet: what `limits.max_client_conn` caps.
@@ -38,6 +39,7 @@ impl Shared {
         let metrics = Arc::new(Metrics::new());
         Arc::new(Shared {
             registry: Registry::new(config, metrics.clone()),
+            cancel_limit: crate::cancel_limit::CancelLimiter::new(&metrics.registry),
             metrics,
             cancels: CancelRegistry::new(),
             clients: AtomicUsize::new(0),

@@ -233,7 +233,8 @@ where
             // cancel cannot hit that command). The key space (31-bit pid, 32-bit secret)
             // makes the timing of a valid key useless to a guesser. Served at the cap.
             shared.metrics.login(LoginResult::Cancel);
-            Box::pin(shared.cancels.cancel(pid, &secret)).await;
+            let limit = &shared.cancel_limit;
+            Box::pin(limit.serve(&shared.cancels, peer.ip(), pid, &secret)).await;
             None
         }
         Ok(Err(e)) => {

@@ -1,5 +1,5 @@
-//! Session timeouts: `client_idle_timeout` (57P05), `idle_transaction_timeout` (25P03)
-//! and `query_timeout` (cancel, then 57014).
+//! Session timeouts: `client_idle_timeout` (57P05), `idle_transaction_timeout` (25P03),
+//! `query_timeout` (cancel, then 57014) and `transaction_timeout` (25P04).
 //!
 //! One optional timer per session, boxed and allocated on first use, so an idle client
 //! with no limits configured carries one pointer. Which limit applies is derived from
@@ -44,6 +44,8 @@ pub(crate) enum Expired {
     IdleInTransaction,
     /// The server did not answer the cancel sent at `query_timeout`.
     QueryUnanswered,
+    /// A transaction (or a request outside one) lasted longer than `transaction_timeout`.
+    Transaction,
 }
 
 pub(super) struct Timers {
@@ -56,6 +58,11 @@ pub(super) struct Timers {
     client_idle_ms: u32,
     idle_transaction_ms: u32,
     query_ms: u32,
+    transaction_ms: u32,
+    /// `transaction_timeout` runs from the start of a transaction whatever the session
+    /// does meanwhile, so it has its own deadline beside the one above.
+    txn_sleep: Option<Pin<Box<Sleep>>>,
+    txn_armed: bool,
     /// A cancel was sent: the server goes back to the pool only after its answer, and
     /// is then closed rather than reused (a late cancel must not hit another client).
     pub(super) discard_server: bool,
@@ -83,6 +90,10 @@ impl Timers {
         from_ms(self.query_ms)
     }
 
+    fn transaction(&self) -> Option<Duration> {
+        from_ms(self.transaction_ms)
+    }
+
     pub(super) fn new(limits: &LimitsConfig) -> Self {
         Timers {
             kind: Kind::Off,
@@ -91,12 +102,44 @@ impl Timers {
             client_idle_ms: to_ms(limits.client_idle_timeout),
             idle_transaction_ms: to_ms(limits.idle_transaction_timeout),
             query_ms: to_ms(limits.query_timeout),
+            transaction_ms: to_ms(limits.transaction_timeout),
+            txn_sleep: None,
+            txn_armed: false,
             discard_server: false,
         }
     }
 
     fn enabled(&self) -> bool {
-        self.client_idle_ms > 0 || self.idle_transaction_ms > 0 || self.query_ms > 0
+        self.client_idle_ms > 0
+            || self.idle_transaction_ms > 0
+            || self.query_ms > 0
+            || self.transaction_ms > 0
+    }
+
+    /// `transaction_timeout`: armed when the session starts holding a server for a
+    /// request or a transaction, dropped when it is back to idle outside one.
+    fn track_transaction(&mut self, busy: bool) {
+        let Some(limit) = self.transaction() else {
+            return;
+        };
+        if !busy {
+            self.txn_armed = false;
+        } else if !self.txn_armed {
+            self.txn_armed = true;
+            let deadline = Instant::now() + limit;
+            match self.txn_sleep.as_mut() {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.txn_sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+    }
+
+    fn transaction_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.txn_armed
+            && self
+                .txn_sleep
+                .as_mut()
+                .is_some_and(|s| s.as_mut().poll(cx).is_ready())
     }
 
     fn arm(&mut self, kind: Kind, deadline: Instant) {
@@ -119,7 +162,9 @@ where
             return;
         }
         let in_flight = self.server.is_some() && !self.tracker.is_empty();
+        let in_transaction = self.server.is_some() && self.tracker.status != b'I';
         let t = &mut self.timers;
+        t.track_transaction(in_flight || in_transaction);
         if in_flight {
             if t.kind == Kind::CancelGrace {
                 return;
@@ -141,7 +186,6 @@ where
             t.query_pending = pending;
             return;
         }
-        let in_transaction = self.server.is_some() && self.tracker.status != b'I';
         let (kind, limit) = if in_transaction {
             (Kind::IdleInTransaction, t.idle_transaction())
         } else {
@@ -158,6 +202,9 @@ where
 
     /// Polls the timer; Some(step) when the session must end.
     pub(super) fn poll_timer(&mut self, cx: &mut Context<'_>) -> Option<Step> {
+        if self.timers.transaction_expired(cx) {
+            return Some(Step::Timeout(Expired::Transaction));
+        }
         if self.timers.kind == Kind::Off {
             return None;
         }
@@ -186,27 +233,33 @@ where
     /// `query_timeout`: asks PostgreSQL to cancel the running request, as a client's own
     /// CancelRequest would. The client then gets PostgreSQL's ERROR 57014.
     fn cancel_for_timeout(&mut self) {
-        let Some(lease) = self.server.as_ref() else {
+        let Some(pid) = self.cancel_on_server() else {
             return;
         };
-        let conn = lease.conn_ref();
+        self.timers.discard_server = true;
+        tracing::info!(
+            limit = ?self.timers.query(),
+            backend_pid = pid,
+            "query_timeout reached: cancelling the request on the server"
+        );
+        self.shared.metrics.error("proxy", sqlstate::QUERY_CANCELED);
+        self.pool.m.error("proxy");
+    }
+
+    /// Sends a CancelRequest for the server's running request; its backend PID.
+    fn cancel_on_server(&self) -> Option<i32> {
+        let conn = self.server.as_ref()?.conn_ref();
         let target = CancelTarget {
             host: conn.host.clone(),
             port: conn.port,
             pid: conn.backend_pid,
             secret: conn.backend_secret,
         };
-        self.timers.discard_server = true;
-        tracing::info!(
-            limit = ?self.timers.query(),
-            backend_pid = conn.backend_pid,
-            "query_timeout reached: cancelling the request on the server"
-        );
-        self.shared.metrics.error("proxy", sqlstate::QUERY_CANCELED);
-        self.pool.m.error("proxy");
+        let pid = target.pid;
         tokio::spawn(async move {
             crate::cancel::send_cancel(&target).await;
         });
+        Some(pid)
     }
 
     /// Ends the session for an expired timer: tells the client why, then returns the
@@ -234,13 +287,32 @@ where
                     self.timers.query().unwrap_or_default()
                 ),
             ),
+            Expired::Transaction => ClientError::fatal(
+                sqlstate::TRANSACTION_TIMEOUT,
+                format!(
+                    "terminating connection due to transaction timeout (pgsidecar limits.transaction_timeout = {:?}); the transaction was rolled back, reconnect and retry it in less time",
+                    self.timers.transaction().unwrap_or_default()
+                ),
+            ),
         };
         tracing::info!(error = %err, "closing client on timeout");
         self.shared.metrics.error("proxy", err.code);
         self.pool.m.error("proxy");
-        if what == Expired::QueryUnanswered {
+        let discard = match what {
+            Expired::QueryUnanswered => Some("query_timeout"),
+            // A request still running: its connection's state is unknown (PostgreSQL
+            // itself ends the backend here), so it is closed, not reused.
+            Expired::Transaction if !self.tracker.is_empty() => Some("transaction_timeout"),
+            _ => None,
+        };
+        if let Some(reason) = discard {
+            if reason == "transaction_timeout" {
+                // A closed socket goes unnoticed by a backend busy in a long statement:
+                // cancel it, so its locks and snapshot go now, not when it finishes.
+                self.cancel_on_server();
+            }
             if let Some(lease) = self.server.take() {
-                lease.discard("query_timeout");
+                lease.discard(reason);
             }
         }
         let _ = self.flush_client().await;
