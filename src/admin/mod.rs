@@ -14,8 +14,8 @@
 
 mod config_rows;
 pub mod console;
-pub mod pause;
 mod control;
+pub mod pause;
 mod servers;
 pub mod show;
 mod stats;

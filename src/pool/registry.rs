@@ -216,7 +216,11 @@ impl Registry {
 pub fn hosts_of(config: &Config) -> Arc<Hosts> {
     let u = &config.upstream;
     match u.hosts() {
-        Ok(list) => Arc::new(Hosts::new(list, u.target_session_attrs, u.load_balance_hosts)),
+        Ok(list) => Arc::new(Hosts::new(
+            list,
+            u.target_session_attrs,
+            u.load_balance_hosts,
+        )),
         Err(_) => Arc::new(Hosts::single(&u.host, u.port)),
     }
 }

@@ -17,7 +17,9 @@ pub(super) const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// A failure that says the server is not there *yet*, not that the request is wrong.
 fn passes(e: &ConnectError) -> bool {
     match e {
-        ConnectError::Io { .. } | ConnectError::Timeout(..) | ConnectError::NoSuitableHost { .. } => true,
+        ConnectError::Io { .. }
+        | ConnectError::Timeout(..)
+        | ConnectError::NoSuitableHost { .. } => true,
         ConnectError::Server { code, .. } => {
             code == sqlstate::CANNOT_CONNECT_NOW || code == sqlstate::ADMIN_SHUTDOWN
         }

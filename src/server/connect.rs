@@ -25,7 +25,9 @@ impl ServerConn {
         lifetime: Duration,
     ) -> Result<ServerConn, ConnectError> {
         let hosts = &ident.hosts;
-        let order = hosts.order(Instant::now(), |n| rand::random::<u64>() as usize % n.max(1));
+        let order = hosts.order(Instant::now(), |n| {
+            rand::random::<u64>() as usize % n.max(1)
+        });
         let mut tried = Vec::new();
         let mut last = None;
         let mut wrong_role = false;

@@ -333,8 +333,7 @@ impl Hosts {
     pub fn current(&self) -> Option<usize> {
         let st = self.state.lock();
         (0..self.list.len()).find(|i| {
-            st[*i].role.is_some_and(|r| self.attrs.accepts(r))
-                && st[*i].banned_until.is_none()
+            st[*i].role.is_some_and(|r| self.attrs.accepts(r)) && st[*i].banned_until.is_none()
         })
     }
 
@@ -364,7 +363,9 @@ impl Hosts {
 pub fn role_from_params(get: impl Fn(&str) -> Option<String>) -> Option<Role> {
     let on = |v: String| v == "on";
     let in_recovery = get("in_hot_standby").map(on)?;
-    let read_only = get("default_transaction_read_only").map(on).unwrap_or(false);
+    let read_only = get("default_transaction_read_only")
+        .map(on)
+        .unwrap_or(false);
     Some(Role {
         in_recovery,
         read_only,
@@ -398,7 +399,13 @@ mod tests {
         let s: Vec<String> = h.iter().map(|a| a.to_string()).collect();
         assert_eq!(
             s,
-            ["db1:5432", "db2:5433", "[::1]:5434", "[::1]:5432", "[fe80::1]:5432"]
+            [
+                "db1:5432",
+                "db2:5433",
+                "[::1]:5434",
+                "[::1]:5432",
+                "[fe80::1]:5432"
+            ]
         );
         assert!(parse_hosts("a,,b", 1).is_err());
         assert!(parse_hosts("a:0", 1).is_err());
@@ -429,7 +436,11 @@ mod tests {
         h.reported(2, PRIMARY);
         assert_eq!(h.order(now, |_| 0), vec![2, 1, 0]);
         h.failed(2, "refused", now);
-        assert_eq!(h.order(now, |_| 0), vec![1, 0, 2], "banned last, never dropped");
+        assert_eq!(
+            h.order(now, |_| 0),
+            vec![1, 0, 2],
+            "banned last, never dropped"
+        );
         // The ban doubles and expires.
         assert_eq!(h.order(now + Duration::from_secs(1), |_| 0), vec![2, 1, 0]);
         h.failed(2, "refused", now);
@@ -459,7 +470,13 @@ mod tests {
             "in_hot_standby" => Some("on".to_string()),
             _ => None,
         };
-        assert_eq!(role_from_params(get), Some(STANDBY).map(|r| Role { read_only: false, ..r }));
+        assert_eq!(
+            role_from_params(get),
+            Some(STANDBY).map(|r| Role {
+                read_only: false,
+                ..r
+            })
+        );
         assert_eq!(role_from_params(|_| None), None);
     }
 }

@@ -15,11 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::prepared::PreparedCache;
 use super::{
     params, ConnectError, ServerConn, ServerConnState, ServerIdentity, ServerStream, NEXT_ID,
     STARTUP_MESSAGE_LIMIT,
 };
-use super::prepared::PreparedCache;
 use crate::error::sqlstate;
 use crate::protocol::framing::backend_header;
 
