@@ -37,6 +37,7 @@ cleanup() {
     rm -rf "$base"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 pg_port="$(free_port)"
 "${as_pg[@]}" "$PG_BIN/initdb" -D "$base/data" --auth=trust -U postgres --no-sync -E UTF8 --locale=C >/dev/null || exit 2
@@ -70,25 +71,26 @@ run() {  # run NAME PORT
     tail -1 "$OUT/$name.log"
 }
 
-start_proxy() {  # start_proxy MODE -> prints port
-    local mode="$1" port admin
-    port="$(free_port)"; admin="$(free_port)"
+proxy_port=""
+start_proxy() {  # start_proxy MODE -> sets proxy_port (not in a subshell: cleanup kills it)
+    local mode="$1" admin
+    proxy_port="$(free_port)"; admin="$(free_port)"
     NO_COLOR=1 PGSIDECAR_LOG=warn "$BIN" --upstream "postgres://postgres@127.0.0.1:$pg_port/postgres" \
-        --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --listen "127.0.0.1:$proxy_port" --admin-listen "127.0.0.1:$admin" \
         --pool-mode "$mode" --pool-size 120 >"$OUT/proxy-$mode.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 50); do
-        (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        (echo >"/dev/tcp/127.0.0.1/$proxy_port") 2>/dev/null && break
         sleep 0.2
     done
-    echo "$port"
 }
 
 for m in $MODES; do
     if [ "$m" = direct ]; then
         run direct "$pg_port" "$@"
     else
-        run "$m" "$(start_proxy "$m")" "$@"
+        start_proxy "$m"
+        run "$m" "$proxy_port" "$@"
     fi
 done
 
