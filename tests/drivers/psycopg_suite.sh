@@ -65,7 +65,9 @@ run() {  # run NAME PORT
     shift 2
     local dsn="host=127.0.0.1 port=$port user=postgres dbname=psycopg_test"
     echo "==> $name ($dsn)"
-    (cd "$checkout" && "$PY" -m pytest -q --test-dsn "$dsn" -m "not mypy" \
+    # A fresh cache per run: psycopg's conftest refuses to run after a run it saw crash.
+    rm -rf "$OUT/cache-$name"
+    (cd "$checkout" && "$PY" -m pytest -q -o cache_dir="$OUT/cache-$name" --test-dsn "$dsn" -m "not mypy" \
         -o addopts="" --timeout=120 "${deselect[@]}" -rfE "$@" >"$OUT/$name.log" 2>&1)
     grep -E '^(FAILED|ERROR) ' "$OUT/$name.log" | sed -E 's/ - .*//' | sort -u >"$OUT/$name.failed"
     tail -1 "$OUT/$name.log"
