@@ -109,6 +109,26 @@ impl CancelRegistry {
         }
     }
 
+    /// Gives the client the server's real backend pid as its key's pid (session mode,
+    /// where one server serves the whole session: `pg_terminate_backend(pid)` and a
+    /// NOTIFY's sender pid then mean what they mean on PostgreSQL). The secret stays
+    /// the proxy's own random one, so knowing the pid alone cannot cancel. False (the
+    /// key is left as it was) when another live client already holds that pid, as
+    /// servers on different upstream hosts can share one.
+    pub fn rekey(&self, guard: &mut CancelGuard, pid: i32) -> bool {
+        if pid == guard.pid {
+            return true;
+        }
+        let mut slots = self.slots.lock();
+        if pid == 0 || slots.contains_key(&pid) {
+            return false;
+        }
+        slots.remove(&guard.pid);
+        slots.insert(pid, guard.slot.clone());
+        guard.pid = pid;
+        true
+    }
+
     /// Forwards a cancel if the key matches a client with a query in flight, and returns
     /// once PostgreSQL has delivered it (it closes the cancel connection after signalling
     /// the backend), so the requester may close its own cancel connection only then, as

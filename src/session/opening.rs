@@ -378,7 +378,14 @@ where
                 Ok(mut lease) if to_check.is_some() => {
                     let (settings, fp) = to_check.unwrap_or_default();
                     match validate::check(&session.pool, lease.conn(), &settings, fp).await {
-                        Ok(()) if session.mode == PoolMode::Session => session.attach(lease),
+                        Ok(()) if session.mode == PoolMode::Session => {
+                            if let Err(e) = session.settle_settings(&mut lease).await {
+                                lease.discard("settings_check_failed");
+                                session.shared.metrics.login(LoginResult::InvalidSettings);
+                                return Err((session.client, greeting, e));
+                            }
+                            session.attach(lease)
+                        }
                         Ok(()) => lease.release(),
                         Err(e) => {
                             if e.is_some() {
@@ -394,8 +401,13 @@ where
                         }
                     }
                 }
-                Ok(lease) => {
+                Ok(mut lease) => {
                     if session.mode == PoolMode::Session {
+                        if let Err(e) = session.settle_settings(&mut lease).await {
+                            lease.discard("settings_check_failed");
+                            session.shared.metrics.login(LoginResult::InvalidSettings);
+                            return Err((session.client, greeting, e));
+                        }
                         session.attach(lease);
                     } else {
                         lease.release();
@@ -416,6 +428,12 @@ where
                     session.shared.registry.forget_if_unused(&session.pool.key);
                     return Err((session.client, greeting, err));
                 }
+            }
+        }
+        if session.mode == PoolMode::Session {
+            if let Some(pid) = session.server.as_mut().map(|l| l.conn().backend_pid) {
+                let cancels = session.shared.cancels.clone();
+                cancels.rekey(&mut session.cancel, pid);
             }
         }
         // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
@@ -446,5 +464,76 @@ where
         });
         session.shared.metrics.login(LoginResult::Accepted);
         Ok(Box::new(session))
+    }
+}
+
+/// How long the session-mode settings sync at login may take.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl<C> Session<C>
+where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
+    /// Session mode: applies the client's startup settings on its server before login
+    /// completes, and adopts the server's spelling of each value it reports, so the
+    /// client is told what PostgreSQL would tell it (`client_encoding=utf8` is
+    /// reported as `UTF8`, `euc_jp` as `EUC_JP`).
+    async fn settle_settings(&mut self, lease: &mut crate::pool::Lease) -> Result<(), ClientError> {
+        let conn = lease.conn();
+        let Some((sql, changes)) =
+            params::sync_sql(&self.wanted, &conn.params, &conn.original_params)
+        else {
+            return Ok(());
+        };
+        for (k, v) in changes {
+            // A reported setting is updated by the server's ParameterStatus, with its
+            // spelling; none comes when the value did not change (`utf8` on a UTF8
+            // server), and then the current value is already the server's.
+            if conn.original_params.contains_key(&k) {
+                continue;
+            }
+            match v {
+                Some(v) => {
+                    conn.params.insert(k, v);
+                }
+                None => {
+                    conn.params.remove(&k);
+                }
+            }
+        }
+        // The ParameterStatus answers update conn.params with the server's spelling.
+        match conn.query_row(&sql, SETTLE_TIMEOUT).await {
+            Ok(crate::server::QueryOutcome::Rows(_)) => {}
+            Ok(crate::server::QueryOutcome::ServerError(text)) => {
+                let (code, message) = text.split_once(": ").unwrap_or(("", text.as_str()));
+                return Err(ClientError::fatal(
+                    crate::server::leak_code_or(code, sqlstate::INVALID_PARAMETER_VALUE),
+                    message.to_string(),
+                ));
+            }
+            Err(e) => {
+                return Err(ClientError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("pgsidecar: the server failed while applying the connection's settings: {e}"),
+                ));
+            }
+        }
+        let spelled: Vec<(String, String)> = self
+            .wanted
+            .iter()
+            .filter_map(|(k, v)| {
+                let now = conn.params.get(k)?;
+                (now != v).then(|| (k.clone(), now.clone()))
+            })
+            .collect();
+        if !spelled.is_empty() {
+            let wanted = Arc::make_mut(&mut self.wanted);
+            for (k, v) in spelled {
+                wanted.insert(k, v);
+            }
+        }
+        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        conn.params_fp = self.wanted_fp;
+        Ok(())
     }
 }
