@@ -126,7 +126,7 @@ fn install_reloader(cli: Cli, shared: &Arc<Shared>) {
             return Err("shutting down".into());
         };
         let reloads = &shared.metrics.reloads;
-        let mut new = match cli.build_config() {
+        let new = match cli.build_config() {
             Ok(c) => c,
             Err(e) => {
                 reloads.with_label_values(&["failed"]).inc();
@@ -135,7 +135,7 @@ fn install_reloader(cli: Cli, shared: &Arc<Shared>) {
         };
         // Certificates and keys are re-read here (rotation); unreadable files fail the
         // reload before anything changes.
-        let client_tls = match crate::tls::prepare(&mut new) {
+        let tls = match crate::tls::prepare(&new) {
             Ok(t) => t,
             Err(e) => {
                 reloads.with_label_values(&["failed"]).inc();
@@ -146,8 +146,8 @@ fn install_reloader(cli: Cli, shared: &Arc<Shared>) {
         if new.listen != old.listen || new.admin_listen != old.admin_listen {
             tracing::warn!("listen addresses change only on restart; keeping the current ones");
         }
-        shared.registry.apply(Arc::new(new));
-        shared.tls.store(client_tls);
+        shared.registry.apply(Arc::new(new), tls.upstream);
+        shared.tls.store(tls.client);
         reloads.with_label_values(&["ok"]).inc();
         tracing::info!("configuration reloaded");
         Ok(())

@@ -35,10 +35,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> Arc<Shared> {
+    pub fn new(config: Arc<Config>, tls: crate::tls::Prepared) -> Arc<Shared> {
         let metrics = Arc::new(Metrics::new());
-        Arc::new(Shared {
-            registry: Registry::new(config, metrics.clone()),
+        let shared = Arc::new(Shared {
+            registry: Registry::new(config, metrics.clone(), tls.upstream),
             cancel_limit: crate::cancel_limit::CancelLimiter::new(&metrics.registry),
             metrics,
             cancels: CancelRegistry::new(),
@@ -48,7 +48,9 @@ impl Shared {
             client_list: Arc::new(ClientList::default()),
             tls: crate::tls::ClientTls::default(),
             client_caps: Arc::default(),
-        })
+        });
+        shared.tls.store(tls.client);
+        shared
     }
 }
 
@@ -62,10 +64,10 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds the client listener and starts accepting.
-    pub async fn start(mut config: Config) -> std::io::Result<Proxy> {
+    pub async fn start(config: Config) -> std::io::Result<Proxy> {
         // Certificates and keys are read before anything listens, so a bad file stops
         // the start instead of failing every TLS client later.
-        let client_tls = crate::tls::prepare(&mut config)
+        let tls = crate::tls::prepare(&config)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = TcpListener::bind(&config.listen).await.map_err(|e| {
             std::io::Error::new(
@@ -77,8 +79,7 @@ impl Proxy {
             )
         })?;
         let addr = listener.local_addr()?;
-        let shared = Shared::new(Arc::new(config));
-        shared.tls.store(client_tls);
+        let shared = Shared::new(Arc::new(config), tls);
         let (stop, stop_rx) = watch::channel(false);
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
         tracing::info!(%addr, "accepting PostgreSQL clients");

@@ -29,7 +29,11 @@ async fn a_reload_applies_server_lifetime_to_open_connections() {
         let mut cfg = (*proxy.shared.registry.config()).clone();
         cfg.pool.server_lifetime = Duration::from_secs(1);
         cfg.validate().expect("valid");
-        proxy.shared.registry.apply(Arc::new(cfg.clone()));
+        let tls = pgsidecar::tls::prepare(&cfg).expect("tls");
+        proxy
+            .shared
+            .registry
+            .apply(Arc::new(cfg.clone()), tls.upstream);
         tokio::time::sleep(Duration::from_millis(1300)).await;
         let second = simple_one(&client, "select pg_backend_pid()").await;
         assert_ne!(

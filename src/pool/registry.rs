@@ -12,6 +12,7 @@ use crate::error::{sqlstate, ClientError};
 use crate::metrics::Metrics;
 use crate::server::hosts::Hosts;
 use crate::server::{ServerIdentity, TcpSettings};
+use crate::tls::UpstreamTls;
 
 pub struct Registry {
     pub metrics: Arc<Metrics>,
@@ -20,16 +21,27 @@ pub struct Registry {
     /// that leave the host list as it was).
     hosts: RwLock<Arc<Hosts>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// The connector built from `upstream.tls` (files read at start and reload).
+    upstream_tls: RwLock<Arc<UpstreamTls>>,
 }
 
 impl Registry {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Registry> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        upstream_tls: Arc<UpstreamTls>,
+    ) -> Arc<Registry> {
         Arc::new(Registry {
             metrics,
+            upstream_tls: RwLock::new(upstream_tls),
             hosts: RwLock::new(hosts_of(&config)),
             config: RwLock::new(config),
             pools: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn tls(&self) -> Arc<UpstreamTls> {
+        self.upstream_tls.read().clone()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -47,7 +59,7 @@ impl Registry {
         if let Some(p) = pools.get(key) {
             return p.clone();
         }
-        let settings = settings_for(&self.config(), key, &self.hosts());
+        let settings = settings_for(&self.config(), key, &self.hosts(), self.tls());
         let pool = Pool::new(key.clone(), settings, self.metrics.clone());
         pools.insert(key.clone(), pool.clone());
         pool
@@ -88,7 +100,7 @@ impl Registry {
             )
             .with_hint("list the databases clients use under databases:, or raise limits.max_dynamic_pools"));
         }
-        let settings = settings_for(&config, key, &self.hosts());
+        let settings = settings_for(&config, key, &self.hosts(), self.tls());
         let pool = Pool::new(key.clone(), settings, self.metrics.clone());
         pools.insert(key.clone(), pool.clone());
         Ok(pool)
@@ -106,8 +118,9 @@ impl Registry {
 
     /// Swaps in a validated config and re-derives every pool's settings in place, so
     /// connected clients and open server connections carry on.
-    pub fn apply(&self, config: Arc<Config>) {
+    pub fn apply(&self, config: Arc<Config>, upstream_tls: Arc<UpstreamTls>) {
         *self.config.write() = config.clone();
+        *self.upstream_tls.write() = upstream_tls;
         let fresh = hosts_of(&config);
         let hosts = {
             let mut h = self.hosts.write();
@@ -120,7 +133,7 @@ impl Registry {
             h.clone()
         };
         for pool in self.all() {
-            pool.update_settings(settings_for(&config, &pool.key, &hosts));
+            pool.update_settings(settings_for(&config, &pool.key, &hosts, self.tls()));
         }
     }
 
@@ -235,7 +248,12 @@ pub fn hosts_of(config: &Config) -> Arc<Hosts> {
     }
 }
 
-pub fn settings_for(config: &Config, key: &PoolKey, hosts: &Arc<Hosts>) -> PoolSettings {
+pub fn settings_for(
+    config: &Config,
+    key: &PoolKey,
+    hosts: &Arc<Hosts>,
+    tls: Arc<UpstreamTls>,
+) -> PoolSettings {
     let user = config.find_user(&key.user);
     let db = config.find_database(&key.database);
     let server_user = user
@@ -296,7 +314,7 @@ pub fn settings_for(config: &Config, key: &PoolKey, hosts: &Arc<Hosts>) -> PoolS
             password,
             database,
             connect_timeout: config.upstream.connect_timeout,
-            tls: config.upstream.tls.clone(),
+            tls,
         },
     }
 }

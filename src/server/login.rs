@@ -49,19 +49,14 @@ impl ServerConn {
         if let Some(s) = &sever {
             ident.hosts.track(index, s);
         }
-        let mut stream = match &ident.tls.prepared {
-            Some(tls) => tls.negotiate(tcp, &target.host).await,
-            // An identity built from a configuration that was never prepared (files not
-            // read): build the connector now.
-            None => match crate::tls::UpstreamTls::build(&ident.tls) {
-                Ok(tls) => tls.negotiate(tcp, &target.host).await,
-                Err(e) => return Err(ConnectError::Protocol(format!("upstream.tls: {e}"))),
-            },
-        }
-        .map_err(|source| ConnectError::Tls {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let mut stream = ident
+            .tls
+            .negotiate(tcp, &target.host)
+            .await
+            .map_err(|source| ConnectError::Tls {
+                addr: addr.to_string(),
+                source,
+            })?;
 
         let mut buf = BytesMut::with_capacity(512);
         let params = [

@@ -37,8 +37,8 @@ pub struct ServerIdentity {
     pub password: Option<String>,
     pub database: String,
     pub connect_timeout: Duration,
-    /// TLS settings (`upstream.tls`); `prepared` holds the connector.
-    pub tls: crate::tls::UpstreamTlsConfig,
+    /// TLS to the server, built from `upstream.tls` with its files read.
+    pub tls: std::sync::Arc<crate::tls::UpstreamTls>,
 }
 
 impl std::fmt::Debug for ServerIdentity {
@@ -47,7 +47,7 @@ impl std::fmt::Debug for ServerIdentity {
             .field("hosts", &self.hosts.list())
             .field("user", &self.user)
             .field("database", &self.database)
-            .field("sslmode", &self.tls.sslmode)
+            .field("sslmode", &self.tls.mode)
             .finish_non_exhaustive()
     }
 }

@@ -686,7 +686,8 @@ mod size_tests {
             "127.0.0.1".into(),
             1,
         ));
-        let shared = crate::proxy::Shared::new(Arc::new(cfg));
+        let tls = crate::tls::prepare(&cfg).unwrap();
+        let shared = crate::proxy::Shared::new(Arc::new(cfg), tls);
         let (a, _b) = tokio::io::duplex(64);
         let fut = serve(Box::new(Accepted {
             client: a,

@@ -9,14 +9,14 @@ pub mod stream;
 pub mod upstream;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::{Deserialize, Serialize};
 
+pub use crate::config::tls::{ClientTlsConfig, ClientTlsMode};
 pub use stream::MaybeTls;
 pub use upstream::{SslMode, UpstreamTls, UpstreamTlsConfig};
 
@@ -39,64 +39,6 @@ pub enum TlsError {
     },
     #[error("TLS configuration: {0}")]
     Config(String),
-}
-
-/// When clients must use TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ClientTlsMode {
-    /// SSLRequest is answered 'N'; clients use plaintext.
-    Disable,
-    /// TLS is offered; plaintext is accepted too.
-    Allow,
-    /// A plaintext StartupMessage gets FATAL 28000.
-    Require,
-    /// Like `require`, except for clients connecting from a loopback address (the
-    /// application in the same pod or host), which may use plaintext.
-    #[serde(alias = "require_non_loopback")]
-    RequireNonLoopback,
-}
-
-/// `tls:` in proxy.yaml: TLS between clients and the proxy.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClientTlsConfig {
-    /// PEM certificate chain presented to clients (leaf first).
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `cert_file`.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// `disable`, `allow`, `require` or `require-non-loopback`. Default:
-    /// `require-non-loopback` when a certificate is configured, else `disable`.
-    #[serde(default)]
-    pub mode: Option<ClientTlsMode>,
-}
-
-impl ClientTlsConfig {
-    pub fn effective_mode(&self) -> ClientTlsMode {
-        match (self.mode, &self.cert_file) {
-            (Some(m), _) => m,
-            (None, Some(_)) => ClientTlsMode::RequireNonLoopback,
-            (None, None) => ClientTlsMode::Disable,
-        }
-    }
-
-    /// Checks that don't touch the files (those are read by [`ClientTlsState::load`]).
-    pub fn validate(&self) -> Result<(), String> {
-        match (&self.cert_file, &self.key_file) {
-            (Some(_), None) => return Err("tls.cert_file is set but tls.key_file is not".into()),
-            (None, Some(_)) => return Err("tls.key_file is set but tls.cert_file is not".into()),
-            _ => {}
-        }
-        if self.cert_file.is_none() && self.effective_mode() != ClientTlsMode::Disable {
-            return Err(format!(
-                "tls.mode {:?} needs tls.cert_file and tls.key_file",
-                self.effective_mode()
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// The client-side TLS settings in force: what new connections get.
@@ -183,13 +125,20 @@ impl ClientTls {
     }
 }
 
-/// Reads every file the configuration names: the client acceptor is returned, and the
-/// upstream connector is stored in `config.upstream.tls`. Run at start and on reload,
-/// before anything is applied, so bad files leave the running configuration alone.
-pub fn prepare(config: &mut crate::config::Config) -> Result<ClientTlsState, TlsError> {
-    let client = ClientTlsState::load(&config.tls)?;
-    config.upstream.tls.prepare()?;
-    Ok(client)
+/// What the TLS sections of a configuration build once their files are read.
+pub struct Prepared {
+    pub client: ClientTlsState,
+    pub upstream: Arc<UpstreamTls>,
+}
+
+/// Reads every file the configuration names and builds the client acceptor and the
+/// upstream connector. Run at start and on reload, before anything is applied, so bad
+/// files leave the running configuration alone.
+pub fn prepare(config: &crate::config::Config) -> Result<Prepared, TlsError> {
+    Ok(Prepared {
+        client: ClientTlsState::load(&config.tls)?,
+        upstream: Arc::new(UpstreamTls::build(&config.upstream.tls)?),
+    })
 }
 
 /// The crypto provider for every TLS context of the proxy.

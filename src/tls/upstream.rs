@@ -11,7 +11,6 @@
 //! CancelRequests to PostgreSQL stay plaintext TCP (see `cancel.rs`): PostgreSQL reads
 //! them before any TLS or pg_hba check, and the key in them is single-use.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -19,70 +18,12 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::{has_unsolicited_input, MaybeTls};
 use super::{provider, read_certs, read_key, TlsError, ALPN_POSTGRESQL};
-
-/// libpq's `sslmode` (without `allow`, which only matters for servers that refuse
-/// plaintext and is better expressed as `prefer` here).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    Disable,
-    /// libpq's default.
-    #[default]
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-/// `upstream.tls:` in proxy.yaml.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamTlsConfig {
-    /// Default `prefer`, as libpq.
-    #[serde(default)]
-    pub sslmode: SslMode,
-    /// PEM CA certificate(s) the server certificate must chain to.
-    #[serde(default)]
-    pub root_cert: Option<PathBuf>,
-    /// PEM client certificate, for servers that use `cert` authentication.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    /// PEM private key for `client_cert`.
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
-    /// Built from the fields above by [`UpstreamTlsConfig::prepare`] (files read).
-    #[serde(skip)]
-    pub prepared: Option<Arc<UpstreamTls>>,
-}
-
-impl UpstreamTlsConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if matches!(self.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
-            && self.root_cert.is_none()
-        {
-            return Err(format!(
-                "upstream.tls.sslmode {:?} needs upstream.tls.root_cert",
-                self.sslmode
-            ));
-        }
-        if self.client_cert.is_some() != self.client_key.is_some() {
-            return Err("upstream.tls.client_cert and client_key go together".into());
-        }
-        Ok(())
-    }
-
-    /// Reads the files and builds the connector used by new server connections.
-    pub fn prepare(&mut self) -> Result<(), TlsError> {
-        self.prepared = Some(Arc::new(UpstreamTls::build(self)?));
-        Ok(())
-    }
-}
+pub use crate::config::tls::{SslMode, UpstreamTlsConfig};
 
 /// What a server connection needs to negotiate TLS.
 pub struct UpstreamTls {
