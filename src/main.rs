@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(pgsidecar::daemon::run(cli, config))
+    rt.block_on(pgsidecar::app::run(cli, config))
 }
 
 fn init_logging(format: &str, level: &str) {

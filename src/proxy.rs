@@ -1,7 +1,7 @@
 //! The listener: accepts clients, enforces the client cap and spawns one task per client.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,50 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cancel::CancelRegistry;
-use crate::clients::ClientList;
 use crate::config::Config;
-use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
-use crate::pool::registry::Registry;
-
-/// State every session shares.
-pub struct Shared {
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub cancels: Arc<CancelRegistry>,
-    pub cancel_limit: crate::cancel_limit::CancelLimiter,
-    /// Client connections open now (all states, before the startup packet included).
-    pub clients: AtomicUsize,
-    /// Connections past their startup packet: what `limits.max_client_conn` caps.
-    pub logins: AtomicUsize,
-    pub lifecycle: Lifecycle,
-    pub client_list: Arc<ClientList>,
-    /// Client-side TLS in force (swapped on reload).
-    pub tls: crate::tls::ClientTls,
-    /// Per-database and per-user client counts.
-    pub client_caps: Arc<crate::limits::ClientCaps>,
-}
-
-impl Shared {
-    pub fn new(config: Arc<Config>, tls: crate::tls::Prepared) -> Arc<Shared> {
-        let metrics = Arc::new(Metrics::new());
-        let shared = Arc::new(Shared {
-            registry: Registry::new(config, metrics.clone(), tls.upstream),
-            cancel_limit: crate::cancel_limit::CancelLimiter::new(&metrics.registry),
-            metrics,
-            cancels: CancelRegistry::new(),
-            clients: AtomicUsize::new(0),
-            logins: AtomicUsize::new(0),
-            lifecycle: Lifecycle::default(),
-            client_list: Arc::new(ClientList::default()),
-            tls: crate::tls::ClientTls::default(),
-            client_caps: Arc::default(),
-        });
-        shared.tls.store(tls.client);
-        shared
-    }
-}
+use crate::session::Shared;
 
 /// A running proxy (used by the binary and by in-process tests).
 pub struct Proxy {

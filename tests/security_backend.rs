@@ -178,7 +178,7 @@ async fn proxy_for(upstream: SocketAddr, adjust: impl FnOnce(&mut Config)) -> Pr
     cfg.upstream.tls.sslmode = SslMode::Disable;
     adjust(&mut cfg);
     cfg.validate().expect("valid");
-    Proxy::start(cfg).await.expect("proxy starts")
+    pgsidecar::app::start(cfg).await.expect("proxy starts")
 }
 
 /// Messages up to ReadyForQuery or the close of the connection.

@@ -109,7 +109,7 @@ async fn secrets_stay_out_of_logs_metrics_admin_and_errors() {
             c.upstream.password = Some(WRONG_UPSTREAM_PW.into());
         })
         .await;
-        let admin = pgsidecar::admin::serve("127.0.0.1:0", scram.shared.clone())
+        let admin = pgsidecar::admin::serve("127.0.0.1:0", pgsidecar::app::admin_of(&scram.shared))
             .await
             .expect("admin");
 

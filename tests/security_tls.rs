@@ -489,7 +489,7 @@ async fn reload_swaps_the_certificate_and_keeps_it_on_bad_files() {
         pgsidecar::cli::Cli::parse_from(["pgsidecar", "--config", &cfg_path.display().to_string()]);
     let config = cli.build_config().expect("config");
     config.validate().expect("valid");
-    tokio::spawn(pgsidecar::daemon::run(cli, config));
+    tokio::spawn(pgsidecar::app::run(cli, config));
     bounded(async {
         wait_until(Duration::from_secs(10), "proxy listening", || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))

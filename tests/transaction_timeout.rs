@@ -150,7 +150,7 @@ async fn transaction_timeout_is_applied_after_a_reload() {
         pgsidecar::cli::Cli::parse_from(["pgsidecar", "--config", &cfg_path.display().to_string()]);
     let config = cli.build_config().expect("config");
     config.validate().expect("valid");
-    tokio::spawn(pgsidecar::daemon::run(cli, config));
+    tokio::spawn(pgsidecar::app::run(cli, config));
     bounded(async {
         wait_until(Duration::from_secs(10), "proxy listening", || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))

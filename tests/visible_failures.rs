@@ -133,7 +133,7 @@ async fn wrong_upstream_password_is_a_visible_bounded_state() {
             c.admin.unready_when_upstream_login_fails = true;
         })
         .await;
-        let admin = pgsidecar::admin::serve("127.0.0.1:0", proxy.shared.clone())
+        let admin = pgsidecar::admin::serve("127.0.0.1:0", pgsidecar::app::admin_of(&proxy.shared))
             .await
             .expect("admin port");
         let url = proxy_url_pw(&proxy, "app", "client_pw", "postgres");
@@ -152,13 +152,15 @@ async fn wrong_upstream_password_is_a_visible_bounded_state() {
             },
         )
         .await;
+        // The password changes first, then the open server is closed: the pool's sizer
+        // may reopen a connection at once, and that one must meet the new password.
+        pg.exec("alter role vf_upstream password 'changed_pw'");
         proxy
             .shared
             .registry
             .all()
             .iter()
             .for_each(|p| p.reconnect());
-        pg.exec("alter role vf_upstream password 'changed_pw'");
         let failed_before = pg
             .log_contents()
             .matches("password authentication failed for user \"vf_upstream\"")

@@ -2,13 +2,11 @@
 //! and whether a reload changes it. Keys are the dotted `proxy.yaml` paths; secrets
 //! (passwords, the admin token) are never serialised, so they cannot appear.
 
-use std::sync::Arc;
-
 use bytes::BytesMut;
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::proxy::Shared;
+use crate::control::Stats;
 
 /// Settings read at start only; everything else applies on RELOAD / SIGHUP.
 const RESTART_ONLY: &[&str] = &["listen", "admin_listen", "worker_threads", "logging."];
@@ -67,8 +65,8 @@ pub fn rows(config: &Config) -> Vec<[String; 4]> {
         .collect()
 }
 
-pub fn show(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let data = rows(&shared.registry.config())
+pub fn show(stats: &Stats, out: &mut BytesMut) {
+    let data = rows(&stats.config())
         .into_iter()
         .map(|r| r.into_iter().map(Some).collect())
         .collect();

@@ -1,25 +1,41 @@
 //! The PgBouncer-style admin console: a client that logs in to the virtual database
 //! `pgsidecar` as a user with `admin: true` gets the commands `SHOW HELP` lists (SHOW
-//! commands in `show.rs`, KILL / SUSPEND / SHUTDOWN in `control.rs`), answered as
+//! commands in `show.rs`, KILL / SUSPEND / SHUTDOWN in `commands.rs`), answered as
 //! ordinary result sets over the simple query protocol (what psql uses).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::Admin;
 use crate::error::{sqlstate, ClientError};
 use crate::protocol::framing::{fe, frontend_header, SMALL_MESSAGE_LIMIT};
 use crate::protocol::messages;
-use crate::proxy::Shared;
+use crate::session::{ClientStream, Console};
 
 /// The name of the virtual admin database.
 pub const DATABASE: &str = "pgsidecar";
 
+impl Console for Admin {
+    fn database(&self) -> &str {
+        DATABASE
+    }
+
+    fn serve<'a>(
+        &'a self,
+        client: &'a mut dyn ClientStream,
+        leftover: BytesMut,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(serve(client, self, leftover))
+    }
+}
+
 /// Serves an authenticated admin client until it leaves.
-pub async fn serve<C>(client: &mut C, shared: Arc<Shared>, mut buf: BytesMut)
+pub async fn serve<C>(client: &mut C, admin: &Admin, mut buf: BytesMut)
 where
-    C: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let mut out = BytesMut::new();
     for (k, v) in [
@@ -61,8 +77,8 @@ where
                 for stmt in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     // PAUSE waits for transactions in flight, so it runs apart.
                     let r = match super::pause::parse(stmt) {
-                        Some(db) => super::pause::console_pause(&shared, db, &mut out).await,
-                        None => run(stmt, &shared, &mut out),
+                        Some(db) => super::pause::console_pause(admin, db, &mut out).await,
+                        None => run(stmt, admin, &mut out),
                     };
                     if let Err(e) = r {
                         e.encode(&mut out);
@@ -102,7 +118,7 @@ fn rows(out: &mut BytesMut, columns: &[&str], data: Vec<Vec<String>>, tag: &str)
     messages::command_complete(out, &format!("{tag} {n}"));
 }
 
-fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), ClientError> {
+fn run(stmt: &str, admin: &Admin, out: &mut BytesMut) -> Result<(), ClientError> {
     let words: Vec<String> = stmt
         .split_whitespace()
         .map(|w| w.to_ascii_uppercase())
@@ -112,119 +128,24 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
         .nth(1)
         .map(|s| s.trim_matches('"').to_string());
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
-    let reg = &shared.registry;
     match w.as_slice() {
-        ["SHOW", what] if super::show::run(what, shared, out) => {}
+        ["SHOW", what] if super::show::run(what, &admin.stats, out) => {}
         ["KILL"] | ["KILL", _] | ["SUSPEND"] | ["SHUTDOWN"] => {
-            super::control::run(w[0], arg.as_deref(), shared, out)?
+            super::commands::run(w[0], arg.as_deref(), &admin.control, out)?
         }
-        ["SHOW", "CLIENTS"] => {
-            let data = shared
-                .client_list
-                .all()
-                .iter()
-                .map(|c| {
-                    let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
-                    vec![
-                        c.id.to_string(),
-                        c.user.to_string(),
-                        c.database.to_string(),
-                        c.state_name().into(),
-                        c.addr.to_string(),
-                        c.application_name.to_string(),
-                        format!("{:.1}", c.connected.elapsed().as_secs_f64()),
-                        if pid == 0 {
-                            String::new()
-                        } else {
-                            pid.to_string()
-                        },
-                        // Transaction mode: holds its server for session state.
-                        c.pinned
-                            .load(std::sync::atomic::Ordering::Relaxed)
-                            .to_string(),
-                    ]
-                })
-                .collect();
-            rows(
-                out,
-                &[
-                    "id",
-                    "user",
-                    "database",
-                    "state",
-                    "addr",
-                    "application_name",
-                    "connected_secs",
-                    "server_pid",
-                    "pinned",
-                ],
-                data,
-                "SHOW",
-            );
-        }
+        ["SHOW", "CLIENTS"] => show_clients(admin, out),
         ["SHOW", "VERSION"] => rows(
             out,
             &["version"],
             vec![vec![format!("pgsidecar {}", env!("CARGO_PKG_VERSION"))]],
             "SHOW",
         ),
-        ["SHOW", "HELP"] | ["SHOW"] => rows(
-            out,
-            &["command"],
-            [
-                "SHOW POOLS",
-                "SHOW CLIENTS",
-                "SHOW SERVERS",
-                "SHOW DATABASES",
-                "SHOW USERS",
-                "SHOW STATS",
-                "SHOW STATS_TOTALS",
-                "SHOW STATS_AVERAGES",
-                "SHOW LISTS",
-                "SHOW MEM",
-                "SHOW CONFIG",
-                "SHOW VERSION",
-                "PAUSE [db]",
-                "RESUME [db]",
-                "KILL [db]",
-                "SUSPEND",
-                "SHUTDOWN",
-                "RELOAD",
-            ]
-            .iter()
-            .map(|s| vec![s.to_string()])
-            .collect(),
-            "SHOW",
-        ),
-        ["PAUSE"] | ["PAUSE", _] | ["RESUME"] | ["RESUME", _] => {
-            let resume = w[0] == "RESUME";
-            if resume && shared.lifecycle.is_draining() {
-                return Err(ClientError::error(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "cannot RESUME while shutting down",
-                ));
-            }
-            let targets: Vec<_> = reg
-                .all()
-                .into_iter()
-                .filter(|p| arg.as_deref().is_none_or(|db| p.key.database == db))
-                .collect();
-            if targets.is_empty() && arg.is_some() {
-                return Err(ClientError::error(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    format!("no pool for database {:?}", arg.unwrap_or_default()),
-                ));
-            }
-            for p in targets {
-                if resume {
-                    p.resume()
-                } else {
-                    p.pause()
-                }
-            }
-            messages::command_complete(out, w[0]);
+        ["SHOW", "HELP"] | ["SHOW"] => show_help(out),
+        ["RESUME"] | ["RESUME", _] => {
+            admin.control.resume(arg.as_deref())?;
+            messages::command_complete(out, "RESUME");
         }
-        ["RELOAD"] => match shared.lifecycle.reload() {
+        ["RELOAD"] => match admin.control.reload() {
             Ok(()) => messages::command_complete(out, "RELOAD"),
             Err(e) => {
                 return Err(ClientError::error(
@@ -241,4 +162,77 @@ fn run(stmt: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> Result<(), Clien
         }
     }
     Ok(())
+}
+
+fn show_clients(admin: &Admin, out: &mut BytesMut) {
+    let data = admin
+        .stats
+        .clients()
+        .iter()
+        .map(|c| {
+            let pid = c.server_pid();
+            vec![
+                c.id().to_string(),
+                c.user().to_string(),
+                c.database().to_string(),
+                c.state_name().into(),
+                c.addr().to_string(),
+                c.application_name().to_string(),
+                format!("{:.1}", c.connected().elapsed().as_secs_f64()),
+                if pid == 0 {
+                    String::new()
+                } else {
+                    pid.to_string()
+                },
+                c.pinned().to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        out,
+        &[
+            "id",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "application_name",
+            "connected_secs",
+            "server_pid",
+            "pinned",
+        ],
+        data,
+        "SHOW",
+    );
+}
+
+fn show_help(out: &mut BytesMut) {
+    rows(
+        out,
+        &["command"],
+        [
+            "SHOW POOLS",
+            "SHOW CLIENTS",
+            "SHOW SERVERS",
+            "SHOW DATABASES",
+            "SHOW USERS",
+            "SHOW STATS",
+            "SHOW STATS_TOTALS",
+            "SHOW STATS_AVERAGES",
+            "SHOW LISTS",
+            "SHOW MEM",
+            "SHOW CONFIG",
+            "SHOW VERSION",
+            "PAUSE [db]",
+            "RESUME [db]",
+            "KILL [db]",
+            "SUSPEND",
+            "SHUTDOWN",
+            "RELOAD",
+        ]
+        .iter()
+        .map(|s| vec![s.to_string()])
+        .collect(),
+        "SHOW",
+    );
 }

@@ -12,17 +12,15 @@
 //! Mutating endpoints need `Authorization: Bearer <admin.token>` when a token is set, and
 //! are refused outright on a non-loopback address without one.
 
+mod commands;
 mod config_rows;
 pub mod console;
-mod control;
 pub mod pause;
 mod servers;
 pub mod show;
 mod stats;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -31,16 +29,24 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::auth::constant_time_eq;
-use crate::proxy::Shared;
+use crate::control::{Control, Stats};
+use crate::error::{sqlstate, ClientError};
+
+/// What both admin surfaces work through.
+#[derive(Clone)]
+pub struct Admin {
+    pub stats: Stats,
+    pub control: Control,
+}
 
 #[derive(Clone)]
 struct AdminState {
-    shared: Arc<Shared>,
+    admin: Admin,
     loopback: bool,
 }
 
 /// Starts the admin server on `addr`; returns the bound address.
-pub async fn serve(addr: &str, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: &str, admin: Admin) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -48,9 +54,9 @@ pub async fn serve(addr: &str, shared: Arc<Shared>) -> std::io::Result<SocketAdd
         )
     })?;
     let local = listener.local_addr()?;
-    stats::spawn_sampler(shared.clone());
+    stats::spawn_sampler(admin.stats.clone());
     let state = AdminState {
-        shared,
+        admin,
         loopback: local.ip().is_loopback(),
     };
     let app = Router::new()
@@ -82,15 +88,13 @@ fn text(status: StatusCode, body: impl Into<String>) -> Response {
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
-    st.shared.registry.refresh_metrics();
-    show::refresh_maxwait(&st.shared);
     (
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.shared.metrics.render(),
+        st.admin.stats.render_metrics(),
     )
         .into_response()
 }
@@ -100,15 +104,15 @@ async fn livez() -> Response {
 }
 
 async fn readyz(State(st): State<AdminState>) -> Response {
-    let sh = &st.shared;
-    if sh.lifecycle.is_draining() {
+    let sh = &st.admin.stats;
+    if sh.draining() {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down (draining clients)\n",
         );
     }
-    let config = sh.registry.config();
-    let clients = sh.logins.load(Ordering::Relaxed);
+    let config = sh.config();
+    let clients = sh.logins();
     if clients >= config.limits.max_client_conn {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -116,17 +120,16 @@ async fn readyz(State(st): State<AdminState>) -> Response {
         );
     }
     if config.admin.unready_when_breaker_open {
-        if let Some(p) = sh.registry.all().into_iter().find(|p| p.breaker_open()) {
+        if let Some(p) = sh.pools().into_iter().find(|p| p.breaker_open()) {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: circuit breaker open for pool {}\n", p.name),
+                format!("not ready: circuit breaker open for pool {}\n", p.name()),
             );
         }
     }
     if config.admin.unready_when_upstream_login_fails {
         let failing = sh
-            .registry
-            .all()
+            .pools()
             .into_iter()
             .find_map(|p| Some((p.login_failure()?, p)));
         if let Some((f, p)) = failing {
@@ -134,7 +137,7 @@ async fn readyz(State(st): State<AdminState>) -> Response {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "not ready: PostgreSQL refuses the proxy's login as role {:?} for pool {} since {:.0}s ({} {})\n",
-                    f.role, p.name, f.failing_for_secs, f.sqlstate, f.message
+                    f.role, p.name(), f.failing_for_secs, f.sqlstate, f.message
                 ),
             );
         }
@@ -143,11 +146,11 @@ async fn readyz(State(st): State<AdminState>) -> Response {
 }
 
 async fn startupz(State(st): State<AdminState>) -> Response {
-    let lc = &st.shared.lifecycle;
-    let grace = st.shared.registry.config().admin.startup_grace;
-    if lc.upstream_seen.load(Ordering::Relaxed) {
+    let sh = &st.admin.stats;
+    let grace = sh.config().admin.startup_grace;
+    if sh.upstream_seen() {
         text(StatusCode::OK, "started: upstream answered\n")
-    } else if lc.started.elapsed() >= grace {
+    } else if sh.started().elapsed() >= grace {
         text(
             StatusCode::OK,
             "started: grace period passed without an upstream answer\n",
@@ -162,9 +165,9 @@ async fn startupz(State(st): State<AdminState>) -> Response {
 
 async fn pools(State(st): State<AdminState>) -> Response {
     let list: Vec<_> = st
-        .shared
-        .registry
-        .all()
+        .admin
+        .stats
+        .pools()
         .iter()
         .map(|p| {
             let mut v = serde_json::to_value(p.snapshot()).unwrap_or_default();
@@ -181,7 +184,7 @@ async fn pools(State(st): State<AdminState>) -> Response {
             v
         })
         .collect();
-    let hosts = st.shared.registry.hosts();
+    let hosts = st.admin.stats.hosts();
     let upstream = serde_json::json!({
         "target_session_attrs": hosts.attrs.to_string(),
         "current": hosts.current().map(|i| hosts.get(i).to_string()),
@@ -193,8 +196,8 @@ async fn pools(State(st): State<AdminState>) -> Response {
 /// Checks the bearer token for a mutating endpoint.
 fn authorize(st: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let token = st
-        .shared
-        .registry
+        .admin
+        .stats
         .config()
         .admin
         .token
@@ -232,49 +235,39 @@ async fn pool_action(
     if let Err(r) = authorize(&st, &headers) {
         return *r;
     }
-    let targets: Vec<_> = st
-        .shared
-        .registry
-        .all()
-        .into_iter()
-        .filter(|p| p.name == name || p.key.database == name)
-        .collect();
-    if targets.is_empty() {
-        return text(StatusCode::NOT_FOUND, format!("no pool named {name:?}\n"));
-    }
-    if action == "pause" {
-        let timeout = st.shared.registry.config().admin.pause_timeout;
-        if let Err(e) = pause::pause_and_wait(&targets, timeout).await {
-            return text(StatusCode::GATEWAY_TIMEOUT, format!("{}\n", e.message));
+    let ctl = &st.admin.control;
+    let done = match action.as_str() {
+        "pause" => ctl.pause(Some(&name)).await,
+        "resume" => ctl.resume(Some(&name)),
+        "reconnect" => ctl.reconnect(Some(&name)),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("unknown action {action:?}: use pause, resume or reconnect\n"),
+            )
         }
+    };
+    match done {
+        Ok(names) => text(StatusCode::OK, format!("{action}: {}\n", names.join(", "))),
+        Err(e) => text(status_of(&e), format!("{}\n", e.message)),
     }
-    for p in &targets {
-        match action.as_str() {
-            "pause" => {}
-            "resume" => {
-                if st.shared.lifecycle.is_draining() {
-                    return text(StatusCode::CONFLICT, "refused: shutting down\n");
-                }
-                p.resume()
-            }
-            "reconnect" => p.reconnect(),
-            _ => {
-                return text(
-                    StatusCode::NOT_FOUND,
-                    format!("unknown action {action:?}: use pause, resume or reconnect\n"),
-                )
-            }
-        }
+}
+
+/// The HTTP status for a refused control action.
+fn status_of(e: &ClientError) -> StatusCode {
+    match e.code {
+        sqlstate::INVALID_CATALOG_NAME => StatusCode::NOT_FOUND,
+        sqlstate::QUERY_CANCELED => StatusCode::GATEWAY_TIMEOUT,
+        sqlstate::ADMIN_SHUTDOWN => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
-    let names: Vec<_> = targets.iter().map(|p| p.name.clone()).collect();
-    text(StatusCode::OK, format!("{action}: {}\n", names.join(", ")))
 }
 
 async fn reload(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&st, &headers) {
         return *r;
     }
-    match st.shared.lifecycle.reload() {
+    match st.admin.control.reload() {
         Ok(()) => text(StatusCode::OK, "reloaded\n"),
         Err(e) => text(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -287,6 +280,6 @@ async fn quit(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&st, &headers) {
         return *r;
     }
-    st.shared.lifecycle.request_shutdown();
+    st.admin.control.shutdown();
     text(StatusCode::OK, "shutting down gracefully\n")
 }

@@ -1,14 +1,13 @@
 //! SHOW SERVERS with PgBouncer's columns: idle servers from the pools, servers in use
 //! from the clients holding them (with their age and when they were taken).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use tokio::time::Instant;
 
 use super::show::{s, table};
-use crate::proxy::Shared;
+use crate::control::Stats;
 
 /// Wall-clock time of an instant in the past, as PgBouncer prints it (UTC).
 fn wall(ago: Duration) -> Option<String> {
@@ -27,8 +26,8 @@ fn wall(ago: Duration) -> Option<String> {
     ))
 }
 
-pub fn show(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let config = shared.registry.config();
+pub fn show(stats: &Stats, out: &mut BytesMut) {
+    let config = stats.config();
     let (host, port) = (config.upstream.host.clone(), config.upstream.port);
     let mut data = Vec::new();
     let row =
@@ -48,13 +47,13 @@ pub fn show(shared: &Arc<Shared>, out: &mut BytesMut) {
                 s(format!("{:.1}", idle.as_secs_f64())),
             ]
         };
-    for p in shared.registry.all() {
+    for p in stats.pools() {
         for v in p.idle_servers() {
             let age = Duration::from_secs_f64(v.age_secs.max(0.0));
             let idle = Duration::from_secs_f64(v.idle_secs.max(0.0));
             data.push(row(
-                &p.key.user,
-                &p.key.database,
+                &p.key().user,
+                &p.key().database,
                 "idle",
                 v.backend_pid,
                 age,
@@ -64,18 +63,18 @@ pub fn show(shared: &Arc<Shared>, out: &mut BytesMut) {
         }
     }
     let now = Instant::now();
-    for c in shared.client_list.all() {
-        let pid = c.server_pid.load(std::sync::atomic::Ordering::Relaxed);
+    for c in stats.clients() {
+        let pid = c.server_pid();
         if let Some((age, bound)) = c.server_times(now) {
             // In use: request_time is when this client took it; it is not idle.
             let mut r = row(
-                &c.user,
-                &c.database,
+                c.user(),
+                c.database(),
                 "active",
                 pid,
                 age,
                 bound,
-                &c.application_name,
+                c.application_name(),
             );
             r[11] = s("0.0");
             data.push(r);

@@ -4,14 +4,12 @@
 //! caches, reserve pools, load balancing) are left out rather than filled with zeros.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::stats::{self, Totals};
+use super::stats;
+use crate::control::Stats;
 use crate::protocol::messages;
-use crate::proxy::Shared;
 
 pub(super) type Row = Vec<Option<String>>;
 
@@ -34,60 +32,31 @@ pub fn table(out: &mut BytesMut, columns: &[&str], data: Vec<Row>) {
 }
 
 /// Answers a SHOW command this module knows; false if it is not one of them.
-pub fn run(what: &str, shared: &Arc<Shared>, out: &mut BytesMut) -> bool {
+pub fn run(what: &str, st: &Stats, out: &mut BytesMut) -> bool {
     match what {
-        "POOLS" => pools(shared, out),
-        "STATS" => stats(shared, out, true, true),
-        "STATS_TOTALS" => stats(shared, out, true, false),
-        "STATS_AVERAGES" => stats(shared, out, false, true),
-        "SERVERS" => super::servers::show(shared, out),
-        "DATABASES" => databases(shared, out),
-        "USERS" => users(shared, out),
-        "LISTS" => lists(shared, out),
-        "MEM" => mem(shared, out),
-        "CONFIG" => super::config_rows::show(shared, out),
+        "POOLS" => pools(st, out),
+        "STATS" => stats(st, out, true, true),
+        "STATS_TOTALS" => stats(st, out, true, false),
+        "STATS_AVERAGES" => stats(st, out, false, true),
+        "SERVERS" => super::servers::show(st, out),
+        "DATABASES" => databases(st, out),
+        "USERS" => users(st, out),
+        "LISTS" => lists(st, out),
+        "MEM" => mem(st, out),
+        "CONFIG" => super::config_rows::show(st, out),
         _ => return false,
     }
     true
 }
 
-/// The oldest current wait per pool name (pools with nobody waiting are absent).
-pub fn max_waits(shared: &Shared) -> BTreeMap<String, Duration> {
-    let waits = shared.client_list.max_waits();
-    shared
-        .registry
-        .all()
-        .into_iter()
-        .filter_map(|p| {
-            let k = (
-                Arc::<str>::from(p.key.database.as_str()),
-                Arc::<str>::from(p.key.user.as_str()),
-            );
-            waits.get(&k).map(|w| (p.name.clone(), *w))
-        })
-        .collect()
-}
-
-/// Sets `pgsidecar_pool_client_maxwait_seconds` for every pool (called at scrape time).
-pub fn refresh_maxwait(shared: &Shared) {
-    let waits = max_waits(shared);
-    let g = &shared.metrics.pool_maxwait;
-    g.reset();
-    for p in shared.registry.all() {
-        let w = waits.get(&p.name).copied().unwrap_or_default();
-        g.with_label_values(&[&p.name]).set(w.as_secs_f64());
-    }
-}
-
-fn pools(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let waits = max_waits(shared);
-    let data = shared
-        .registry
-        .all()
+fn pools(st: &Stats, out: &mut BytesMut) {
+    let waits = st.max_waits();
+    let data = st
+        .pools()
         .iter()
         .map(|p| {
             let sn = p.snapshot();
-            let w = waits.get(&p.name).copied().unwrap_or_default();
+            let w = waits.get(p.name()).copied().unwrap_or_default();
             let login = p.login_failure();
             vec![
                 s(&sn.database),
@@ -170,7 +139,7 @@ const AVG_COLUMNS: [&str; 8] = [
 /// SHOW STATS (both), STATS_TOTALS (totals, without the `total_` prefix, as PgBouncer
 /// prints them) and STATS_AVERAGES (averages, without `avg_`). One row per pool:
 /// PgBouncer's `database` plus our `user`, since pools are per (database, user).
-fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
+fn stats(st: &Stats, out: &mut BytesMut, totals: bool, avgs: bool) {
     let both = totals && avgs;
     let mut cols = vec!["database".to_string(), "user".to_string()];
     let strip = |c: &str, p: &str| {
@@ -186,14 +155,13 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
     if avgs {
         cols.extend(AVG_COLUMNS.iter().map(|c| strip(c, "avg_")));
     }
-    let data = shared
-        .registry
-        .all()
+    let data = st
+        .pools()
         .iter()
         .map(|p| {
-            let mut r = vec![s(&p.key.database), s(&p.key.user)];
+            let mut r = vec![s(&p.key().database), s(&p.key().user)];
             if totals {
-                let t = Totals::of(p);
+                let t = p.totals();
                 r.extend(
                     [
                         t.xact_count,
@@ -210,7 +178,7 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
                 );
             }
             if avgs {
-                let a = stats::averages_of(&p.name);
+                let a = stats::averages_of(p.name());
                 r.extend(
                     [
                         a.xact_count,
@@ -237,10 +205,10 @@ fn stats(shared: &Arc<Shared>, out: &mut BytesMut, totals: bool, avgs: bool) {
 type DbCounts = BTreeMap<String, (usize, usize, bool)>;
 type UserCounts = BTreeMap<String, (usize, usize)>;
 
-fn counts(shared: &Shared) -> (DbCounts, UserCounts) {
+fn counts(st: &Stats) -> (DbCounts, UserCounts) {
     let mut dbs = DbCounts::new();
     let mut users = UserCounts::new();
-    for p in shared.registry.all() {
+    for p in st.pools() {
         let sn = p.snapshot();
         let d = dbs.entry(sn.database.clone()).or_insert((0, 0, true));
         d.0 += sn.open;
@@ -253,9 +221,9 @@ fn counts(shared: &Shared) -> (DbCounts, UserCounts) {
     (dbs, users)
 }
 
-fn databases(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let config = shared.registry.config();
-    let (dbs, _) = counts(shared);
+fn databases(st: &Stats, out: &mut BytesMut) {
+    let config = st.config();
+    let (dbs, _) = counts(st);
     // Configured databases; with none configured any name is admitted, so the list is
     // the databases clients have asked for.
     let mut names: Vec<(String, Option<&crate::config::DatabaseConfig>)> = config
@@ -315,9 +283,9 @@ fn databases(shared: &Arc<Shared>, out: &mut BytesMut) {
     );
 }
 
-fn users(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let config = shared.registry.config();
-    let (_, counts) = counts(shared);
+fn users(st: &Stats, out: &mut BytesMut) {
+    let config = st.config();
+    let (_, counts) = counts(st);
     let mut names: Vec<String> = config.users.iter().map(|u| u.name.clone()).collect();
     for n in counts.keys() {
         if !names.contains(n) {
@@ -360,12 +328,12 @@ fn users(shared: &Arc<Shared>, out: &mut BytesMut) {
     );
 }
 
-fn lists(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let config = shared.registry.config();
-    let pools = shared.registry.all();
-    let (dbs, users) = counts(shared);
+fn lists(st: &Stats, out: &mut BytesMut) {
+    let config = st.config();
+    let pools = st.pools();
+    let (dbs, users) = counts(st);
     let servers: usize = pools.iter().map(|p| p.snapshot().open).sum();
-    let clients = shared.client_list.all().len();
+    let clients = st.clients().len();
     let n_dbs = if config.databases.is_empty() {
         dbs.len()
     } else {
@@ -397,9 +365,9 @@ fn rss_bytes() -> Option<u64> {
 
 /// Sizes of the per-client and per-pool bookkeeping, and the process's resident memory.
 /// Like PgBouncer's, subject to change.
-fn mem(shared: &Arc<Shared>, out: &mut BytesMut) {
-    let clients = shared.client_list.all().len();
-    let pools = shared.registry.all().len();
+fn mem(st: &Stats, out: &mut BytesMut) {
+    let clients = st.clients().len();
+    let pools = st.pools().len();
     let item = |name: &str, size: usize, used: usize| {
         vec![s(name), s(size), s(used), s(0), s(size * used)]
     };

@@ -3,48 +3,15 @@
 //! totals every period, and averages are the difference of the last two snapshots.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::pool::Pool;
-use crate::proxy::Shared;
+use crate::control::{Stats, Totals};
 
 /// Averages cover this much time (PgBouncer's default stats_period).
 pub const STATS_PERIOD: Duration = Duration::from_secs(60);
-
-/// Totals since the pool was created; times in microseconds, as PgBouncer reports them.
-#[derive(Clone, Copy, Default, Debug)]
-pub struct Totals {
-    pub server_assignment_count: u64,
-    pub xact_count: u64,
-    pub query_count: u64,
-    pub received: u64,
-    pub sent: u64,
-    pub xact_time: u64,
-    pub query_time: u64,
-    pub wait_time: u64,
-    pub server_closed_count: u64,
-}
-
-impl Totals {
-    pub fn of(p: &Pool) -> Totals {
-        let micros = |s: f64| (s * 1e6) as u64;
-        Totals {
-            server_assignment_count: p.stats.checkouts.load(Ordering::Relaxed),
-            xact_count: p.m.transaction_duration.get_sample_count(),
-            query_count: p.m.query_duration.get_sample_count(),
-            received: p.m.bytes_received.get(),
-            sent: p.m.bytes_sent.get(),
-            xact_time: micros(p.m.transaction_duration.get_sample_sum()),
-            query_time: micros(p.m.query_duration.get_sample_sum()),
-            wait_time: p.stats.wait_micros_total.load(Ordering::Relaxed),
-            server_closed_count: p.stats.closed.load(Ordering::Relaxed),
-        }
-    }
-}
 
 /// Per-second rates and per-event means over the last complete period.
 #[derive(Clone, Copy, Default, Debug)]
@@ -98,29 +65,29 @@ fn periods() -> &'static Mutex<Periods> {
 }
 
 /// Takes one snapshot of every pool and recomputes the averages.
-fn roll(shared: &Shared, secs: f64) {
+fn roll(stats: &Stats, secs: f64) {
     let mut p = periods().lock();
     let mut last = HashMap::new();
     let mut avgs = HashMap::new();
-    for pool in shared.registry.all() {
-        let now = Totals::of(&pool);
-        let before = p.last.get(&pool.name).copied().unwrap_or_default();
-        avgs.insert(pool.name.clone(), averages(&before, &now, secs));
-        last.insert(pool.name.clone(), now);
+    for pool in stats.pools() {
+        let now = pool.totals();
+        let before = p.last.get(pool.name()).copied().unwrap_or_default();
+        avgs.insert(pool.name().to_string(), averages(&before, &now, secs));
+        last.insert(pool.name().to_string(), now);
     }
     p.last = last;
     p.averages = avgs;
 }
 
 /// Starts the period task (from the admin port's start).
-pub fn spawn_sampler(shared: Arc<Shared>) {
+pub fn spawn_sampler(stats: Stats) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(STATS_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tick.tick().await;
-            roll(&shared, STATS_PERIOD.as_secs_f64());
+            roll(&stats, STATS_PERIOD.as_secs_f64());
         }
     });
 }

@@ -8,8 +8,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::Shared;
 use crate::error::{sqlstate, ClientError};
-use crate::proxy::Shared;
 
 /// One place under `max_client_conn`, given back on drop however the session ends.
 pub struct LoginSlot(Arc<Shared>);

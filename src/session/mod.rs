@@ -13,6 +13,7 @@ pub mod relay;
 pub mod sessionstate;
 pub mod setstmt;
 mod settings;
+mod shared;
 pub mod timers;
 pub mod tracker;
 mod validate;
@@ -37,11 +38,11 @@ use crate::limits::CapGuard;
 use crate::pool::{Lease, Pool};
 use crate::protocol::framing::{frontend_header, FrameError};
 use crate::protocol::messages;
-use crate::proxy::Shared;
 use crate::server::params;
 use crate::server::prepared::StmtDef;
 pub use opening::{serve, Accepted};
 use relay::{BodyMode, Inbound};
+pub use shared::{ClientStream, Console, Shared};
 use tracker::{Effects, Tracker};
 
 /// What the relay loop stopped for.
@@ -687,7 +688,7 @@ mod size_tests {
             1,
         ));
         let tls = crate::tls::prepare(&cfg).unwrap();
-        let shared = crate::proxy::Shared::new(Arc::new(cfg), tls);
+        let shared = Shared::new(Arc::new(cfg), tls);
         let (a, _b) = tokio::io::duplex(64);
         let fut = serve(Box::new(Accepted {
             client: a,

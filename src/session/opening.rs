@@ -13,6 +13,7 @@ use super::handshake::{self, Login, Opening};
 use super::relay::Inbound;
 use super::timers;
 use super::tracker::{Effects, Tracker};
+use super::Shared;
 use super::{admission, validate};
 use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
 use crate::clients;
@@ -21,7 +22,6 @@ use crate::error::{sqlstate, ClientError, Severity};
 use crate::metrics::LoginResult;
 use crate::pool::PoolKey;
 use crate::protocol::messages;
-use crate::proxy::Shared;
 use crate::server::params;
 
 /// An accepted client connection, before the opening.
@@ -121,7 +121,7 @@ where
             return None;
         }
     };
-    if login.database == crate::admin::console::DATABASE {
+    if let Some(console) = shared.console_for(&login.database).cloned() {
         let is_admin = config.find_user(&login.user).is_some_and(|u| u.admin);
         if !is_admin {
             let e = ClientError::fatal(
@@ -145,7 +145,7 @@ where
         if Box::pin(client.write_all(&greeting)).await.is_err() {
             return None;
         }
-        Box::pin(crate::admin::console::serve(&mut client, shared, leftover)).await;
+        console.serve(&mut client, leftover).await;
         return None;
     }
     // Counted from here until the session ends, however it ends.

@@ -86,7 +86,7 @@ pub async fn start_proxy(cluster: &PgCluster, adjust: impl FnOnce(&mut Config)) 
     let mut cfg = proxy_config(cluster);
     adjust(&mut cfg);
     cfg.validate().expect("test proxy config must be valid");
-    Proxy::start(cfg).await.expect("proxy must start")
+    pgsidecar::app::start(cfg).await.expect("proxy must start")
 }
 
 /// `postgres://user@proxy/db` (no password: trust).

@@ -9,15 +9,34 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
+use crate::admin::Admin;
 use crate::cli::Cli;
 use crate::config::Config;
+use crate::control::{Control, Stats};
 use crate::lifecycle::upstream_answers;
-use crate::proxy::{Proxy, Shared};
+use crate::proxy::Proxy;
+use crate::session::Shared;
+
+/// The admin surfaces' view of a running proxy.
+pub fn admin_of(shared: &Arc<Shared>) -> Admin {
+    Admin {
+        stats: Stats::new(shared.clone()),
+        control: Control::new(shared.clone()),
+    }
+}
+
+/// Starts the listener with the admin console installed: a login to the virtual
+/// `pgsidecar` database is routed to it.
+pub async fn start(config: Config) -> std::io::Result<Proxy> {
+    let proxy = Proxy::start(config).await?;
+    proxy.shared.set_console(Arc::new(admin_of(&proxy.shared)));
+    Ok(proxy)
+}
 
 /// Runs until shut down; returns the process exit code.
 pub async fn run(cli: Cli, config: Config) -> ExitCode {
     let admin_addr = config.admin_listen.clone();
-    let proxy = match Proxy::start(config).await {
+    let proxy = match start(config).await {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for clients");
@@ -25,7 +44,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
         }
     };
     let shared = proxy.shared.clone();
-    if let Err(e) = crate::admin::serve(&admin_addr, shared.clone()).await {
+    if let Err(e) = crate::admin::serve(&admin_addr, admin_of(&shared)).await {
         tracing::error!(error = %e, addr = %admin_addr, "cannot start the admin port");
         return ExitCode::FAILURE;
     }
