@@ -11,6 +11,11 @@
 //! - query and transaction duration: 100 µs to 60 s, roughly 1-2.5-5 per decade;
 //! - backend connect and health-check latency: 1 ms to 15 s.
 
+mod login;
+mod series;
+
+pub use login::LoginResult;
+
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -104,21 +109,27 @@ impl PoolMetrics {
     }
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(super) fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
     let _ = r.register(Box::new(c.clone()));
     c
 }
 
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+pub(super) fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
     let _ = r.register(Box::new(g.clone()));
     g
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
+pub(super) fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    b: &[f64],
+) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
         .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
     let _ = r.register(Box::new(h.clone()));
@@ -159,6 +170,10 @@ impl Metrics {
             "Protocol messages relayed, by direction (client_to_server, server_to_client).",
             &["direction"],
         );
+        let conn = series::ConnectionSeries::register(&r);
+        let pools = series::PoolSeries::register(&r);
+        let used = series::PoolUseSeries::register(&r);
+        let health = series::HealthSeries::register(&r);
         Metrics {
             bytes_c2s: bytes.with_label_values(&["client_to_server"]),
             bytes_s2c: bytes.with_label_values(&["server_to_client"]),
@@ -166,199 +181,41 @@ impl Metrics {
             messages_s2c: messages.with_label_values(&["server_to_client"]),
             bytes,
             messages,
-            client_connections: counter(
-                &r,
-                "pgsidecar_client_connections_total",
-                "Client connections by outcome: accepted (logged in), auth_failed, unknown_database, protocol_error, limit (a connection or pool cap), upstream_auth_failed (the proxy's own login to PostgreSQL failed), upstream_failed, timeout, abandoned (closed before logging in), cancel (a CancelRequest), invalid_settings (startup options PostgreSQL refuses), refused (other).",
-                &["result"],
-            ),
-            clients: gauge(
-                &r,
-                "pgsidecar_clients",
-                "Connected clients by pool and state (active: bound to a server, waiting: queued for one, idle).",
-                &["pool", "state"],
-            ),
-            server_connections: gauge(
-                &r,
-                "pgsidecar_server_connections",
-                "Server connections by pool and state (active, idle, connecting, testing).",
-                &["pool", "state"],
-            ),
-            server_opened: counter(
-                &r,
-                "pgsidecar_server_connections_opened_total",
-                "Server connections opened.",
-                &["pool"],
-            ),
-            server_closed: counter(
-                &r,
-                "pgsidecar_server_connections_closed_total",
-                "Server connections closed, by reason.",
-                &["pool", "reason"],
-            ),
-            pool_min: gauge(&r, "pgsidecar_pool_min_connections", "Configured minimum pool size.", &["pool"]),
-            pool_max: gauge(&r, "pgsidecar_pool_max_connections", "Configured maximum pool size.", &["pool"]),
-            pool_target: gauge(
-                &r,
-                "pgsidecar_pool_target_connections",
-                "Pool size the elastic sizing controller aims for.",
-                &["pool"],
-            ),
-            pool_current: gauge(&r, "pgsidecar_pool_connections", "Open server connections (all states).", &["pool"]),
-            pool_paused: gauge(&r, "pgsidecar_pool_paused", "1 when the pool is paused.", &["pool"]),
-            server_age_max: GaugeVec::new(
-                Opts::new("pgsidecar_server_connection_age_max_seconds", "Age of the oldest idle server connection."),
-                &["pool"],
-            )
-            .inspect(|g| {
-                let _ = r.register(Box::new(g.clone()));
-            })
-            .unwrap_or_else(|e| unreachable!("static metric: {e}")),
-            checkout_wait: histogram(
-                &r,
-                "pgsidecar_checkout_wait_seconds",
-                "Time a client waited for a server connection.",
-                &["pool"],
-                WAIT_BUCKETS,
-            ),
-            transaction_duration: histogram(
-                &r,
-                "pgsidecar_transaction_duration_seconds",
-                "Time from a transaction's first message to its final ReadyForQuery (idle).",
-                &["pool"],
-                QUERY_BUCKETS,
-            ),
-            query_duration: histogram(
-                &r,
-                "pgsidecar_query_duration_seconds",
-                "Time from a Query or Sync to its ReadyForQuery.",
-                &["pool"],
-                QUERY_BUCKETS,
-            ),
-            connect_duration: histogram(
-                &r,
-                "pgsidecar_server_connect_seconds",
-                "Time to open and authenticate a server connection.",
-                &["pool"],
-                CONNECT_BUCKETS,
-            ),
-            errors: counter(
-                &r,
-                "pgsidecar_errors_total",
-                "Errors sent to clients, by origin (server, proxy, client) and SQLSTATE class.",
-                &["origin", "class"],
-            ),
-            breaker_state: gauge(
-                &r,
-                "pgsidecar_breaker_state",
-                "Circuit breaker state per upstream pool: 0 closed, 1 half-open, 2 open.",
-                &["pool"],
-            ),
-            breaker_transitions: counter(
-                &r,
-                "pgsidecar_breaker_transitions_total",
-                "Circuit breaker transitions, by target state.",
-                &["pool", "to"],
-            ),
-            health_checks: counter(
-                &r,
-                "pgsidecar_health_checks_total",
-                "Health checks, by kind (idle, probe) and result (ok, failed).",
-                &["pool", "kind", "result"],
-            ),
-            health_check_duration: histogram(
-                &r,
-                "pgsidecar_health_check_seconds",
-                "Health check latency.",
-                &["pool", "kind"],
-                CONNECT_BUCKETS,
-            ),
-            prepared: counter(
-                &r,
-                "pgsidecar_prepared_statements_total",
-                "Prepared-statement cache events in transaction mode (hit, miss, eviction).",
-                &["event"],
-            ),
-            reloads: counter(
-                &r,
-                "pgsidecar_config_reloads_total",
-                "Configuration reloads, by result (ok, failed).",
-                &["result"],
-            ),
-            pinned_clients: gauge(
-                &r,
-                "pgsidecar_pinned_clients",
-                "Transaction-mode clients holding their server connection for session state (advisory lock, temp table, SQL PREPARE, LISTEN, WITH HOLD cursor, session characteristics).",
-                &["pool"],
-            ),
-            pins: counter(
-                &r,
-                "pgsidecar_pins_total",
-                "Transaction-mode clients that started holding their server connection, by the kind of session state that made them.",
-                &["pool", "reason"],
-            ),
-            pinned_duration: histogram(
-                &r,
-                "pgsidecar_pinned_duration_seconds",
-                "How long transaction-mode clients held their server connection for session state.",
-                &["pool"],
-                &[0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0],
-            ),
-            checkout_timeouts: counter(
-                &r,
-                "pgsidecar_checkout_timeouts_total",
-                "Checkouts that hit query_wait_timeout.",
-                &["pool"],
-            ),
-            upstream_host_up: gauge(
-                &r,
-                "pgsidecar_upstream_host_up",
-                "1 while the upstream host answered its last connect, 0 while it fails (it is then tried last).",
-                &["host"],
-            ),
-            upstream_host_role: gauge(
-                &r,
-                "pgsidecar_upstream_host_role",
-                "1 for the role the upstream host reported last (primary, standby, read-only primary, unknown).",
-                &["host", "role"],
-            ),
-            aimd_ceiling: gauge(
-                &r,
-                "pgsidecar_pool_ceiling_connections",
-                "Pool ceiling after congestion control (AIMD); equals max when unconstrained.",
-                &["pool"],
-            ),
-            upstream_login_failures: counter(
-                &r,
-                "pgsidecar_upstream_login_failures_total",
-                "Logins of the proxy to PostgreSQL that the server refused, by pool and SQLSTATE (28P01: wrong upstream password).",
-                &["pool", "sqlstate"],
-            ),
-            pool_maxwait: GaugeVec::new(
-                Opts::new(
-                    "pgsidecar_pool_client_maxwait_seconds",
-                    "How long the oldest client now queued for a server connection has been waiting (0: none waiting).",
-                ),
-                &["pool"],
-            )
-            .inspect(|g| {
-                let _ = r.register(Box::new(g.clone()));
-            })
-            .unwrap_or_else(|e| unreachable!("static metric: {e}")),
-            pool_errors: counter(
-                &r,
-                "pgsidecar_pool_errors_total",
-                "Errors sent to clients, by pool and origin (server, proxy, client); SQLSTATE classes are in pgsidecar_errors_total.",
-                &["pool", "origin"],
-            ),
-            pool_bytes: counter(
-                &r,
-                "pgsidecar_pool_bytes_total",
-                "Bytes forwarded for a pool's clients, by direction (received from clients, sent to clients).",
-                &["pool", "direction"],
-            ),
             shutdown_clients_closed,
             registry: r,
+            client_connections: conn.client_connections,
+            clients: conn.clients,
+            server_connections: conn.server_connections,
+            server_opened: conn.server_opened,
+            server_closed: conn.server_closed,
+            errors: conn.errors,
+            prepared: conn.prepared,
+            reloads: conn.reloads,
+            pool_min: pools.pool_min,
+            pool_max: pools.pool_max,
+            pool_target: pools.pool_target,
+            pool_current: pools.pool_current,
+            pool_paused: pools.pool_paused,
+            server_age_max: pools.server_age_max,
+            checkout_wait: pools.checkout_wait,
+            transaction_duration: pools.transaction_duration,
+            query_duration: pools.query_duration,
+            connect_duration: pools.connect_duration,
+            checkout_timeouts: used.checkout_timeouts,
+            aimd_ceiling: used.aimd_ceiling,
+            pool_maxwait: used.pool_maxwait,
+            pool_errors: used.pool_errors,
+            pool_bytes: used.pool_bytes,
+            pinned_clients: used.pinned_clients,
+            pins: used.pins,
+            pinned_duration: used.pinned_duration,
+            breaker_state: health.breaker_state,
+            breaker_transitions: health.breaker_transitions,
+            health_checks: health.health_checks,
+            health_check_duration: health.health_check_duration,
+            upstream_host_up: health.upstream_host_up,
+            upstream_host_role: health.upstream_host_role,
+            upstream_login_failures: health.upstream_login_failures,
         }
         .with_series()
     }
@@ -404,69 +261,6 @@ impl Metrics {
         self.errors
             .with_label_values(&[origin, class.unwrap_or("??")])
             .inc();
-    }
-}
-
-/// How a client connection's opening ended (`client_connections_total{result}`): a
-/// fixed set, so no input can add series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoginResult {
-    Accepted,
-    AuthFailed,
-    UnknownDatabase,
-    ProtocolError,
-    Limit,
-    UpstreamAuthFailed,
-    UpstreamFailed,
-    Timeout,
-    Abandoned,
-    Cancel,
-    InvalidSettings,
-    Refused,
-}
-
-impl LoginResult {
-    pub const ALL: [LoginResult; 12] = [
-        LoginResult::Accepted,
-        LoginResult::AuthFailed,
-        LoginResult::UnknownDatabase,
-        LoginResult::ProtocolError,
-        LoginResult::Limit,
-        LoginResult::UpstreamAuthFailed,
-        LoginResult::UpstreamFailed,
-        LoginResult::Timeout,
-        LoginResult::Abandoned,
-        LoginResult::Cancel,
-        LoginResult::InvalidSettings,
-        LoginResult::Refused,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            LoginResult::Accepted => "accepted",
-            LoginResult::AuthFailed => "auth_failed",
-            LoginResult::UnknownDatabase => "unknown_database",
-            LoginResult::ProtocolError => "protocol_error",
-            LoginResult::Limit => "limit",
-            LoginResult::UpstreamAuthFailed => "upstream_auth_failed",
-            LoginResult::UpstreamFailed => "upstream_failed",
-            LoginResult::Timeout => "timeout",
-            LoginResult::Abandoned => "abandoned",
-            LoginResult::Cancel => "cancel",
-            LoginResult::InvalidSettings => "invalid_settings",
-            LoginResult::Refused => "refused",
-        }
-    }
-
-    /// A refusal by the proxy's own checks (startup, authentication, caps), by SQLSTATE.
-    pub fn of_refusal(code: &str) -> LoginResult {
-        match code {
-            "3D000" => LoginResult::UnknownDatabase,
-            "08P01" | "0A000" => LoginResult::ProtocolError,
-            "53300" | "54000" => LoginResult::Limit,
-            c if c.starts_with("28") => LoginResult::AuthFailed,
-            _ => LoginResult::Refused,
-        }
     }
 }
 
