@@ -50,6 +50,16 @@ fn proxy_logins(pg: &PgCluster) -> usize {
         .count()
 }
 
+/// The log lines of the proxy's logins, for a failure message.
+fn login_lines(pg: &PgCluster) -> String {
+    let log = pg.log_contents();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection authorized") && l.contains("application_name=pgsidecar"))
+        .collect();
+    lines.join("\n")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -122,7 +132,11 @@ async fn light_load_keeps_one_server_connection() {
                 percentile(&direct_lat, 0.99),
             );
             assert!(share >= 0.99, "one backend for >= 99% of transactions: {pids:?}");
-            assert!(logins <= 1, "at most one server login per run: {logins}");
+            assert!(
+                logins <= 1,
+                "at most one server login per run: {logins}; the proxy's logins:\n{}",
+                login_lines(&pg)
+            );
         }
         let closed_for_shrink = metric(
             &proxy,
