@@ -50,9 +50,10 @@ if [ -x tests/deploy/validate.sh ] && ! command -v promtool >/dev/null; then
     apt_install prometheus || echo "promtool unavailable; deploy validation will say so"
 fi
 
-log "format and lint"
+log "format, lint and structure (import cycles, file and function sizes)"
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
+python3 tests/check_structure.py src
 
 log "building the release binary (driver and deploy suites run it)"
 cargo build --release --quiet

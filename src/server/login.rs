@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
@@ -37,27 +38,7 @@ impl ServerConn {
             addr: addr.to_string(),
             source,
         };
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(io_err)?;
-        tcp.set_nodelay(true).map_err(io_err)?;
-        ident.tcp.apply(&tcp);
-        let sever = socket2::SockRef::from(&tcp)
-            .try_clone()
-            .ok()
-            .map(std::sync::Arc::new);
-        if let Some(s) = &sever {
-            ident.hosts.track(index, s);
-        }
-        let mut stream = ident
-            .tls
-            .negotiate(tcp, &target.host)
-            .await
-            .map_err(|source| ConnectError::Tls {
-                addr: addr.to_string(),
-                source,
-            })?;
-
+        let (mut stream, sever) = open_stream(ident, index, addr).await?;
         let mut buf = BytesMut::with_capacity(512);
         let params = [
             ("user", ident.user.as_str()),
@@ -70,75 +51,12 @@ impl ServerConn {
         stream.flush().await.map_err(io_err)?;
         buf.clear();
 
-        let mut scram: Option<ScramSha256> = None;
+        let mut auth = Auth { scram: None };
         let mut original_params = HashMap::new();
         let (mut pid, mut secret) = (0, 0);
         loop {
-            let msg = read_message(&mut stream, &mut buf).await.map_err(io_err)?;
-            match msg {
-                Message::AuthenticationOk => {}
-                Message::AuthenticationCleartextPassword => {
-                    let pw = password(ident)?;
-                    send(&mut stream, |b| {
-                        frontend::password_message(pw.as_bytes(), b)
-                    })
-                    .await
-                    .map_err(io_err)?;
-                }
-                Message::AuthenticationMd5Password(body) => {
-                    let pw = password(ident)?;
-                    let hash = postgres_protocol::authentication::md5_hash(
-                        ident.user.as_bytes(),
-                        pw.as_bytes(),
-                        body.salt(),
-                    );
-                    send(&mut stream, |b| {
-                        frontend::password_message(hash.as_bytes(), b)
-                    })
-                    .await
-                    .map_err(io_err)?;
-                }
-                Message::AuthenticationSasl(body) => {
-                    let mut mechs = body.mechanisms();
-                    let mut has_scram = false;
-                    while let Ok(Some(m)) = mechs.next() {
-                        if m == "SCRAM-SHA-256" {
-                            has_scram = true;
-                        }
-                    }
-                    if !has_scram {
-                        return Err(ConnectError::Protocol(
-                            "server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
-                        ));
-                    }
-                    let pw = password(ident)?;
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    send(&mut stream, |b| {
-                        frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), b)
-                    })
-                    .await
-                    .map_err(io_err)?;
-                    scram = Some(s);
-                }
-                Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ConnectError::Protocol("SASL continue without SASL start".into())
-                    })?;
-                    s.update(body.data())
-                        .map_err(|e| ConnectError::Protocol(format!("SCRAM: {e}")))?;
-                    let msg = s.message().to_vec();
-                    send(&mut stream, |b| frontend::sasl_response(&msg, b))
-                        .await
-                        .map_err(io_err)?;
-                }
-                Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ConnectError::Protocol("SASL final without SASL start".into())
-                    })?;
-                    s.finish(body.data()).map_err(|e| {
-                        ConnectError::Protocol(format!("SCRAM server signature invalid: {e}"))
-                    })?;
-                }
+            match read_message(&mut stream, &mut buf).await.map_err(io_err)? {
+                Message::AuthenticationOk | Message::NoticeResponse(_) => {}
                 Message::ParameterStatus(body) => {
                     if let (Ok(k), Ok(v)) = (body.name(), body.value()) {
                         original_params.insert(k.to_string(), v.to_string());
@@ -148,30 +66,9 @@ impl ServerConn {
                     pid = body.process_id();
                     secret = body.secret_key();
                 }
-                Message::NoticeResponse(_) => {}
-                Message::ErrorResponse(body) => {
-                    let mut fields = body.fields();
-                    let (mut code, mut message, mut fatal) = (String::new(), String::new(), true);
-                    while let Ok(Some(f)) = fields.next() {
-                        match f.type_() {
-                            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                            b'V' => fatal = f.value_bytes() != b"ERROR",
-                            _ => {}
-                        }
-                    }
-                    return Err(ConnectError::Server {
-                        code,
-                        message,
-                        fatal,
-                    });
-                }
+                Message::ErrorResponse(body) => return Err(server_error(&body)),
                 Message::ReadyForQuery(_) => break,
-                _ => {
-                    return Err(ConnectError::Protocol(
-                        "unexpected message during server startup".into(),
-                    ))
-                }
+                other => auth.answer(other, &mut stream, ident, addr).await?,
             }
         }
         let now = Instant::now();
@@ -194,6 +91,140 @@ impl ServerConn {
             dirty: false,
             errors: 0,
         })))
+    }
+}
+
+/// TCP to host `index` (with the upstream's keepalive and user timeout), then TLS as
+/// `upstream.tls` says. The socket is also kept as `sever`, so a failover can cut it.
+async fn open_stream(
+    ident: &ServerIdentity,
+    index: usize,
+    addr: &str,
+) -> Result<(ServerStream, Option<Arc<socket2::Socket>>), ConnectError> {
+    let target = ident.hosts.get(index);
+    let io_err = |source| ConnectError::Io {
+        addr: addr.to_string(),
+        source,
+    };
+    let tcp = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(io_err)?;
+    tcp.set_nodelay(true).map_err(io_err)?;
+    ident.tcp.apply(&tcp);
+    let sever = socket2::SockRef::from(&tcp).try_clone().ok().map(Arc::new);
+    if let Some(s) = &sever {
+        ident.hosts.track(index, s);
+    }
+    let stream = ident
+        .tls
+        .negotiate(tcp, &target.host)
+        .await
+        .map_err(|source| ConnectError::Tls {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok((stream, sever))
+}
+
+/// The client side of the server's authentication request (cleartext, MD5 or
+/// SCRAM-SHA-256).
+struct Auth {
+    scram: Option<ScramSha256>,
+}
+
+impl Auth {
+    async fn answer(
+        &mut self,
+        msg: Message,
+        stream: &mut ServerStream,
+        ident: &ServerIdentity,
+        addr: &str,
+    ) -> Result<(), ConnectError> {
+        let io_err = |source| ConnectError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        match msg {
+            Message::AuthenticationCleartextPassword => {
+                let pw = password(ident)?;
+                send(stream, |b| frontend::password_message(pw.as_bytes(), b))
+                    .await
+                    .map_err(io_err)
+            }
+            Message::AuthenticationMd5Password(body) => {
+                let pw = password(ident)?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    ident.user.as_bytes(),
+                    pw.as_bytes(),
+                    body.salt(),
+                );
+                send(stream, |b| frontend::password_message(hash.as_bytes(), b))
+                    .await
+                    .map_err(io_err)
+            }
+            Message::AuthenticationSasl(body) => {
+                let mut mechs = body.mechanisms();
+                let mut has_scram = false;
+                while let Ok(Some(m)) = mechs.next() {
+                    has_scram |= m == "SCRAM-SHA-256";
+                }
+                if !has_scram {
+                    return Err(ConnectError::Protocol(
+                        "server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
+                    ));
+                }
+                let pw = password(ident)?;
+                let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                send(stream, |b| {
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), b)
+                })
+                .await
+                .map_err(io_err)?;
+                self.scram = Some(s);
+                Ok(())
+            }
+            Message::AuthenticationSaslContinue(body) => {
+                let s = self.scram.as_mut().ok_or_else(|| {
+                    ConnectError::Protocol("SASL continue without SASL start".into())
+                })?;
+                s.update(body.data())
+                    .map_err(|e| ConnectError::Protocol(format!("SCRAM: {e}")))?;
+                let msg = s.message().to_vec();
+                send(stream, |b| frontend::sasl_response(&msg, b))
+                    .await
+                    .map_err(io_err)
+            }
+            Message::AuthenticationSaslFinal(body) => {
+                let s = self.scram.as_mut().ok_or_else(|| {
+                    ConnectError::Protocol("SASL final without SASL start".into())
+                })?;
+                s.finish(body.data()).map_err(|e| {
+                    ConnectError::Protocol(format!("SCRAM server signature invalid: {e}"))
+                })
+            }
+            _ => Err(ConnectError::Protocol(
+                "unexpected message during server startup".into(),
+            )),
+        }
+    }
+}
+
+/// A server's ErrorResponse during login.
+fn server_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> ConnectError {
+    let mut fields = body.fields();
+    let (mut code, mut message, mut fatal) = (String::new(), String::new(), true);
+    while let Ok(Some(f)) = fields.next() {
+        match f.type_() {
+            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+            b'V' => fatal = f.value_bytes() != b"ERROR",
+            _ => {}
+        }
+    }
+    ConnectError::Server {
+        code,
+        message,
+        fatal,
     }
 }
 

@@ -119,65 +119,7 @@ where
                 return Ok(Opening::Cancel { pid, secret })
             }
             Ok(StartupPacket::Startup { minor, params }) => {
-                if !stream.is_tls() && tls.requires_tls(peer) {
-                    // PostgreSQL's words for a hostssl-only pg_hba: 28000 as well.
-                    return Err(Some(
-                        ClientError::fatal(
-                            sqlstate::INVALID_AUTHORIZATION,
-                            "pgsidecar: SSL required: this proxy does not accept unencrypted connections",
-                        )
-                        .with_hint("connect with sslmode=require (or verify-ca / verify-full)"),
-                    ));
-                }
-                if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
-                    // Like PostgreSQL: offer 3.0 and list the protocol options we do not know.
-                    let unsupported: Vec<String> = params
-                        .iter()
-                        .filter(|(k, _)| k.starts_with("_pq_."))
-                        .map(|(k, _)| k.clone())
-                        .collect();
-                    let mut out = BytesMut::new();
-                    out.extend_from_slice(b"v");
-                    let body_len: usize =
-                        4 + 4 + 4 + unsupported.iter().map(|s| s.len() + 1).sum::<usize>();
-                    out.extend_from_slice(&(body_len as i32).to_be_bytes());
-                    out.extend_from_slice(&0i32.to_be_bytes());
-                    out.extend_from_slice(&(unsupported.len() as i32).to_be_bytes());
-                    for u in &unsupported {
-                        out.extend_from_slice(u.as_bytes());
-                        out.extend_from_slice(b"\0");
-                    }
-                    send(stream, &out).await?;
-                }
-                let params: Vec<_> = params
-                    .into_iter()
-                    .filter(|(k, _)| !k.starts_with("_pq_."))
-                    .collect();
-                let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-                let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-                    return Err(Some(ClientError::fatal(
-                        sqlstate::INVALID_AUTHORIZATION,
-                        "no PostgreSQL user name specified in startup packet",
-                    )));
-                };
-                if let Some(r) = get("replication") {
-                    if !matches!(r.as_str(), "false" | "off" | "no" | "0") {
-                        return Err(Some(ClientError::fatal(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            "pgsidecar does not pool replication connections; connect to PostgreSQL directly",
-                        )));
-                    }
-                }
-                let database = get("database")
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| user.clone());
-                // Bytes after the startup packet stay in `leftover`: PostgreSQL reads
-                // messages a client sent ahead, and so do we.
-                return Ok(Opening::Login(Login {
-                    user,
-                    database,
-                    params,
-                }));
+                return login_from_startup(stream, tls, peer, minor, params).await;
             }
             Err(e @ StartupError::UnsupportedVersion(..)) => {
                 return Err(Some(ClientError::fatal(
@@ -188,6 +130,78 @@ where
             Err(e) => return Err(protocol_violation(e.to_string())),
         }
     }
+}
+
+/// The StartupMessage: TLS required or not, protocol options not supported (answered
+/// with NegotiateProtocolVersion, as PostgreSQL does), the user and database.
+async fn login_from_startup<S>(
+    stream: &mut MaybeTls<S>,
+    tls: &ClientTlsState,
+    peer: Option<IpAddr>,
+    minor: u16,
+    params: Vec<(String, String)>,
+) -> Result<Opening, OpeningError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !stream.is_tls() && tls.requires_tls(peer) {
+        // PostgreSQL's words for a hostssl-only pg_hba: 28000 as well.
+        return Err(Some(
+            ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "pgsidecar: SSL required: this proxy does not accept unencrypted connections",
+            )
+            .with_hint("connect with sslmode=require (or verify-ca / verify-full)"),
+        ));
+    }
+    if minor > 0 || params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
+        // Like PostgreSQL: offer 3.0 and list the protocol options we do not know.
+        let unsupported: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = BytesMut::new();
+        out.extend_from_slice(b"v");
+        let body_len: usize = 4 + 4 + 4 + unsupported.iter().map(|s| s.len() + 1).sum::<usize>();
+        out.extend_from_slice(&(body_len as i32).to_be_bytes());
+        out.extend_from_slice(&0i32.to_be_bytes());
+        out.extend_from_slice(&(unsupported.len() as i32).to_be_bytes());
+        for u in &unsupported {
+            out.extend_from_slice(u.as_bytes());
+            out.extend_from_slice(b"\0");
+        }
+        send(stream, &out).await?;
+    }
+    let params: Vec<_> = params
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("_pq_."))
+        .collect();
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        return Err(Some(ClientError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    };
+    if let Some(r) = get("replication") {
+        if !matches!(r.as_str(), "false" | "off" | "no" | "0") {
+            return Err(Some(ClientError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "pgsidecar does not pool replication connections; connect to PostgreSQL directly",
+            )));
+        }
+    }
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    // Bytes after the startup packet stay in `leftover`: PostgreSQL reads
+    // messages a client sent ahead, and so do we.
+    Ok(Opening::Login(Login {
+        user,
+        database,
+        params,
+    }))
 }
 
 /// After an SSLRequest or GSSENCRequest, before answering: the client must wait for the

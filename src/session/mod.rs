@@ -14,6 +14,7 @@ pub mod sessionstate;
 pub mod setstmt;
 mod settings;
 mod shared;
+mod start;
 pub mod timers;
 pub mod tracker;
 mod validate;

@@ -9,20 +9,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::admission;
 use super::handshake::{self, Login, Opening};
-use super::relay::Inbound;
-use super::timers;
-use super::tracker::{Effects, Tracker};
 use super::Shared;
-use super::{admission, validate};
-use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
+use super::{ReadReady, Session};
 use crate::clients;
-use crate::config::PoolMode;
-use crate::error::{sqlstate, ClientError, Severity};
+use crate::error::{sqlstate, ClientError};
 use crate::metrics::LoginResult;
-use crate::pool::PoolKey;
-use crate::protocol::messages;
-use crate::server::params;
 
 /// An accepted client connection, before the opening.
 pub struct Accepted<C> {
@@ -122,30 +115,13 @@ where
         }
     };
     if let Some(console) = shared.console_for(&login.database).cloned() {
-        let is_admin = config.find_user(&login.user).is_some_and(|u| u.admin);
-        if !is_admin {
-            let e = ClientError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                format!(
-                    "user \"{}\" is not an admin of pgsidecar (set admin: true on the user)",
-                    login.user
-                ),
-            );
-            shared.metrics.login(LoginResult::of_refusal(e.code));
-            Box::pin(refuse(&mut client, greeting, &e)).await;
-            return None;
-        }
-        shared.metrics.login(LoginResult::Accepted);
-        let _entry = shared.client_list.register(
+        let login = ConsoleLogin {
             peer,
-            login.user.as_str().into(),
-            login.database.as_str().into(),
-            "admin console",
-        );
-        if Box::pin(client.write_all(&greeting)).await.is_err() {
-            return None;
-        }
-        console.serve(&mut client, leftover).await;
+            login: &login,
+            greeting,
+            leftover,
+        };
+        Box::pin(serve_console(&shared, &mut client, console, login)).await;
         return None;
     }
     // Counted from here until the session ends, however it ends.
@@ -200,6 +176,49 @@ where
     session.entry = Some(entry);
     session.cap = Some(cap);
     Some((session, slot))
+}
+
+/// What a login to the admin console brings with it.
+struct ConsoleLogin<'a> {
+    peer: SocketAddr,
+    login: &'a Login,
+    /// AuthenticationOk, not sent yet.
+    greeting: BytesMut,
+    leftover: BytesMut,
+}
+
+/// A login to the admin console's database: admins get the console, others FATAL 28000.
+async fn serve_console<S: super::ClientStream>(
+    shared: &Shared,
+    client: &mut S,
+    console: Arc<dyn super::Console>,
+    c: ConsoleLogin<'_>,
+) {
+    let config = shared.registry.config();
+    let is_admin = config.find_user(&c.login.user).is_some_and(|u| u.admin);
+    if !is_admin {
+        let e = ClientError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "user \"{}\" is not an admin of pgsidecar (set admin: true on the user)",
+                c.login.user
+            ),
+        );
+        shared.metrics.login(LoginResult::of_refusal(e.code));
+        Box::pin(refuse(client, c.greeting, &e)).await;
+        return;
+    }
+    shared.metrics.login(LoginResult::Accepted);
+    let _entry = shared.client_list.register(
+        c.peer,
+        c.login.user.as_str().into(),
+        c.login.database.as_str().into(),
+        "admin console",
+    );
+    if Box::pin(client.write_all(&c.greeting)).await.is_err() {
+        return;
+    }
+    console.serve(client, c.leftover).await;
 }
 
 /// The opening up to the startup packet (SSL negotiation included): the login to go on
@@ -278,262 +297,4 @@ async fn refuse<S: AsyncWrite + Unpin>(client: &mut S, mut greeting: BytesMut, e
         let _ = client.shutdown().await;
     })
     .await;
-}
-
-impl<C> Session<C>
-where
-    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
-{
-    /// Completes login: checks the database, picks the pool, sends parameters and the
-    /// proxy's cancel key.
-    pub(super) async fn start(
-        client: C,
-        shared: Arc<Shared>,
-        login: Login,
-        leftover: BytesMut,
-        greeting: BytesMut,
-    ) -> Result<Box<Self>, (C, BytesMut, ClientError)> {
-        let config = shared.registry.config();
-        if !config.databases.is_empty() && config.find_database(&login.database).is_none() {
-            shared.metrics.login(LoginResult::UnknownDatabase);
-            return Err((
-                client,
-                greeting,
-                ClientError::fatal(
-                    sqlstate::INVALID_CATALOG_NAME,
-                    format!("database \"{}\" does not exist", login.database),
-                ),
-            ));
-        }
-        let key = PoolKey {
-            database: login.database.clone(),
-            user: login.user.clone(),
-        };
-        let pool = match shared.registry.try_get(&key) {
-            Ok(p) => p,
-            Err(e) => {
-                shared.metrics.login(LoginResult::Limit);
-                return Err((client, greeting, e));
-            }
-        };
-        let settings = pool.settings();
-        let startup_settings = pool
-            .client_settings
-            .intern(params::startup_settings(&login.params));
-        let cancel = shared.cancels.register();
-        let mut c_in = Inbound::default();
-        // An idle client holds no buffer: the opening's read buffer goes unless it holds
-        // messages the client sent ahead.
-        if !leftover.is_empty() {
-            c_in.buf = leftover;
-        }
-        let mut session = Session {
-            client,
-            shared,
-            pool,
-            mode: settings.mode,
-            max_message: config.limits.max_message_size,
-            c_in,
-            s_in: Inbound::default(),
-            server: None,
-            tracker: Tracker::default(),
-            stmts: ClientStmts::default(),
-            wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
-            wanted_raw: params::RawSettings::new(),
-            pending_sets: Vec::new(),
-            requests_sent: 0,
-            requests_answered: 0,
-            txn_failed: false,
-            wanted: startup_settings.clone(),
-            startup_settings,
-            cancel,
-            skip_until_sync: false,
-            local_sync_owed: false,
-            batch_open: false,
-            server_fatal: false,
-            server_eof: false,
-            emit: BytesMut::new(),
-            fx: Effects::default(),
-            stats: SessionStats::default(),
-            gauge: None,
-            draining: false,
-            unusable_settings: None,
-            entry: None,
-            cap: None,
-            timers: timers::Timers::new(&config.limits),
-            state_policy: settings.session_state,
-            pin: None,
-        };
-        // The first login to a pool (and every session-mode login) needs a server: to
-        // learn the parameters clients are told, and to surface upstream errors
-        // (bad database, refused role) at login, where drivers expect them.
-        // Startup settings not seen before on this pool are tried on that server first.
-        let to_check = validate::to_check(&session.startup_settings)
-            .filter(|(_, fp)| !validate::known_good(&session.pool, *fp));
-        if session.mode == PoolMode::Session
-            || session.pool.startup_params().is_none()
-            || to_check.is_some()
-        {
-            match session.pool.checkout().await {
-                Ok(mut lease) if to_check.is_some() => {
-                    let (settings, fp) = to_check.unwrap_or_default();
-                    match validate::check(&session.pool, lease.conn(), &settings, fp).await {
-                        Ok(()) if session.mode == PoolMode::Session => {
-                            if let Err(e) = session.settle_settings(&mut lease).await {
-                                lease.discard("settings_check_failed");
-                                session.shared.metrics.login(LoginResult::InvalidSettings);
-                                return Err((session.client, greeting, e));
-                            }
-                            session.attach(lease)
-                        }
-                        Ok(()) => lease.release(),
-                        Err(e) => {
-                            if e.is_some() {
-                                // PostgreSQL answered and the check's transaction ended.
-                                lease.release();
-                            } else {
-                                lease.discard("settings_check_failed");
-                            }
-                            if let Some(e) = e {
-                                session.shared.metrics.login(LoginResult::InvalidSettings);
-                                return Err((session.client, greeting, e));
-                            }
-                        }
-                    }
-                }
-                Ok(mut lease) => {
-                    if session.mode == PoolMode::Session {
-                        if let Err(e) = session.settle_settings(&mut lease).await {
-                            lease.discard("settings_check_failed");
-                            session.shared.metrics.login(LoginResult::InvalidSettings);
-                            return Err((session.client, greeting, e));
-                        }
-                        session.attach(lease);
-                    } else {
-                        lease.release();
-                    }
-                }
-                Err(e) => {
-                    let mut err = session.pool.client_error(&e);
-                    err.severity = Severity::Fatal;
-                    let result = match err.code {
-                        _ if session.pool.login_failure().is_some() => {
-                            LoginResult::UpstreamAuthFailed
-                        }
-                        sqlstate::INVALID_CATALOG_NAME => LoginResult::UnknownDatabase,
-                        sqlstate::TOO_MANY_CONNECTIONS => LoginResult::Limit,
-                        _ => LoginResult::UpstreamFailed,
-                    };
-                    session.shared.metrics.login(result);
-                    session.shared.registry.forget_if_unused(&session.pool.key);
-                    return Err((session.client, greeting, err));
-                }
-            }
-        }
-        if session.mode == PoolMode::Session {
-            if let Some(pid) = session.server.as_mut().map(|l| l.conn().backend_pid) {
-                let cancels = session.shared.cancels.clone();
-                cancels.rekey(&mut session.cancel, pid);
-            }
-        }
-        // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
-        let mut out = greeting;
-        out.reserve(512);
-        if let Some(ps) = session.pool.startup_params() {
-            ps.write(&mut out, &session.wanted);
-        }
-        messages::backend_key_data(&mut out, session.cancel.pid, session.cancel.secret);
-        messages::ready_for_query(&mut out, b'I');
-        if session.client.write_all(&out).await.is_err() {
-            session.shared.metrics.login(LoginResult::Abandoned);
-            return Err((
-                session.client,
-                BytesMut::new(),
-                ClientError::fatal(sqlstate::CONNECTION_FAILURE, "client went away"),
-            ));
-        }
-        tracing::debug!(pool = %session.pool.key, mode = %session.mode, "client logged in");
-        session.pool.clients.fetch_add(1, Ordering::Relaxed);
-        let active = session.server.is_some();
-        if active {
-            session.pool.clients_active.fetch_add(1, Ordering::Relaxed);
-        }
-        session.gauge = Some(PoolClientGuard {
-            pool: session.pool.clone(),
-            active,
-        });
-        session.shared.metrics.login(LoginResult::Accepted);
-        Ok(Box::new(session))
-    }
-}
-
-/// How long the session-mode settings sync at login may take.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl<C> Session<C>
-where
-    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
-{
-    /// Session mode: applies the client's startup settings on its server before login
-    /// completes, and adopts the server's spelling of each value it reports, so the
-    /// client is told what PostgreSQL would tell it (`client_encoding=utf8` is
-    /// reported as `UTF8`, `euc_jp` as `EUC_JP`).
-    async fn settle_settings(&mut self, lease: &mut crate::pool::Lease) -> Result<(), ClientError> {
-        let conn = lease.conn();
-        let Some((sql, changes)) =
-            params::sync_sql(&self.wanted, &conn.params, &conn.original_params)
-        else {
-            return Ok(());
-        };
-        for (k, v) in changes {
-            // A reported setting is updated by the server's ParameterStatus, with its
-            // spelling; none comes when the value did not change (`utf8` on a UTF8
-            // server), and then the current value is already the server's.
-            if conn.original_params.contains_key(&k) {
-                continue;
-            }
-            match v {
-                Some(v) => {
-                    conn.params.insert(k, v);
-                }
-                None => {
-                    conn.params.remove(&k);
-                }
-            }
-        }
-        // The ParameterStatus answers update conn.params with the server's spelling.
-        match conn.query_row(&sql, SETTLE_TIMEOUT).await {
-            Ok(crate::server::QueryOutcome::Rows(_)) => {}
-            Ok(crate::server::QueryOutcome::ServerError(text)) => {
-                let (code, message) = text.split_once(": ").unwrap_or(("", text.as_str()));
-                return Err(ClientError::fatal(
-                    crate::server::leak_code_or(code, sqlstate::INVALID_PARAMETER_VALUE),
-                    message.to_string(),
-                ));
-            }
-            Err(e) => {
-                return Err(ClientError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!("pgsidecar: the server failed while applying the connection's settings: {e}"),
-                ));
-            }
-        }
-        let spelled: Vec<(String, String)> = self
-            .wanted
-            .iter()
-            .filter_map(|(k, v)| {
-                let now = conn.params.get(k)?;
-                (now != v).then(|| (k.clone(), now.clone()))
-            })
-            .collect();
-        if !spelled.is_empty() {
-            let wanted = Arc::make_mut(&mut self.wanted);
-            for (k, v) in spelled {
-                wanted.insert(k, v);
-            }
-        }
-        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-        conn.params_fp = self.wanted_fp;
-        Ok(())
-    }
 }
