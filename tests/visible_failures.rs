@@ -696,7 +696,7 @@ async fn bad_startup_options_are_refused_as_postgresql_refuses_them() {
         }
         let opened_after = metric(&proxy, "pgsidecar_server_connections_opened_total{pool=\"postgres/postgres\"}");
         assert!(opened_after - opened <= 1.0, "{opened} -> {opened_after} server connections");
-        let unclean = metric(&proxy, "pgsidecar_server_connections_closed_total{pool=\"postgres/postgres\",reason=\"unclean at release\"}");
+        let unclean = metric(&proxy, "pgsidecar_server_connections_closed_total{pool=\"postgres/postgres\",reason=\"unclean_at_release\"}");
         assert_eq!(unclean, 0.0);
     })
     .await;

@@ -1,6 +1,7 @@
 //! The pool's side of the circuit breaker (transitions, admission, what waiters are told)
 //! and the metrics every state change is recorded in.
 
+use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,7 @@ impl Pool {
                 State::Open => {
                     // The upstream is down: idle connections are dead or hung. Close them
                     // so checkouts fail fast instead of trying each.
-                    self.close_idle("breaker_open");
+                    self.close_idle(CloseReason::BreakerOpen);
                     if !self.settings().queues_while_down() {
                         // Everyone queued would only wait out their timeout: fail them now.
                         self.fail_all_waiters();
@@ -125,11 +126,11 @@ impl Pool {
         self.trim_and_fill();
     }
 
-    pub(super) fn closed_metric(&self, reason: &str) {
+    pub(super) fn closed_metric(&self, reason: CloseReason) {
         self.stats.closed.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .server_closed
-            .with_label_values(&[&self.name, reason])
+            .with_label_values(&[&self.name, reason.label()])
             .inc();
     }
 

@@ -2,6 +2,7 @@
 //! a dirty or broken one is closed, and the pool trims itself to its limit and opens
 //! connections for waiters after anything that changed what it may hold.
 
+use super::CloseReason;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -17,11 +18,11 @@ impl Pool {
         conn.last_used = now;
         if conn.errors > MAX_CONN_ERRORS {
             tracing::warn!(pool = %self.name, server = conn.id, errors = conn.errors, "retiring a server connection that keeps failing");
-            self.discarded(conn, "errors");
+            self.discarded(conn, CloseReason::Errors);
             return;
         }
         if super::past_lifetime(&conn, &settings, now) {
-            self.discarded(conn, "lifetime");
+            self.discarded(conn, CloseReason::Lifetime);
             return;
         }
         // Just used cleanly: known good.
@@ -53,11 +54,11 @@ impl Pool {
             let closed = st.closed;
             drop(st);
             self.closed_metric(if closed {
-                "closed"
+                CloseReason::Closed
             } else if limit < settings.max_size {
-                "congestion"
+                CloseReason::Congestion
             } else {
-                "resize"
+                CloseReason::Resize
             });
             drop_later(conn);
             return;
@@ -82,8 +83,8 @@ impl Pool {
     }
 
     /// Accounts for a connection that is closed rather than returned.
-    pub(super) fn discarded(self: Arc<Self>, conn: ServerConn, reason: &'static str) {
-        tracing::debug!(pool = %self.key, server = conn.id, reason, "closing server connection");
+    pub(super) fn discarded(self: Arc<Self>, conn: ServerConn, reason: CloseReason) {
+        tracing::debug!(pool = %self.key, server = conn.id, %reason, "closing server connection");
         self.closed_metric(reason);
         self.state.lock().open -= 1;
         drop_later(conn);
@@ -104,9 +105,9 @@ impl Pool {
             let idle = st.idle.remove(0);
             st.open -= 1;
             self.closed_metric(if limit < settings.max_size {
-                "congestion"
+                CloseReason::Congestion
             } else {
-                "resize"
+                CloseReason::Resize
             });
             drop_later(idle.conn);
         }

@@ -2,6 +2,7 @@
 //! client's bytes are sent, connects that survive a client leaving, and the bookkeeping
 //! that keeps `open` equal to what PostgreSQL sees.
 
+use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,19 +286,19 @@ impl Pool {
                 tracing::warn!(pool = %self.name, error = %e, "pre-use check query failed");
                 t.conn().errors += 1;
                 if t.conn().errors > MAX_CONN_ERRORS {
-                    t.failed("errors");
+                    t.failed(CloseReason::Errors);
                     return Err(false);
                 }
                 Ok(t.passed())
             }
             CheckOutcome::Broken(e) => {
                 tracing::info!(pool = %self.name, error = %e, "pre-use check: connection broken; replacing it");
-                t.failed("health_check_failed");
+                t.failed(CloseReason::HealthCheckFailed);
                 Err(false)
             }
             CheckOutcome::TimedOut(d) => {
                 tracing::warn!(pool = %self.name, timeout = ?d, "pre-use check got no answer; closing the connection");
-                t.failed("health_check_timeout");
+                t.failed(CloseReason::HealthCheckTimeout);
                 self.breaker_event(Event::Failure(format!(
                     "health check got no answer within {d:?}"
                 )));
@@ -438,7 +439,7 @@ impl Pool {
     }
 
     /// Closes every idle connection (breaker opened, reconnect requested).
-    pub(super) fn close_idle(&self, reason: &str) {
+    pub(super) fn close_idle(&self, reason: CloseReason) {
         let idle = {
             let mut st = self.state.lock();
             let idle = std::mem::take(&mut st.idle);
@@ -460,25 +461,25 @@ impl Pool {
         idle: &Idle,
         now: Instant,
         settings: &PoolSettings,
-    ) -> Option<&'static str> {
+    ) -> Option<CloseReason> {
         if super::past_lifetime(&idle.conn, settings, now) {
-            return Some("lifetime");
+            return Some(CloseReason::Lifetime);
         }
         // Its host is known to have another role now (a failover): never hand it out.
         let hosts = &settings.identity.hosts;
         if hosts.attrs.needs_role() && !hosts.fits(idle.conn.host_index) {
-            return Some("role");
+            return Some(CloseReason::Role);
         }
         if now.duration_since(idle.checked) < PEEK_AFTER {
             return None;
         }
-        health::peek_dead(&idle.conn.stream).map(|_| "broken")
+        health::peek_dead(&idle.conn.stream).map(|_| CloseReason::Broken)
     }
 
     /// Closes an idle connection found unusable (state lock held by the caller).
-    pub(super) fn close_unusable(&self, st: &mut PoolState, idle: Idle, reason: &'static str) {
+    pub(super) fn close_unusable(&self, st: &mut PoolState, idle: Idle, reason: CloseReason) {
         st.open -= 1;
-        if reason == "broken" {
+        if reason == CloseReason::Broken {
             tracing::info!(pool = %self.name, server = idle.conn.id, backend_pid = idle.conn.backend_pid,
                 "idle server connection was closed by the server; replacing it");
             self.record_check("peek", false, None);

@@ -15,6 +15,7 @@
 //! its share; and a pool that is not contended gives its spare idle connections back
 //! when the server is nearly full, so that the sidecars that are starved can connect.
 
+use super::CloseReason;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -110,7 +111,7 @@ impl Pool {
             }
             Err(e) => {
                 tracing::info!(pool = %self.name, error = %e, "headroom sample: connection broken; closing it");
-                t.failed("health_check_failed");
+                t.failed(CloseReason::HealthCheckFailed);
             }
         }
     }
@@ -168,7 +169,7 @@ impl Pool {
             tracing::info!(pool = %self.name, closing = released.len(), server_slots = h.limit, used = h.used, busy = h.busy,
                 "the server is full and other applications are busy: closing idle connections this pool does not use");
             for conn in released {
-                self.closed_metric("yield");
+                self.closed_metric(CloseReason::Yield);
                 drop_later(conn);
             }
         }

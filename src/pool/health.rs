@@ -15,6 +15,7 @@
 //!   latency, feeds the breaker and congestion control, and is the HalfOpen trial that
 //!   lets an Open breaker recover without client traffic.
 
+use super::CloseReason;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Duration;
@@ -225,7 +226,7 @@ impl Testing {
         self.conn.take().unwrap_or_else(|| unreachable!())
     }
 
-    pub(super) fn failed(mut self, reason: &'static str) {
+    pub(super) fn failed(mut self, reason: CloseReason) {
         if let Some(c) = self.conn.take() {
             self.pool.state.lock().testing -= 1;
             self.pool.clone().discarded(c, reason);
@@ -241,7 +242,7 @@ impl Drop for Testing {
                 st.testing -= 1;
                 st.open -= 1;
             }
-            self.pool.closed_metric("check_cancelled");
+            self.pool.closed_metric(CloseReason::CheckCancelled);
             super::drop_later(c);
         }
     }
@@ -295,7 +296,7 @@ impl Pool {
                 tracing::warn!(pool = %self.name, error = %e, "idle check query failed");
                 t.conn().errors += 1;
                 if t.conn().errors > MAX_CONN_ERRORS {
-                    t.failed("errors");
+                    t.failed(CloseReason::Errors);
                 } else {
                     let conn = t.passed();
                     self.put_back(conn, Instant::now(), settings);
@@ -303,11 +304,11 @@ impl Pool {
             }
             CheckOutcome::Broken(e) => {
                 tracing::info!(pool = %self.name, error = %e, "idle check: connection broken; closing it");
-                t.failed("health_check_failed");
+                t.failed(CloseReason::HealthCheckFailed);
             }
             CheckOutcome::TimedOut(d) => {
                 tracing::warn!(pool = %self.name, timeout = ?d, "idle check got no answer; closing the connection");
-                t.failed("health_check_timeout");
+                t.failed(CloseReason::HealthCheckTimeout);
                 self.breaker_event(Event::Failure(format!(
                     "health check got no answer within {d:?}"
                 )));

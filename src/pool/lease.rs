@@ -1,6 +1,7 @@
 //! A leased server connection: counted while out, and given back, retired or counted
 //! as closed whichever way it ends, so no code path can leak a pool slot.
 
+use super::CloseReason;
 use super::*;
 
 /// Exclusive use of one server connection. Release it to return it to the pool; dropping
@@ -90,7 +91,7 @@ impl Lease {
     }
 
     /// Closes the connection instead of returning it (broken or dirty state).
-    pub fn discard(mut self, reason: &'static str) {
+    pub fn discard(mut self, reason: CloseReason) {
         self.uncount();
         if let Some(conn) = self.conn.take() {
             self.pool.clone().discarded(conn, reason);
@@ -102,7 +103,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.uncount();
         if let Some(conn) = self.conn.take() {
-            self.pool.clone().discarded(conn, "dropped");
+            self.pool.clone().discarded(conn, CloseReason::Dropped);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! the sizing controller, and serves waiters that a congestion pause or a breaker held
 //! back. It ends when the pool is closed or dropped.
 
+use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,12 +86,12 @@ impl Pool {
             while i < st.idle.len() {
                 let c = &st.idle[i].conn;
                 let reason = if super::past_lifetime(c, settings, now) {
-                    Some("lifetime")
+                    Some(CloseReason::Lifetime)
                 } else if st.open > keep
                     && now.duration_since(c.last_used)
                         > super::spread(c.id, settings.server_idle_timeout)
                 {
-                    Some("idle_timeout")
+                    Some(CloseReason::IdleTimeout)
                 } else {
                     None
                 };
@@ -106,7 +107,7 @@ impl Pool {
         }
         let n = closed.len();
         for (conn, reason) in closed {
-            tracing::debug!(pool = %self.name, server = conn.id, reason, "closing idle server connection");
+            tracing::debug!(pool = %self.name, server = conn.id, %reason, "closing idle server connection");
             self.closed_metric(reason);
             drop_later(conn);
         }
@@ -185,7 +186,7 @@ impl Pool {
             tracing::debug!(pool = %self.name, closing = shrunk.len(), "shrinking the pool: load stayed below the target");
         }
         for conn in shrunk {
-            self.closed_metric("shrink");
+            self.closed_metric(CloseReason::Shrink);
             drop_later(conn);
         }
         if to_open > 0 {

@@ -21,6 +21,7 @@
 mod breaker;
 mod checkin;
 mod checkout;
+mod close;
 pub mod congestion;
 mod headroom;
 pub mod health;
@@ -34,6 +35,7 @@ pub mod sizing;
 pub mod upstream_login;
 mod views;
 
+pub use close::CloseReason;
 pub use lease::Lease;
 pub use settings::{CheckoutError, HealthSettings, PoolSettings};
 pub use views::{PoolSnapshot, ServerView};
@@ -283,14 +285,14 @@ impl Pool {
         st.waiters.clear();
         drop(st);
         for i in idle {
-            self.closed_metric("closed");
+            self.closed_metric(CloseReason::Closed);
             drop_later(i.conn);
         }
     }
 
     /// Closes idle connections so that new ones are opened (after a password change etc.).
     pub fn reconnect(&self) {
-        self.close_idle("reconnect");
+        self.close_idle(CloseReason::Reconnect);
     }
 }
 

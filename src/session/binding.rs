@@ -1,6 +1,7 @@
 //! Binding a server to the session: waiting for one in the pool queue (while watching
 //! the client), attaching it, and giving it back at a transaction boundary.
 
+use crate::pool::CloseReason;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -180,7 +181,7 @@ where
         {
             // Bytes after the final ReadyForQuery, or a failed state sync: not clean.
             self.s_in.drop_unscanned();
-            lease.discard("unclean at release");
+            lease.discard(CloseReason::UncleanAtRelease);
             if let Some(e) = self.tracker.injected_error.take() {
                 // The client's settings cannot be applied on this server: end the
                 // session with PostgreSQL's words rather than discard a server (and

@@ -19,6 +19,7 @@ pub mod timers;
 pub mod tracker;
 mod validate;
 
+use crate::pool::CloseReason;
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -287,7 +288,7 @@ where
     /// told why.
     async fn end_killed(&mut self) {
         if let Some(lease) = self.server.take() {
-            lease.discard("killed");
+            lease.discard(CloseReason::Killed);
         }
         self.set_inactive();
         let _ = self.flush_client().await;
@@ -347,7 +348,7 @@ where
                 }
                 Step::ForceShutdown => {
                     if let Some(lease) = self.server.take() {
-                        lease.discard("shutdown");
+                        lease.discard(CloseReason::Shutdown);
                     }
                     self.set_inactive();
                     let _ = self.flush_client().await;
@@ -366,7 +367,7 @@ where
                     });
                     tracing::warn!(%reason, pool = %self.pool.key, host = host.as_deref().unwrap_or("?"), "server connection lost");
                     if let Some(lease) = self.server.take() {
-                        lease.discard("server lost");
+                        lease.discard(CloseReason::ServerLost);
                     }
                     let _ = self.flush_client().await;
                     if !self.server_fatal {
@@ -432,19 +433,19 @@ where
         if !quiet {
             // Something is in flight (a query, a COPY, a partial batch): the connection's
             // state is unknown, so it is closed rather than reused.
-            lease.discard("client left mid-request");
+            lease.discard(CloseReason::ClientLeftMidRequest);
             return;
         }
         let limit = Duration::from_secs(5);
         if self.tracker.status != b'I' {
             if let Err(e) = lease.conn().run_quiet("ROLLBACK", limit).await {
                 tracing::debug!(error = %e, "rollback after client left failed");
-                lease.discard("rollback failed");
+                lease.discard(CloseReason::RollbackFailed);
                 return;
             }
         }
         if let Err(why) = self.clean_after_pin(&mut lease, limit).await {
-            tracing::debug!(why, "closing a server that held a client's session state");
+            tracing::debug!(%why, "closing a server that held a client's session state");
             lease.discard(why);
             return;
         }
@@ -453,7 +454,7 @@ where
             if !reset.is_empty() && lease.conn_ref().dirty {
                 if let Err(e) = lease.conn().run_quiet(&reset, limit).await {
                     tracing::debug!(error = %e, "reset query failed");
-                    lease.discard("reset failed");
+                    lease.discard(CloseReason::ResetFailed);
                     return;
                 }
                 let conn = lease.conn();

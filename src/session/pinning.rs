@@ -3,6 +3,7 @@
 //! state is gone; a pinned client that leaves has its server cleaned before anyone
 //! else gets it. See `sessionstate.rs` for what is detected.
 
+use crate::pool::CloseReason;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -224,17 +225,17 @@ where
         &mut self,
         lease: &mut Lease,
         limit: Duration,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), CloseReason> {
         let Some(p) = self.pin.take() else {
             return Ok(());
         };
         if p.loaded {
-            return Err("client loaded a library");
+            return Err(CloseReason::LibraryLoaded);
         }
         // DISCARD ALL: CLOSE ALL, SET SESSION AUTHORIZATION DEFAULT, RESET ALL,
         // DEALLOCATE ALL, UNLISTEN *, pg_advisory_unlock_all(), DISCARD TEMP.
         if lease.conn().run_quiet("DISCARD ALL", limit).await.is_err() {
-            return Err("session state cleanup failed");
+            return Err(CloseReason::SessionStateCleanupFailed);
         }
         // It also dropped the proxy's own statements and reset every setting.
         let conn = lease.conn();

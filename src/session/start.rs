@@ -1,6 +1,7 @@
 //! The end of login: the database and pool are picked, the first server (when one is
 //! needed) checked, and the client told its parameters and cancel key.
 
+use crate::pool::CloseReason;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -134,7 +135,7 @@ where
                     match validate::check(&self.pool, lease.conn(), &settings, fp).await {
                         Ok(()) if self.mode == PoolMode::Session => {
                             if let Err(e) = self.settle_settings(&mut lease).await {
-                                lease.discard("settings_check_failed");
+                                lease.discard(CloseReason::SettingsCheckFailed);
                                 self.shared.metrics.login(LoginResult::InvalidSettings);
                                 return Err(e);
                             }
@@ -146,7 +147,7 @@ where
                                 // PostgreSQL answered and the check's transaction ended.
                                 lease.release();
                             } else {
-                                lease.discard("settings_check_failed");
+                                lease.discard(CloseReason::SettingsCheckFailed);
                             }
                             if let Some(e) = e {
                                 self.shared.metrics.login(LoginResult::InvalidSettings);
@@ -158,7 +159,7 @@ where
                 Ok(mut lease) => {
                     if self.mode == PoolMode::Session {
                         if let Err(e) = self.settle_settings(&mut lease).await {
-                            lease.discard("settings_check_failed");
+                            lease.discard(CloseReason::SettingsCheckFailed);
                             self.shared.metrics.login(LoginResult::InvalidSettings);
                             return Err(e);
                         }

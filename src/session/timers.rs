@@ -8,6 +8,7 @@
 //! is answered), never per message. Nothing fires while the session waits for a server
 //! (that is `pool.query_wait_timeout`'s job) because the relay loop is not polled then.
 
+use crate::pool::CloseReason;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Context;
@@ -299,14 +300,16 @@ where
         self.shared.metrics.error("proxy", err.code);
         self.pool.m.error("proxy");
         let discard = match what {
-            Expired::QueryUnanswered => Some("query_timeout"),
+            Expired::QueryUnanswered => Some(CloseReason::QueryTimeout),
             // A request still running: its connection's state is unknown (PostgreSQL
             // itself ends the backend here), so it is closed, not reused.
-            Expired::Transaction if !self.tracker.is_empty() => Some("transaction_timeout"),
+            Expired::Transaction if !self.tracker.is_empty() => {
+                Some(CloseReason::TransactionTimeout)
+            }
             _ => None,
         };
         if let Some(reason) = discard {
-            if reason == "transaction_timeout" {
+            if reason == CloseReason::TransactionTimeout {
                 // A closed socket goes unnoticed by a backend busy in a long statement:
                 // cancel it, so its locks and snapshot go now, not when it finishes.
                 self.cancel_on_server();
