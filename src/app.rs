@@ -13,7 +13,7 @@ use crate::admin::Admin;
 use crate::cli::Cli;
 use crate::config::Config;
 use crate::control::{Control, Stats};
-use crate::lifecycle::upstream_answers;
+use crate::lifecycle::{upstream_answers, Phase};
 use crate::proxy::Proxy;
 use crate::session::Shared;
 
@@ -79,7 +79,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
     // Graceful drain. Readiness fails at once so the endpoint is removed; the listener
     // keeps accepting for shutdown_delay while that propagates.
     let config = shared.registry.config();
-    shared.lifecycle.draining.store(true, Ordering::Relaxed);
+    shared.lifecycle.advance(Phase::Unready);
     tracing::info!(
         delay = ?config.admin.shutdown_delay,
         timeout = ?config.admin.shutdown_timeout,
@@ -97,7 +97,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
         _ = &mut second => return fast_exit(),
     }
     proxy.stop_accepting();
-    shared.lifecycle.begin_drain();
+    shared.lifecycle.advance(Phase::Drain);
     shared.client_list.wake_all();
     let deadline = Instant::now() + config.admin.shutdown_timeout;
     while shared.clients.load(Ordering::Relaxed) > 0 {
@@ -113,7 +113,7 @@ pub async fn run(cli: Cli, config: Config) -> ExitCode {
             clients = left,
             "shutdown_timeout reached: closing remaining clients"
         );
-        shared.lifecycle.begin_force();
+        shared.lifecycle.advance(Phase::Force);
         shared.client_list.wake_all();
         let until = Instant::now() + Duration::from_secs(1);
         while shared.clients.load(Ordering::Relaxed) > 0 && Instant::now() < until {

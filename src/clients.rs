@@ -11,9 +11,34 @@ use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-pub const IDLE: u8 = 0;
-pub const WAITING: u8 = 1;
-pub const ACTIVE: u8 = 2;
+/// What a client is doing, as SHOW CLIENTS and the `pgsidecar_clients` gauge say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientPhase {
+    /// Holds no server (between transactions in transaction mode).
+    Idle,
+    /// Queued for a server.
+    Waiting,
+    /// Bound to a server.
+    Active,
+}
+
+impl ClientPhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientPhase::Idle => "idle",
+            ClientPhase::Waiting => "waiting",
+            ClientPhase::Active => "active",
+        }
+    }
+
+    fn from_u8(v: u8) -> ClientPhase {
+        match v {
+            1 => ClientPhase::Waiting,
+            2 => ClientPhase::Active,
+            _ => ClientPhase::Idle,
+        }
+    }
+}
 
 pub struct ClientInfo {
     pub id: u64,
@@ -22,7 +47,8 @@ pub struct ClientInfo {
     pub database: Arc<str>,
     pub application_name: Box<str>,
     pub connected: Instant,
-    pub state: AtomicU8,
+    /// A `ClientPhase`, written by the session only through `set_phase`.
+    state: AtomicU8,
     /// Backend pid of the server this client holds now (0: none).
     pub server_pid: AtomicI32,
     /// Transaction mode: the client holds its server for session state.
@@ -42,12 +68,17 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    pub fn phase(&self) -> ClientPhase {
+        ClientPhase::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// The one way a session changes its phase.
+    pub fn set_phase(&self, phase: ClientPhase) {
+        self.state.store(phase as u8, Ordering::Relaxed);
+    }
+
     pub fn state_name(&self) -> &'static str {
-        match self.state.load(Ordering::Relaxed) {
-            ACTIVE => "active",
-            WAITING => "waiting",
-            _ => "idle",
-        }
+        self.phase().name()
     }
 
     /// Marks the start of a wait for a server connection.
@@ -148,7 +179,7 @@ impl ClientList {
             database,
             application_name: application_name.into(),
             connected: Instant::now(),
-            state: AtomicU8::new(IDLE),
+            state: AtomicU8::new(ClientPhase::Idle as u8),
             server_pid: AtomicI32::new(0),
             pinned: AtomicBool::new(false),
             waker: AtomicWaker::new(),

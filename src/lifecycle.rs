@@ -14,11 +14,8 @@ use tokio::time::Instant;
 /// Where the process is in its life, shared by sessions, the admin port and main.
 pub struct Lifecycle {
     pub started: Instant,
-    /// Set when shutdown begins: readiness fails at once.
-    pub draining: AtomicBool,
-    /// RUNNING; DRAIN when clients should leave at their next transaction boundary;
-    /// FORCE when the remaining ones must go now (after shutdown_timeout). One atomic,
-    /// which sessions check on every wake-up without a lock.
+    /// A `Phase`: one atomic, which sessions check on every wake-up without a lock.
+    /// It only moves forward.
     phase: AtomicU8,
     /// Asks main to begin a graceful shutdown (SIGTERM, /quitquitquit).
     pub shutdown_requested: Notify,
@@ -34,8 +31,7 @@ impl Default for Lifecycle {
     fn default() -> Self {
         Lifecycle {
             started: Instant::now(),
-            draining: AtomicBool::new(false),
-            phase: AtomicU8::new(RUNNING),
+            phase: AtomicU8::new(Phase::Running as u8),
             shutdown_requested: Notify::new(),
             upstream_seen: AtomicBool::new(false),
             reloader: Mutex::new(None),
@@ -43,32 +39,49 @@ impl Default for Lifecycle {
     }
 }
 
-pub const RUNNING: u8 = 0;
-pub const DRAIN: u8 = 1;
-pub const FORCE: u8 = 2;
+/// Where shutdown is, in the order it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running = 0,
+    /// Shutdown began: readiness fails at once, clients are still accepted for
+    /// `shutdown_delay` while endpoints are removed.
+    Unready = 1,
+    /// Clients leave at their next transaction boundary.
+    Drain = 2,
+    /// The remaining clients go now (after `shutdown_timeout`).
+    Force = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Running,
+            1 => Phase::Unready,
+            2 => Phase::Drain,
+            _ => Phase::Force,
+        }
+    }
+}
 
 impl Lifecycle {
-    /// Clients leave at their next transaction boundary. The caller wakes the sessions.
-    pub fn begin_drain(&self) {
-        self.phase.fetch_max(DRAIN, Ordering::SeqCst);
+    /// The one transition: moves to `phase` unless already past it. The caller wakes
+    /// the sessions when that matters to them (Drain, Force).
+    pub fn advance(&self, phase: Phase) {
+        self.phase.fetch_max(phase as u8, Ordering::SeqCst);
     }
 
-    /// The remaining clients go now. The caller wakes the sessions.
-    pub fn begin_force(&self) {
-        self.phase.store(FORCE, Ordering::SeqCst);
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::SeqCst))
     }
 
-    /// RUNNING, DRAIN or FORCE.
-    pub fn phase(&self) -> u8 {
-        self.phase.load(Ordering::SeqCst)
-    }
-
+    /// Shutdown has begun (readiness fails).
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.phase() >= Phase::Unready
     }
 
+    /// Asks the process to shut down gracefully (SIGTERM does the same).
     pub fn request_shutdown(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+        self.advance(Phase::Unready);
         self.shutdown_requested.notify_one();
     }
 

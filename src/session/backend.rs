@@ -1,6 +1,7 @@
 //! The server side of the relay: classifies what the server sends (forwarded, swallowed
 //! or answered in the client's place) and times requests as their answers come back.
 
+use super::tracker::TxnStatus;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -143,14 +144,14 @@ where
             if h.tag == be::READY_FOR_QUERY && forward {
                 self.observe_ready();
                 self.requests_answered += 1;
-                if self.tracker.status == b'I' {
+                if self.tracker.status == TxnStatus::Idle {
                     self.settle_sets();
                 }
             }
             if h.tag == be::READY_FOR_QUERY
                 && self.mode == PoolMode::Transaction
                 && self.tracker.is_empty()
-                && self.tracker.status == b'I'
+                && self.tracker.status == TxnStatus::Idle
                 && !self.batch_open
                 && self.c_in.body_left == 0
             {
@@ -167,7 +168,7 @@ where
         if let Some(t) = self.stats.query_starts.pop_front() {
             self.pool.m.query_duration.observe((now - t).as_secs_f64());
         }
-        if self.tracker.status == b'I' && self.tracker.is_empty() {
+        if self.tracker.status == TxnStatus::Idle && self.tracker.is_empty() {
             if let Some(t) = self.stats.txn_start.take() {
                 self.pool
                     .m

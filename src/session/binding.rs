@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::tracker::Req;
 use super::{ReadReady, Session};
 use crate::cancel::CancelTarget;
-use crate::clients;
+use crate::clients::ClientPhase;
 use crate::config::PoolMode;
 use crate::pool::{Lease, Pool};
 use crate::protocol::messages;
@@ -30,7 +30,7 @@ where
         let pool = self.pool.clone();
         pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::WAITING, Ordering::Relaxed);
+            info.set_phase(ClientPhase::Waiting);
             info.start_wait();
         }
         let _waiting = WaitingGuard(&pool);
@@ -58,7 +58,7 @@ where
                 self.shared.metrics.error("proxy", err.code);
                 self.pool.m.error("proxy");
                 if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-                    info.state.store(clients::IDLE, Ordering::Relaxed);
+                    info.set_phase(ClientPhase::Idle);
                 }
                 tracing::info!(error = %err, "checkout failed");
                 self.answer_locally(err);
@@ -102,7 +102,7 @@ where
     /// that give it this client's settings.
     pub(super) fn attach(&mut self, mut lease: Lease) {
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::ACTIVE, Ordering::Relaxed);
+            info.set_phase(ClientPhase::Active);
             info.bind_server(lease.conn().backend_pid, lease.conn().created);
         }
         if let Some(g) = self.gauge.as_mut() {
@@ -204,7 +204,7 @@ where
 
     pub(super) fn set_inactive(&mut self) {
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
-            info.state.store(clients::IDLE, Ordering::Relaxed);
+            info.set_phase(ClientPhase::Idle);
             info.server_pid.store(0, Ordering::Relaxed);
         }
         if let Some(g) = self.gauge.as_mut() {

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pinning::Verdict;
 use super::relay::BodyMode;
-use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req};
+use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req, TxnStatus};
 use super::{ReadReady, Session, Step};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
@@ -163,7 +163,7 @@ where
     /// After a query the proxy answered itself: with nothing else in flight the server
     /// is free again.
     fn released_if_idle(&self) -> Outcome {
-        if self.tracker.is_empty() && self.tracker.status == b'I' && !self.batch_open {
+        if self.tracker.is_empty() && self.tracker.status == TxnStatus::Idle && !self.batch_open {
             Outcome::Stop(Step::Release)
         } else {
             Outcome::Continue

@@ -36,6 +36,7 @@ use crate::cancel::CancelGuard;
 use crate::clients::ClientEntry;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
+use crate::lifecycle::Phase;
 use crate::limits::CapGuard;
 use crate::pool::{Lease, Pool};
 use crate::protocol::framing::{frontend_header, FrameError};
@@ -45,7 +46,7 @@ use crate::server::prepared::StmtDef;
 pub use opening::{serve, Accepted};
 use relay::{BodyMode, Inbound};
 pub use shared::{ClientStream, Console, Shared};
-use tracker::{Effects, Tracker};
+use tracker::{Effects, Tracker, TxnStatus};
 
 /// What the relay loop stopped for.
 #[derive(Debug)]
@@ -437,7 +438,7 @@ where
             return;
         }
         let limit = Duration::from_secs(5);
-        if self.tracker.status != b'I' {
+        if self.tracker.status != TxnStatus::Idle {
             if let Err(e) = lease.conn().run_quiet("ROLLBACK", limit).await {
                 tracing::debug!(error = %e, "rollback after client left failed");
                 lease.discard(CloseReason::RollbackFailed);
@@ -495,7 +496,7 @@ where
             _ => {
                 quiet_input
                     && self.tracker.is_empty()
-                    && self.tracker.status == b'I'
+                    && self.tracker.status == TxnStatus::Idle
                     && !self.batch_open
                     && self.c_in.body_left == 0
             }
@@ -512,12 +513,12 @@ where
             }
         }
         match self.shared.lifecycle.phase() {
-            crate::lifecycle::RUNNING => None,
-            crate::lifecycle::DRAIN => {
+            Phase::Running | Phase::Unready => None,
+            Phase::Drain => {
                 self.draining = true;
                 self.at_boundary().then_some(Step::Shutdown)
             }
-            _ => Some(if self.at_boundary() {
+            Phase::Force => Some(if self.at_boundary() {
                 Step::Shutdown
             } else {
                 Step::ForceShutdown

@@ -13,7 +13,7 @@ use super::admission;
 use super::handshake::{self, Login, Opening};
 use super::Shared;
 use super::{ReadReady, Session};
-use crate::clients;
+use crate::clients::ClientPhase;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::LoginResult;
 
@@ -155,7 +155,7 @@ where
             }
         };
     if let Some(lease) = session.server.as_mut() {
-        entry.info.state.store(clients::ACTIVE, Ordering::Relaxed);
+        entry.info.set_phase(ClientPhase::Active);
         entry
             .info
             .server_pid

@@ -8,6 +8,7 @@
 //! is answered), never per message. Nothing fires while the session waits for a server
 //! (that is `pool.query_wait_timeout`'s job) because the relay loop is not polled then.
 
+use super::tracker::TxnStatus;
 use crate::pool::CloseReason;
 use std::future::Future;
 use std::pin::Pin;
@@ -163,7 +164,7 @@ where
             return;
         }
         let in_flight = self.server.is_some() && !self.tracker.is_empty();
-        let in_transaction = self.server.is_some() && self.tracker.status != b'I';
+        let in_transaction = self.server.is_some() && self.tracker.status != TxnStatus::Idle;
         let t = &mut self.timers;
         t.track_transaction(in_flight || in_transaction);
         if in_flight {

@@ -68,13 +68,44 @@ pub struct Effects {
     pub forget: Vec<Box<[u8]>>,
 }
 
+/// The transaction status a ReadyForQuery carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnStatus {
+    /// 'I': not in a transaction block.
+    Idle,
+    /// 'T': in a transaction block.
+    InTransaction,
+    /// 'E': in a failed transaction block.
+    Failed,
+}
+
+impl TxnStatus {
+    /// From ReadyForQuery's status byte; an unknown byte counts as in a transaction
+    /// (the server is not known to be free).
+    pub fn from_byte(b: u8) -> TxnStatus {
+        match b {
+            b'I' => TxnStatus::Idle,
+            b'E' => TxnStatus::Failed,
+            _ => TxnStatus::InTransaction,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            TxnStatus::Idle => b'I',
+            TxnStatus::InTransaction => b'T',
+            TxnStatus::Failed => b'E',
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Tracker {
     queue: VecDeque<Req>,
     /// The server hit an error in an extended batch and ignores messages until Sync.
     discard_until_sync: bool,
     /// Transaction status from the last ReadyForQuery.
-    pub status: u8,
+    pub status: TxnStatus,
     /// An injected query failed; the server connection should not be trusted.
     pub injected_failed: bool,
     /// What PostgreSQL said when the injected settings sync failed (boxed: rare).
@@ -90,7 +121,7 @@ impl Default for Tracker {
         Tracker {
             queue: VecDeque::new(),
             discard_until_sync: false,
-            status: b'I',
+            status: TxnStatus::Idle,
             injected_failed: false,
             injected_error: None,
             copy_in: false,
@@ -111,7 +142,7 @@ impl Tracker {
     pub fn reset(&mut self) {
         self.queue.clear();
         self.discard_until_sync = false;
-        self.status = b'I';
+        self.status = TxnStatus::Idle;
         self.injected_failed = false;
         self.injected_error = None;
         self.copy_in = false;
@@ -184,10 +215,10 @@ impl Tracker {
                 Some(Req::Synthetic(bytes)) => emit.extend_from_slice(&bytes),
                 Some(Req::LocalError(bytes)) => {
                     emit.extend_from_slice(&bytes);
-                    messages::ready_for_query(emit, self.status);
+                    messages::ready_for_query(emit, self.status.byte());
                 }
                 Some(Req::LocalCommand(tag)) => {
-                    if self.status == b'E' {
+                    if self.status == TxnStatus::Failed {
                         // As PostgreSQL in a failed transaction block.
                         crate::error::ClientError::error(
                             "25P02",
@@ -197,7 +228,7 @@ impl Tracker {
                     } else {
                         messages::command_complete(emit, tag);
                     }
-                    messages::ready_for_query(emit, self.status);
+                    messages::ready_for_query(emit, self.status.byte());
                 }
                 _ => {}
             }
@@ -216,7 +247,7 @@ impl Tracker {
         let forward = match tag {
             be::READY_FOR_QUERY => {
                 if let Some(&s) = body.first() {
-                    self.status = s;
+                    self.status = TxnStatus::from_byte(s);
                 }
                 let mut forward = true;
                 // Pop through the Sync/Query this answers (robust to a missed entry).
@@ -477,6 +508,6 @@ mod tests {
         assert!(!t.on_server(be::READY_FOR_QUERY, b"I", &mut emit, &mut fx));
         assert!(t.on_server(be::ROW_DESCRIPTION, b"", &mut emit, &mut fx));
         assert!(t.on_server(be::READY_FOR_QUERY, b"T", &mut emit, &mut fx));
-        assert_eq!(t.status, b'T');
+        assert_eq!(t.status, TxnStatus::InTransaction);
     }
 }
