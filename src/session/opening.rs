@@ -92,28 +92,16 @@ where
         }
     };
     let left = login_timeout.saturating_sub(started.elapsed());
-    let auth = Box::pin(tokio::time::timeout(
+    let auth = Box::pin(authenticate_within(
+        &shared,
+        &mut client,
+        peer,
+        &login,
+        &mut leftover,
         left,
-        handshake::authenticate(&mut client, &config, &login.user, &mut leftover),
-    ))
-    .await;
+    ));
     // `greeting` is AuthenticationOk, not sent yet: it goes out with what follows it.
-    let greeting = match auth {
-        Ok(Ok(g)) => g,
-        Ok(Err(e)) => {
-            Box::pin(refused(&shared, &mut client, peer, BytesMut::new(), e)).await;
-            return None;
-        }
-        Err(_) => {
-            let e = ClientError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!("pgsidecar: login not completed within client_login_timeout ({login_timeout:?})"),
-            );
-            shared.metrics.login(LoginResult::Timeout);
-            Box::pin(refuse(&mut client, BytesMut::new(), &e)).await;
-            return None;
-        }
-    };
+    let greeting = auth.await?;
     if let Some(console) = shared.console_for(&login.database).cloned() {
         let login = ConsoleLogin {
             peer,
@@ -154,6 +142,19 @@ where
                 return None;
             }
         };
+    logged_in(&mut session, entry, cap, peer);
+    Some((session, slot))
+}
+
+/// The session's client entry and caps, and the log line of the login.
+fn logged_in<C>(
+    session: &mut Session<C>,
+    mut entry: crate::clients::ClientEntry,
+    cap: crate::limits::CapGuard,
+    peer: SocketAddr,
+) where
+    C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+{
     if let Some(lease) = session.server.as_mut() {
         entry.info.set_phase(ClientPhase::Active);
         entry
@@ -161,7 +162,6 @@ where
             .server_pid
             .store(lease.conn().backend_pid, Ordering::Relaxed);
     }
-    let mut entry = entry;
     let logging = &session.shared.registry.config().logging;
     if logging.log_connections {
         tracing::info!(
@@ -175,7 +175,41 @@ where
     entry.log_disconnect = logging.log_disconnections;
     session.entry = Some(entry);
     session.cap = Some(cap);
-    Some((session, slot))
+}
+
+/// Authentication within what is left of `client_login_timeout`: AuthenticationOk to
+/// send, or `None` when the client was refused (and told why).
+async fn authenticate_within<S: super::ClientStream>(
+    shared: &Shared,
+    client: &mut S,
+    peer: SocketAddr,
+    login: &Login,
+    leftover: &mut BytesMut,
+    left: Duration,
+) -> Option<BytesMut> {
+    let config = shared.registry.config();
+    let auth = Box::pin(tokio::time::timeout(
+        left,
+        handshake::authenticate(client, &config, &login.user, leftover),
+    ))
+    .await;
+    match auth {
+        Ok(Ok(g)) => Some(g),
+        Ok(Err(e)) => {
+            Box::pin(refused(shared, client, peer, BytesMut::new(), e)).await;
+            None
+        }
+        Err(_) => {
+            let limit = config.limits.client_login_timeout;
+            let e = ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("pgsidecar: login not completed within client_login_timeout ({limit:?})"),
+            );
+            shared.metrics.login(LoginResult::Timeout);
+            Box::pin(refuse(client, BytesMut::new(), &e)).await;
+            None
+        }
+    }
 }
 
 /// What a login to the admin console brings with it.
