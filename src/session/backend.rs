@@ -1,13 +1,13 @@
 //! The server side of the relay: classifies what the server sends (forwarded, swallowed
 //! or answered in the client's place) and times requests as their answers come back.
 
-use super::tracker::TxnStatus;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::relay::BodyMode;
+use super::tracker::TxnStatus;
 use crate::config::PoolMode;
 use crate::protocol::messages;
 use crate::server::params;
@@ -63,69 +63,15 @@ where
                 break;
             }
             self.s_in.need = 0;
-            let body: &[u8] = if streamed {
-                &[]
+            let body = if streamed {
+                0..0
             } else {
-                &self.s_in.buf[self.s_in.scanned + 5..self.s_in.scanned + h.frame_len()]
+                self.s_in.scanned + 5..self.s_in.scanned + h.frame_len()
             };
-            let mut forget: Option<bool> = None;
-            match h.tag {
-                be::PARAMETER_STATUS => {
-                    if let Some((k, v)) = messages::parse_parameter_status(body) {
-                        // A change the client made is now part of what it expects; during
-                        // the proxy's own SETs only the server's spelling of a value the
-                        // client asked for is adopted.
-                        let ours = self.tracker.head_is_injected();
-                        if params::is_carried(&k)
-                            && (!ours || self.wanted.contains_key(&k))
-                            && self.wanted.get(&k) != Some(&v)
-                        {
-                            Arc::make_mut(&mut self.wanted).insert(k.clone(), v.clone());
-                            self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
-                        }
-                        if let Some(lease) = self.server.as_mut() {
-                            let conn = lease.conn();
-                            conn.params.insert(k, v);
-                            conn.params_fp = self.wanted_fp;
-                        }
-                    }
-                }
-                be::COMMAND_COMPLETE => {
-                    if !self.pending_sets.is_empty() && body.starts_with(b"ROLLBACK") {
-                        self.txn_failed = true;
-                    }
-                    // Whichever protocol carried them, these really dropped the server's
-                    // statements (and DISCARD ALL its settings): forget them here too.
-                    if body.starts_with(b"DISCARD ALL\0") {
-                        forget = Some(true);
-                    } else if body.starts_with(b"DEALLOCATE ALL\0") {
-                        forget = Some(false);
-                    }
-                }
-                be::ERROR_RESPONSE => {
-                    let (code, _msg, severity) = messages::error_fields(body);
-                    if !self.tracker.head_is_injected() {
-                        self.txn_failed = true;
-                        self.shared
-                            .metrics
-                            .error("server", code.as_deref().unwrap_or("??"));
-                        self.pool.m.error("server");
-                    }
-                    if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
-                        self.server_fatal = true;
-                    }
-                    if code.as_deref() == Some(crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION) {
-                        if let Some(l) = self.server.as_mut() {
-                            l.note_read_only();
-                        }
-                    }
-                    tracing::trace!(code = ?code, "server error");
-                }
-                _ => {}
-            }
-            let forward = self
-                .tracker
-                .on_server(h.tag, body, &mut self.emit, &mut self.fx);
+            let forget = self.note_server_message(h.tag, body.clone());
+            let forward =
+                self.tracker
+                    .on_server(h.tag, &self.s_in.buf[body], &mut self.emit, &mut self.fx);
             if let Some(settings_too) = forget {
                 self.forget_server_state(settings_too);
             }
@@ -159,6 +105,70 @@ where
             }
         }
         Ok((progress, None))
+    }
+
+    /// What the proxy learns from a server message it forwards or swallows: reported
+    /// parameters, errors, and statements the server dropped. `body` is the message's
+    /// range in the input (empty for streamed messages). Returns `Some(settings_too)`
+    /// when the server's prepared statements are gone.
+    fn note_server_message(&mut self, tag: u8, body: std::ops::Range<usize>) -> Option<bool> {
+        let body: &[u8] = &self.s_in.buf[body];
+        let mut forget: Option<bool> = None;
+        match tag {
+            be::PARAMETER_STATUS => {
+                if let Some((k, v)) = messages::parse_parameter_status(body) {
+                    // A change the client made is now part of what it expects; during
+                    // the proxy's own SETs only the server's spelling of a value the
+                    // client asked for is adopted.
+                    let ours = self.tracker.head_is_injected();
+                    if params::is_carried(&k)
+                        && (!ours || self.wanted.contains_key(&k))
+                        && self.wanted.get(&k) != Some(&v)
+                    {
+                        Arc::make_mut(&mut self.wanted).insert(k.clone(), v.clone());
+                        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+                    }
+                    if let Some(lease) = self.server.as_mut() {
+                        let conn = lease.conn();
+                        conn.params.insert(k, v);
+                        conn.params_fp = self.wanted_fp;
+                    }
+                }
+            }
+            be::COMMAND_COMPLETE => {
+                if !self.pending_sets.is_empty() && body.starts_with(b"ROLLBACK") {
+                    self.txn_failed = true;
+                }
+                // Whichever protocol carried them, these really dropped the server's
+                // statements (and DISCARD ALL its settings): forget them here too.
+                if body.starts_with(b"DISCARD ALL\0") {
+                    forget = Some(true);
+                } else if body.starts_with(b"DEALLOCATE ALL\0") {
+                    forget = Some(false);
+                }
+            }
+            be::ERROR_RESPONSE => {
+                let (code, _msg, severity) = messages::error_fields(body);
+                if !self.tracker.head_is_injected() {
+                    self.txn_failed = true;
+                    self.shared
+                        .metrics
+                        .error("server", code.as_deref().unwrap_or("??"));
+                    self.pool.m.error("server");
+                }
+                if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
+                    self.server_fatal = true;
+                }
+                if code.as_deref() == Some(crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION) {
+                    if let Some(l) = self.server.as_mut() {
+                        l.note_read_only();
+                    }
+                }
+                tracing::trace!(code = ?code, "server error");
+            }
+            _ => {}
+        }
+        forget
     }
 
     /// A ReadyForQuery reached the client: time the request it answers and, when the

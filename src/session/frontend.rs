@@ -1,20 +1,18 @@
-//! Client messages: which ones need a server, what each one owes in answers, and the
-//! rewriting of named prepared statements in transaction mode.
-
-use std::sync::Arc;
+//! Client messages: which ones need a server and what each one owes in answers. The
+//! rewriting of named prepared statements in transaction mode is in `named.rs`.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::pinning::Verdict;
 use super::relay::BodyMode;
-use super::tracker::{synthetic_close_complete, synthetic_parse_complete, Req, TxnStatus};
+use super::tracker::{Req, TxnStatus};
 use super::{ReadReady, Session, Step};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
-use crate::protocol::framing::{fe, Header};
+use crate::protocol::framing::{fe, frontend_header, FrameError, Header};
 use crate::protocol::messages;
-use crate::server::prepared::{server_name, StmtDef};
+use crate::server::prepared::StmtDef;
 
 pub(super) enum Outcome {
     Continue,
@@ -22,7 +20,7 @@ pub(super) enum Outcome {
     Stop(Step),
 }
 
-fn malformed(what: &str) -> ClientError {
+pub(super) fn malformed(what: &str) -> ClientError {
     ClientError::fatal(
         sqlstate::PROTOCOL_VIOLATION,
         format!("pgsidecar: malformed {what} message"),
@@ -74,24 +72,9 @@ where
         self.stats.bytes_c2s += h.frame_len() as u64;
         match h.tag {
             fe::QUERY | fe::FUNCTION_CALL => {
-                if inspect && h.tag == fe::QUERY {
-                    if let Some(sql) = self.sql_to_note(self.query_text(h)) {
-                        if let Verdict::Reject(err) = self.note_sql(&sql, None) {
-                            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-                            self.push(Req::LocalError(err.to_bytes()));
-                            return Ok(self.released_if_idle());
-                        }
-                    }
-                    if let Some(tag) = self.inspect_query(h) {
-                        // Answered by the proxy (DEALLOCATE of proxy-named statements).
-                        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-                        self.push(Req::LocalCommand(tag));
-                        return Ok(self.released_if_idle());
-                    }
+                if let Some(answered) = self.on_query(h, inspect && h.tag == fe::QUERY) {
+                    return Ok(answered);
                 }
-                self.note_request();
-                self.push(Req::Query);
-                self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::SYNC => {
                 // In COPY FROM STDIN mode PostgreSQL ignores Sync: no ReadyForQuery
@@ -109,29 +92,62 @@ where
                 }
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
-            fe::EXECUTE => {
+            fe::EXECUTE | fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE => {
                 self.batch_open = true;
+                self.on_extended(h, inspect)?;
+            }
+            // Flush and COPY traffic owe no answer of their own.
+            _ => self.c_in.take_frame(h.frame_len(), BodyMode::Forward),
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// A Query (or FunctionCall): in transaction mode its SQL is looked at for session
+    /// state and for DEALLOCATE of proxy-named statements, which the proxy answers
+    /// itself. `Some` when the proxy answered it.
+    fn on_query(&mut self, h: Header, inspect: bool) -> Option<Outcome> {
+        if inspect {
+            if let Some(sql) = self.sql_to_note(self.query_text(h)) {
+                if let Verdict::Reject(err) = self.note_sql(&sql, None) {
+                    self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                    self.push(Req::LocalError(err.to_bytes()));
+                    return Some(self.released_if_idle());
+                }
+            }
+            if let Some(tag) = self.inspect_query(h) {
+                // Answered by the proxy (DEALLOCATE of proxy-named statements).
+                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
+                self.push(Req::LocalCommand(tag));
+                return Some(self.released_if_idle());
+            }
+        }
+        self.note_request();
+        self.push(Req::Query);
+        self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
+        None
+    }
+
+    /// An extended-protocol message; `inspect`: transaction mode, where statement
+    /// names are rewritten.
+    fn on_extended(&mut self, h: Header, inspect: bool) -> Result<(), ClientError> {
+        match h.tag {
+            fe::EXECUTE => {
                 self.push(Req::Execute);
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::PARSE if inspect => {
-                self.batch_open = true;
                 self.parse_named(h)?;
             }
             fe::BIND if inspect => {
-                self.batch_open = true;
                 self.bind_named(h)?;
             }
             fe::DESCRIBE if inspect => {
-                self.batch_open = true;
                 self.describe_named(h)?;
             }
             fe::CLOSE if inspect => {
-                self.batch_open = true;
                 self.close_named(h)?;
             }
             fe::PARSE => {
-                self.batch_open = true;
                 self.push(Req::Parse {
                     stmt: None,
                     client_name: None,
@@ -140,24 +156,20 @@ where
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::BIND => {
-                self.batch_open = true;
                 self.push(Req::Bind);
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::DESCRIBE => {
-                self.batch_open = true;
                 self.push(Req::DescribeStatement);
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
             fe::CLOSE => {
-                self.batch_open = true;
                 self.push(Req::Close { injected: false });
                 self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
             }
-            // Flush and COPY traffic owe no answer of their own.
-            _ => self.c_in.take_frame(h.frame_len(), BodyMode::Forward),
+            _ => {}
         }
-        Ok(Outcome::Continue)
+        Ok(())
     }
 
     /// After a query the proxy answered itself: with nothing else in flight the server
@@ -272,7 +284,7 @@ where
         Some(Outcome::Continue)
     }
 
-    fn push(&mut self, req: Req) {
+    pub(super) fn push(&mut self, req: Req) {
         self.tracker.push(req, &mut self.emit, &mut self.fx);
         self.apply_effects();
     }
@@ -324,7 +336,7 @@ where
             // Statements prepared through the protocol exist on servers only under the
             // proxy's names: DEALLOCATE of one (psycopg 3 evicts this way with libpq < 17)
             // or of all of them is this client's business and answered here.
-            if let Some(target) = deallocate_target(text) {
+            if let Some(target) = super::named::deallocate_target(text) {
                 match target {
                     // A client that may hold SQL prepared statements has the server
                     // drop them too; its CommandComplete clears the proxy's names.
@@ -356,225 +368,40 @@ where
         None
     }
 
-    /// Makes sure the bound server holds `def`, injecting a Parse (and a Close for an
-    /// evicted statement) ahead of the current message.
-    fn ensure_prepared(&mut self, def: &Arc<StmtDef>) {
-        self.prepare_on_server(def, None);
-    }
-
-    /// Queues a Parse of `def` on the bound server unless it already holds it (then
-    /// returns false). `client_name` is set when this answers the client's own Parse;
-    /// otherwise the Parse is the proxy's and its ParseComplete is swallowed. A statement
-    /// evicted to make room is closed on the server first.
-    fn prepare_on_server(&mut self, def: &Arc<StmtDef>, client_name: Option<Box<[u8]>>) -> bool {
-        let Some(lease) = self.server.as_mut() else {
-            return false;
-        };
-        let conn = lease.conn();
-        let counter = |event: &str| {
-            self.shared
-                .metrics
-                .prepared
-                .with_label_values(&[event])
-                .inc()
-        };
-        if conn.prepared.touch(def.id) {
-            counter("hit");
-            return false;
-        }
-        let evicted = conn.prepared.insert(def.id);
-        counter("miss");
-        if let Some(old) = evicted {
-            counter("eviction");
-            let mut close = BytesMut::new();
-            messages::fe_close_statement(&mut close, &server_name(old));
-            self.c_in.push_own_buf(close);
-            self.push(Req::Close { injected: true });
-        }
-        let mut parse = BytesMut::new();
-        messages::fe_parse(&mut parse, &def.server_name, &def.query, &def.param_types);
-        self.c_in.push_own_buf(parse);
-        let injected = client_name.is_none();
-        self.push(Req::Parse {
-            stmt: Some(def.id),
-            client_name,
-            injected,
-        });
-        true
-    }
-
-    fn parse_named(&mut self, h: Header) -> Result<(), ClientError> {
-        let (name, def, noted) = {
-            let p = messages::parse_parse(self.frame(h)).ok_or_else(|| malformed("Parse"))?;
-            let noted = self.sql_to_note(p.query);
-            let name: Box<[u8]> = p.name.into();
-            let def = if name.is_empty() || self.stmts.contains_key(&name) {
-                None
-            } else {
-                Some(StmtDef::new(p.query, p.param_types))
+    /// Classifies client messages; see `frontend.rs`.
+    pub(super) fn scan_client(&mut self) -> Result<(bool, Option<Step>), ClientError> {
+        let mut progress = false;
+        loop {
+            if self.c_in.body_left > 0 {
+                let before = self.c_in.scanned;
+                self.c_in.continue_body();
+                progress |= self.c_in.scanned != before;
+                if self.c_in.body_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            let h = match frontend_header(self.c_in.unscanned(), self.max_message) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return Err(frame_error(e)),
             };
-            (name, def, noted)
-        };
-        if let Some(sql) = noted {
-            if let Verdict::Reject(err) = self.note_sql(&sql, Some(&name)) {
-                // As PostgreSQL refusing a Parse: the batch is skipped up to Sync.
-                self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-                self.skip_until_sync = true;
-                self.push(Req::Synthetic(err.to_bytes()));
-                return Ok(());
+            match self.on_client_message(h)? {
+                Outcome::Continue => progress = true,
+                Outcome::NeedMore => break,
+                Outcome::Stop(step) => return Ok((progress, Some(step))),
             }
         }
-        if name.is_empty() {
-            self.push(Req::Parse {
-                stmt: None,
-                client_name: None,
-                injected: false,
-            });
-            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
-            return Ok(());
-        }
-        let Some(def) = def else {
-            // As PostgreSQL: the name is taken in this client's namespace.
-            let err = ClientError::error(
-                sqlstate::DUPLICATE_PREPARED_STATEMENT,
-                format!(
-                    "prepared statement \"{}\" already exists",
-                    String::from_utf8_lossy(&name)
-                ),
-            );
-            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-            self.skip_until_sync = true;
-            self.push(Req::Synthetic(err.to_bytes()));
-            return Ok(());
-        };
-        self.stmts.insert(name.clone(), def.clone());
-        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        if !self.prepare_on_server(&def, Some(name)) {
-            // The server already holds it: answer in PostgreSQL's place.
-            self.push(synthetic_parse_complete());
-        }
-        Ok(())
-    }
-
-    fn bind_named(&mut self, h: Header) -> Result<(), ClientError> {
-        let body = self.frame(h);
-        let (_, stmt, _) = messages::parse_bind(body).ok_or_else(|| malformed("Bind"))?;
-        let def = if stmt.is_empty() {
-            None
-        } else {
-            self.stmts.get(stmt).cloned()
-        };
-        if self.pin.is_some() && !stmt.is_empty() {
-            let stmt = stmt.to_vec();
-            self.note_bind(&stmt);
-        }
-        let Some(def) = def else {
-            // Unnamed, or unknown to this client: PostgreSQL answers (26000 for unknown).
-            self.push(Req::Bind);
-            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
-            return Ok(());
-        };
-        self.ensure_prepared(&def);
-        let mut out = BytesMut::with_capacity(h.frame_len() + 48);
-        {
-            let body = self.frame(h);
-            let (portal, _, rest) = messages::parse_bind(body).ok_or_else(|| malformed("Bind"))?;
-            messages::rebuild_bind(&mut out, body, portal, &def.server_name, rest);
-        }
-        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        self.c_in.push_own_buf(out);
-        self.push(Req::Bind);
-        Ok(())
-    }
-
-    fn describe_named(&mut self, h: Header) -> Result<(), ClientError> {
-        let body = self.frame(h);
-        let (kind, name) = messages::parse_target(body).ok_or_else(|| malformed("Describe"))?;
-        let def = if kind == b'S' && !name.is_empty() {
-            self.stmts.get(name).cloned()
-        } else {
-            None
-        };
-        let Some(def) = def else {
-            self.push(Req::DescribeStatement);
-            self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
-            return Ok(());
-        };
-        self.ensure_prepared(&def);
-        let mut out = BytesMut::new();
-        messages::rebuild_describe_statement(&mut out, &def.server_name);
-        self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-        self.c_in.push_own_buf(out);
-        self.push(Req::DescribeStatement);
-        Ok(())
-    }
-
-    fn close_named(&mut self, h: Header) -> Result<(), ClientError> {
-        let body = self.frame(h);
-        let (kind, name) = messages::parse_target(body).ok_or_else(|| malformed("Close"))?;
-        if kind == b'S' && !name.is_empty() {
-            // Only this client's name goes; the server keeps the statement for others.
-            let name: Box<[u8]> = name.into();
-            self.stmts.remove(&name);
-            self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
-            self.push(synthetic_close_complete());
-            return Ok(());
-        }
-        self.push(Req::Close { injected: false });
-        self.c_in.take_frame(h.frame_len(), BodyMode::Forward);
-        Ok(())
+        Ok((progress, None))
     }
 }
 
-/// `DEALLOCATE [PREPARE] name|ALL` as one statement: Some(None) for ALL, Some(Some(name))
-/// for a name (unquoted names fold to lower case, as PostgreSQL does).
-fn deallocate_target(text: &[u8]) -> Option<Option<String>> {
-    let text = std::str::from_utf8(text).ok()?;
-    let text = text.trim().trim_end_matches(';').trim_end();
-    if text.contains(';') {
-        return None;
-    }
-    let mut words = text.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("deallocate") {
-        return None;
-    }
-    let mut name = words.next()?;
-    if name.eq_ignore_ascii_case("prepare") {
-        name = words.next()?;
-    }
-    if words.next().is_some() {
-        return None;
-    }
-    if name.eq_ignore_ascii_case("all") {
-        return Some(None);
-    }
-    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-        Some(quoted) if !quoted.contains('"') => Some(Some(quoted.to_string())),
-        Some(_) => None,
-        None => Some(Some(name.to_ascii_lowercase())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::deallocate_target;
-
-    #[test]
-    fn deallocate_forms() {
-        assert_eq!(
-            deallocate_target(b"DEALLOCATE _pg3_0"),
-            Some(Some("_pg3_0".into()))
-        );
-        assert_eq!(
-            deallocate_target(b"deallocate prepare S1;"),
-            Some(Some("s1".into()))
-        );
-        assert_eq!(
-            deallocate_target(b"DEALLOCATE \"S1\""),
-            Some(Some("S1".into()))
-        );
-        assert_eq!(deallocate_target(b"DEALLOCATE ALL"), Some(None));
-        assert_eq!(deallocate_target(b"DEALLOCATE a; SELECT 1"), None);
-        assert_eq!(deallocate_target(b"DEALLOCATE"), None);
+fn frame_error(e: FrameError) -> ClientError {
+    match e {
+        FrameError::TooLong { .. } => {
+            ClientError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgsidecar: {e}"))
+                .with_hint("raise limits.max_message_size if this message is legitimate")
+        }
+        _ => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgsidecar: {e}")),
     }
 }

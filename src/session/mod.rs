@@ -5,16 +5,20 @@
 mod admission;
 mod backend;
 mod binding;
+mod ending;
 pub mod frontend;
 pub mod handshake;
+mod named;
 mod opening;
 mod pinning;
+mod ready;
 pub mod relay;
 pub mod sessionstate;
 pub mod setstmt;
 mod settings;
 mod shared;
 mod start;
+mod stats;
 pub mod timers;
 pub mod tracker;
 mod validate;
@@ -26,11 +30,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
-
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
 use crate::cancel::CancelGuard;
 use crate::clients::ClientEntry;
@@ -39,13 +40,15 @@ use crate::error::{sqlstate, ClientError};
 use crate::lifecycle::Phase;
 use crate::limits::CapGuard;
 use crate::pool::{Lease, Pool};
-use crate::protocol::framing::{frontend_header, FrameError};
+use crate::protocol::framing::frontend_header;
 use crate::protocol::messages;
 use crate::server::params;
-use crate::server::prepared::StmtDef;
+use named::ClientStmts;
 pub use opening::{serve, Accepted};
+pub use ready::ReadReady;
 use relay::{BodyMode, Inbound};
 pub use shared::{ClientStream, Console, Shared};
+use stats::{PoolClientGuard, SessionStats};
 use tracker::{Effects, Tracker, TxnStatus};
 
 /// What the relay loop stopped for.
@@ -129,96 +132,6 @@ pub struct Session<C> {
     pin: Option<Box<pinning::PinState>>,
 }
 
-/// A client's named statements: allocated on first use, so clients that never name one
-/// (simple query, unnamed statements) carry a pointer instead of an empty map.
-#[derive(Default)]
-struct ClientStmts(Option<Box<StmtMap>>);
-
-type StmtMap = HashMap<Box<[u8]>, Arc<StmtDef>>;
-
-impl ClientStmts {
-    fn map_mut(&mut self) -> &mut StmtMap {
-        self.0.get_or_insert_with(Default::default)
-    }
-    fn get(&self, name: &[u8]) -> Option<&Arc<StmtDef>> {
-        self.0.as_ref()?.get(name)
-    }
-    fn contains_key(&self, name: &[u8]) -> bool {
-        self.get(name).is_some()
-    }
-    fn insert(&mut self, name: Box<[u8]>, def: Arc<StmtDef>) {
-        self.map_mut().insert(name, def);
-    }
-    fn remove(&mut self, name: &[u8]) -> Option<Arc<StmtDef>> {
-        self.0.as_mut()?.remove(name)
-    }
-    fn clear(&mut self) {
-        self.0 = None;
-    }
-}
-
-/// Counted locally and added to the shared metrics at transaction boundaries, so the
-/// per-message path touches no shared cache lines.
-#[derive(Default)]
-struct SessionStats {
-    msgs_c2s: u64,
-    msgs_s2c: u64,
-    bytes_c2s: u64,
-    bytes_s2c: u64,
-    /// Start of each Query/Sync in flight, answered in order by ReadyForQuery.
-    query_starts: std::collections::VecDeque<Instant>,
-    /// Start of the current transaction (first request after idle).
-    txn_start: Option<Instant>,
-}
-
-/// Keeps the pool's client gauges right however the session ends.
-struct PoolClientGuard {
-    pool: Arc<Pool>,
-    active: bool,
-}
-
-impl Drop for PoolClientGuard {
-    fn drop(&mut self) {
-        self.pool.clients.fetch_sub(1, Ordering::Relaxed);
-        if self.active {
-            self.pool.clients_active.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Streams that can say whether a read would find data without a buffer to read into,
-/// so idle sessions need not hold one. The default says "read now".
-pub trait ReadReady {
-    fn poll_read_ready_hint(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    /// Whether closing needs a shutdown() (TLS close_notify) rather than just a drop.
-    fn close_needs_shutdown(&self) -> bool {
-        true
-    }
-}
-
-impl ReadReady for tokio::net::TcpStream {
-    fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.poll_read_ready(cx)
-    }
-}
-
-impl<S: ReadReady> ReadReady for crate::tls::MaybeTls<S> {
-    fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self {
-            crate::tls::MaybeTls::Plain(s) => s.poll_read_ready_hint(cx),
-            // TLS may hold decrypted bytes the socket no longer shows: always read.
-            _ => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn close_needs_shutdown(&self) -> bool {
-        !matches!(self, crate::tls::MaybeTls::Plain(_))
-    }
-}
-
 impl<C> Session<C>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
@@ -265,39 +178,6 @@ where
                 }
             }
         }
-    }
-
-    /// Ends a session whose settings PostgreSQL refused on a server, with its words.
-    async fn end_unusable_settings(&mut self, e: Box<(String, String)>) {
-        let (code, message) = *e;
-        let e = ClientError::fatal(
-            crate::server::leak_code_or(&code, sqlstate::INVALID_PARAMETER_VALUE),
-            format!("pgsidecar: this session's settings cannot be applied on a server connection: {message}"),
-        )
-        .with_hint("reconnect with settings PostgreSQL accepts");
-        self.handle(Step::ClientProtocol(e)).await;
-    }
-
-    /// The console's KILL reached this client.
-    fn killed(&self) -> bool {
-        self.entry
-            .as_ref()
-            .is_some_and(|e| e.info.killed.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Ends the session after KILL: its server is closed, not reused, and the client is
-    /// told why.
-    async fn end_killed(&mut self) {
-        if let Some(lease) = self.server.take() {
-            lease.discard(CloseReason::Killed);
-        }
-        self.set_inactive();
-        let _ = self.flush_client().await;
-        let e = ClientError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection: an administrator ran KILL for this database in the pgsidecar console; reconnect once it is resumed",
-        );
-        let _ = self.client.write_all(&e.to_bytes()).await;
     }
 
     /// Handles a step that needs waiting; true when the session is over.
@@ -414,60 +294,6 @@ where
             _ => self.local_sync_owed = true,
         }
         self.s_in.push_own(&out);
-    }
-
-    /// After the client left: return the server clean, roll back, or close it.
-    async fn finish_client_gone(&mut self) {
-        self.cancel.slot.set(None);
-        self.flush_stats();
-        self.set_inactive();
-        let Some(mut lease) = self.server.take() else {
-            return;
-        };
-        let quiet = self.tracker.is_empty()
-            && !self.batch_open
-            && self.c_in.body_left == 0
-            && !self.c_in.has_output()
-            && self.s_in.unscanned().is_empty()
-            && !self.server_fatal
-            && !self.timers.discard_server;
-        if !quiet {
-            // Something is in flight (a query, a COPY, a partial batch): the connection's
-            // state is unknown, so it is closed rather than reused.
-            lease.discard(CloseReason::ClientLeftMidRequest);
-            return;
-        }
-        let limit = Duration::from_secs(5);
-        if self.tracker.status != TxnStatus::Idle {
-            if let Err(e) = lease.conn().run_quiet("ROLLBACK", limit).await {
-                tracing::debug!(error = %e, "rollback after client left failed");
-                lease.discard(CloseReason::RollbackFailed);
-                return;
-            }
-        }
-        if let Err(why) = self.clean_after_pin(&mut lease, limit).await {
-            tracing::debug!(%why, "closing a server that held a client's session state");
-            lease.discard(why);
-            return;
-        }
-        if self.mode == PoolMode::Session {
-            let reset = lease.pool().settings().reset_query.clone();
-            if !reset.is_empty() && lease.conn_ref().dirty {
-                if let Err(e) = lease.conn().run_quiet(&reset, limit).await {
-                    tracing::debug!(error = %e, "reset query failed");
-                    lease.discard(CloseReason::ResetFailed);
-                    return;
-                }
-                let conn = lease.conn();
-                conn.params = conn.original_params.clone();
-                conn.dirty = false;
-            }
-        }
-        self.cancel
-            .slot
-            .wait_delivered(Duration::from_secs(5))
-            .await;
-        lease.release();
     }
 
     /// Adds the locally counted traffic to the shared metrics.
@@ -638,69 +464,7 @@ where
             self.stmts.remove(&name);
         }
     }
-
-    /// Classifies client messages; see `frontend.rs`.
-    fn scan_client(&mut self) -> Result<(bool, Option<Step>), ClientError> {
-        let mut progress = false;
-        loop {
-            if self.c_in.body_left > 0 {
-                let before = self.c_in.scanned;
-                self.c_in.continue_body();
-                progress |= self.c_in.scanned != before;
-                if self.c_in.body_left > 0 {
-                    break;
-                }
-                continue;
-            }
-            let h = match frontend_header(self.c_in.unscanned(), self.max_message) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => return Err(frame_error(e)),
-            };
-            match self.on_client_message(h)? {
-                frontend::Outcome::Continue => progress = true,
-                frontend::Outcome::NeedMore => break,
-                frontend::Outcome::Stop(step) => return Ok((progress, Some(step))),
-            }
-        }
-        Ok((progress, None))
-    }
-}
-
-fn frame_error(e: FrameError) -> ClientError {
-    match e {
-        FrameError::TooLong { .. } => {
-            ClientError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgsidecar: {e}"))
-                .with_hint("raise limits.max_message_size if this message is legitimate")
-        }
-        _ => ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgsidecar: {e}")),
-    }
 }
 
 #[cfg(test)]
-mod size_tests {
-    use super::*;
-
-    impl ReadReady for tokio::io::DuplexStream {}
-
-    /// Every idle client parks in this future: keep it small (RSS per idle client).
-    #[tokio::test]
-    async fn idle_session_state_stays_small() {
-        let cfg = crate::config::Config::with_upstream(crate::config::UpstreamConfig::new(
-            "127.0.0.1".into(),
-            1,
-        ));
-        let tls = crate::tls::prepare(&cfg).unwrap();
-        let shared = Shared::new(Arc::new(cfg), tls);
-        let (a, _b) = tokio::io::duplex(64);
-        let fut = serve(Box::new(Accepted {
-            client: a,
-            peer: "127.0.0.1:1".parse().unwrap(),
-            shared,
-        }));
-        let future = std::mem::size_of_val(&fut);
-        let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
-        assert!(future <= 256, "serve future grew to {future} bytes");
-        assert!(session <= 1024, "Session grew to {session} bytes");
-    }
-}
+mod size_tests;

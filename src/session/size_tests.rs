@@ -1,0 +1,24 @@
+use super::*;
+
+impl ReadReady for tokio::io::DuplexStream {}
+
+/// Every idle client parks in this future: keep it small (RSS per idle client).
+#[tokio::test]
+async fn idle_session_state_stays_small() {
+    let cfg = crate::config::Config::with_upstream(crate::config::UpstreamConfig::new(
+        "127.0.0.1".into(),
+        1,
+    ));
+    let tls = crate::tls::prepare(&cfg).unwrap();
+    let shared = Shared::new(Arc::new(cfg), tls);
+    let (a, _b) = tokio::io::duplex(64);
+    let fut = serve(Box::new(Accepted {
+        client: a,
+        peer: "127.0.0.1:1".parse().unwrap(),
+        shared,
+    }));
+    let future = std::mem::size_of_val(&fut);
+    let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
+    assert!(future <= 256, "serve future grew to {future} bytes");
+    assert!(session <= 1024, "Session grew to {session} bytes");
+}
