@@ -30,6 +30,8 @@
 //!   `logfmt`: the JSON log format; `error`: client-visible errors and SQLSTATEs.
 //! - `fuzzing`: entry points the fuzz targets and their replay tests share.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod auth;
