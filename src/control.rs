@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::circuit::BreakerView;
 use crate::clients::ClientInfo;
 use crate::config::Config;
 use crate::error::{sqlstate, ClientError};
+use crate::pool::breaker::BreakerView;
 use crate::pool::upstream_login::LoginFailureView;
 use crate::pool::{Pool, PoolKey, PoolSnapshot, ServerView};
 use crate::server::hosts::Hosts;

@@ -18,7 +18,6 @@
 //! - `cancel`, `cancel_limit`: cancel keys, their forwarding, a per-source rate limit.
 //! - `pool`: per (database, user) pools: checkout and wait queue, sizing, congestion
 //!   control, breaker, health checks; `pool::registry` holds them.
-//! - `circuit`: the circuit breaker's state machine.
 //! - `server`: one connection to PostgreSQL (hosts, login, parameters, prepared
 //!   statements, queries of its own).
 //! - `tls`: certificates read into the client acceptor and the upstream connector.
@@ -37,7 +36,6 @@ pub mod app;
 pub mod auth;
 pub mod cancel;
 pub mod cancel_limit;
-pub mod circuit;
 pub mod cli;
 pub mod clients;
 pub mod config;

@@ -11,8 +11,8 @@ mod pool_support;
 
 use std::time::{Duration, Instant};
 
-use pgsidecar::circuit::State;
 use pgsidecar::config::BreakerOnOpen;
+use pgsidecar::pool::breaker::State;
 
 use common::*;
 use pool_support::*;

@@ -2,11 +2,11 @@
 //! a dirty or broken one is closed, and the pool trims itself to its limit and opens
 //! connections for waiters after anything that changed what it may hold.
 
-use super::CloseReason;
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::CloseReason;
 use super::{drop_later, Idle, Lease, Pool, PoolSettings, MAX_CONN_ERRORS};
 use crate::server::ServerConn;
 

@@ -2,7 +2,6 @@
 //! client's bytes are sent, connects that survive a client leaving, and the bookkeeping
 //! that keeps `open` equal to what PostgreSQL sees.
 
-use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +9,13 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::breaker::Event;
 use super::health::{self, CheckOutcome, Testing};
+use super::CloseReason;
 use super::{
     drop_later, is_congestion, CheckoutError, Idle, Lease, Pool, PoolSettings, PoolState,
     MAX_CONN_ERRORS,
 };
-use crate::circuit::Event;
 use crate::server::{ConnectError, ServerConn};
 
 /// Idle connections last known good more recently than this are not peeked.

@@ -15,13 +15,13 @@
 //! its share; and a pool that is not contended gives its spare idle connections back
 //! when the server is nearly full, so that the sidecars that are starved can connect.
 
-use super::CloseReason;
 use std::sync::Arc;
 
 use tokio::time::Instant;
 
 use super::congestion::Headroom;
 use super::health::Testing;
+use super::CloseReason;
 use super::{drop_later, Pool, PoolSettings};
 use crate::server::{QueryOutcome, ServerConn};
 

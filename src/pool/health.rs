@@ -15,7 +15,6 @@
 //!   latency, feeds the breaker and congestion control, and is the HalfOpen trial that
 //!   lets an Open breaker recover without client traffic.
 
-use super::CloseReason;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,8 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::breaker::{Event, State};
+use super::CloseReason;
 use super::{PoolSettings, MAX_CONN_ERRORS};
-use crate::circuit::{Event, State};
 use crate::protocol::framing::{backend_header, be, HEADER_LEN};
 use crate::protocol::messages;
 use crate::server::{ServerConn, ServerIdentity, ServerStream};

@@ -4,7 +4,6 @@
 //! the sizing controller, and serves waiters that a congestion pause or a breaker held
 //! back. It ends when the pool is closed or dropped.
 
-use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +11,7 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::sizing::{Load, SizingConfig};
+use super::CloseReason;
 use super::{drop_later, Pool, PoolSettings};
 
 /// Short enough that growth and recovery react within a blink, long enough that an idle

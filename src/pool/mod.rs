@@ -18,7 +18,7 @@
 //! nothing that can change the breaker's state is called with `state` held, because a
 //! transition to Open closes idle connections (which takes `state`).
 
-mod breaker;
+pub mod breaker;
 mod checkin;
 mod checkout;
 mod close;
@@ -49,11 +49,11 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::circuit::{Breaker, BreakerSettings};
 use crate::config::{BreakerOnOpen, PoolMode};
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::{Metrics, PoolMetrics};
 use crate::server::{ConnectError, ServerConn, ServerIdentity};
+use breaker::{Breaker, BreakerSettings};
 use congestion::{Aimd, AimdConfig, Headroom};
 use sizing::Sizer;
 

@@ -283,7 +283,7 @@ pub fn settings_for(
         max_prepared: config.pool.max_prepared_statements,
         server_idle_timeout: config.pool.server_idle_timeout,
         server_lifetime: config.pool.server_lifetime,
-        breaker: crate::circuit::BreakerSettings {
+        breaker: super::breaker::BreakerSettings {
             failure_threshold: config.breaker.failure_threshold,
             backoff_base: config.breaker.backoff_base,
             backoff_cap: config.breaker.backoff_cap,

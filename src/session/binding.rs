@@ -1,7 +1,6 @@
 //! Binding a server to the session: waiting for one in the pool queue (while watching
 //! the client), attaching it, and giving it back at a transaction boundary.
 
-use crate::pool::CloseReason;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use super::{ReadReady, Session};
 use crate::cancel::CancelTarget;
 use crate::clients::ClientPhase;
 use crate::config::PoolMode;
+use crate::pool::CloseReason;
 use crate::pool::{Lease, Pool};
 use crate::protocol::messages;
 use crate::server::params::{self, sync_sql};

@@ -23,7 +23,6 @@ pub mod timers;
 pub mod tracker;
 mod validate;
 
-use crate::pool::CloseReason;
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -39,6 +38,7 @@ use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
 use crate::lifecycle::Phase;
 use crate::limits::CapGuard;
+use crate::pool::CloseReason;
 use crate::pool::{Lease, Pool};
 use crate::protocol::framing::frontend_header;
 use crate::protocol::messages;

@@ -3,7 +3,6 @@
 //! state is gone; a pinned client that leaves has its server cleaned before anyone
 //! else gets it. See `sessionstate.rs` for what is detected.
 
-use crate::pool::CloseReason;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use super::sessionstate::{self, Reason, Scan};
 use super::{ReadReady, Session};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::error::ClientError;
+use crate::pool::CloseReason;
 use crate::pool::{Lease, Pool};
 use crate::protocol::framing::Header;
 use crate::server::QueryOutcome;

@@ -1,7 +1,6 @@
 //! The end of login: the database and pool are picked, the first server (when one is
 //! needed) checked, and the client told its parameters and cancel key.
 
-use crate::pool::CloseReason;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use super::{ClientStmts, PoolClientGuard, ReadReady, Session, SessionStats};
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError, Severity};
 use crate::metrics::LoginResult;
+use crate::pool::CloseReason;
 use crate::pool::PoolKey;
 use crate::protocol::messages;
 use crate::server::params;

@@ -8,8 +8,6 @@
 //! is answered), never per message. Nothing fires while the session waits for a server
 //! (that is `pool.query_wait_timeout`'s job) because the relay loop is not polled then.
 
-use super::tracker::TxnStatus;
-use crate::pool::CloseReason;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Context;
@@ -18,10 +16,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use super::tracker::TxnStatus;
 use super::{ReadReady, Session, Step};
 use crate::cancel::CancelTarget;
 use crate::config::LimitsConfig;
 use crate::error::{sqlstate, ClientError};
+use crate::pool::CloseReason;
 
 /// How long the server gets to answer a cancel sent for `query_timeout` before its
 /// connection is closed.

@@ -1,16 +1,17 @@
 //! The pool's side of the circuit breaker (transitions, admission, what waiters are told)
 //! and the metrics every state change is recorded in.
 
-use super::CloseReason;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{congestion, CheckoutError, Pool};
-use crate::circuit::{Admit, BreakerView, Event, State};
+pub mod circuit;
+
+use super::{congestion, CheckoutError, CloseReason, Pool};
 use crate::server::ConnectError;
+pub use circuit::{Admit, Breaker, BreakerSettings, BreakerView, Event, State};
 
 impl Pool {
     /// Logs a congestion-control change. Every cut lowers a limit clients may meet, so
