@@ -19,23 +19,17 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::breaker::{Event, State};
 use super::CloseReason;
 use super::{PoolSettings, MAX_CONN_ERRORS};
-use crate::protocol::framing::{backend_header, be, HEADER_LEN};
-use crate::protocol::messages;
-use crate::server::{ServerConn, ServerIdentity, ServerStream};
+use crate::server::{QueryOutcome, ServerConn, ServerIdentity, ServerStream};
 use crate::tls::MaybeTls;
 
 use super::Pool;
 
-/// Largest message a check query may return (its rows are read and dropped).
-const CHECK_MESSAGE_LIMIT: usize = 1 << 20;
 
 /// How a check query went.
 #[derive(Debug)]
@@ -88,76 +82,11 @@ pub fn peek_dead(stream: &ServerStream) -> Option<&'static str> {
 
 /// Runs the check query on an idle connection within `limit`.
 pub async fn check(conn: &mut ServerConn, query: &str, limit: Duration) -> CheckOutcome {
-    match tokio::time::timeout(limit, check_inner(conn, query)).await {
-        Ok(r) => r,
+    match tokio::time::timeout(limit, conn.simple(query)).await {
         Err(_) => CheckOutcome::TimedOut(limit),
-    }
-}
-
-async fn check_inner(conn: &mut ServerConn, query: &str) -> CheckOutcome {
-    let mut buf = BytesMut::with_capacity(64);
-    messages::fe_query(&mut buf, query);
-    if let Err(e) = conn.stream.write_all(&buf).await {
-        return CheckOutcome::Broken(e.to_string());
-    }
-    buf.clear();
-    let mut failed = None;
-    loop {
-        let (tag, body) = match read_frame(&mut conn.stream, &mut buf).await {
-            Ok(f) => f,
-            Err(e) => return CheckOutcome::Broken(e),
-        };
-        match tag {
-            be::READY_FOR_QUERY => {
-                return match (body.first(), failed) {
-                    (Some(b'I'), None) => CheckOutcome::Ok,
-                    (Some(b'I'), Some(e)) => CheckOutcome::ServerError(e),
-                    (s, _) => CheckOutcome::Broken(format!(
-                        "check query left the server in state {:?}",
-                        s.map(|b| *b as char)
-                    )),
-                };
-            }
-            be::ERROR_RESPONSE => {
-                let (code, msg, severity) = messages::error_fields(&body);
-                let text = format!("{}: {}", code.unwrap_or_default(), msg.unwrap_or_default());
-                if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
-                    return CheckOutcome::Broken(text);
-                }
-                failed = Some(text);
-            }
-            be::PARAMETER_STATUS => {
-                if let Some((k, v)) = messages::parse_parameter_status(&body) {
-                    conn.params.insert(k, v);
-                }
-            }
-            be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => {
-                return CheckOutcome::Broken("check query started a COPY".into())
-            }
-            // EmptyQueryResponse, rows, CommandComplete, notices.
-            _ => {}
-        }
-    }
-}
-
-/// Reads one backend message (type, body).
-async fn read_frame(
-    stream: &mut ServerStream,
-    buf: &mut BytesMut,
-) -> Result<(u8, BytesMut), String> {
-    loop {
-        if let Some(h) = backend_header(buf, CHECK_MESSAGE_LIMIT).map_err(|e| e.to_string())? {
-            if buf.len() >= h.frame_len() {
-                let mut frame = buf.split_to(h.frame_len());
-                frame.advance(HEADER_LEN);
-                return Ok((h.tag, frame));
-            }
-        }
-        match stream.read_buf(buf).await {
-            Ok(0) => return Err("server closed the connection".into()),
-            Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
-        }
+        Ok(Err(e)) => CheckOutcome::Broken(e),
+        Ok(Ok(QueryOutcome::ServerError(e))) => CheckOutcome::ServerError(e),
+        Ok(Ok(QueryOutcome::Rows(_))) => CheckOutcome::Ok,
     }
 }
 

@@ -29,56 +29,64 @@ impl ServerConn {
     }
 
     async fn run_simple(&mut self, sql: &str, limit: Duration) -> Result<QueryOutcome, String> {
-        let mut buf = BytesMut::new();
-        messages::fe_query(&mut buf, sql);
-        let fut = async {
-            self.stream
-                .write_all(&buf)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.stream.flush().await.map_err(|e| e.to_string())?;
-            buf.clear();
-            let mut failed = None;
-            let mut row = None;
-            loop {
-                let (tag, body) = read_raw(&mut self.stream, &mut buf)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match tag {
-                    be::READY_FOR_QUERY => {
-                        let status = body.first().copied().unwrap_or(b'?');
-                        if status != b'I' {
-                            return Err(format!("server left in state {}", status as char));
-                        }
-                        return Ok(match failed {
-                            Some(e) => QueryOutcome::ServerError(e),
-                            None => QueryOutcome::Rows(row.unwrap_or_default()),
-                        });
-                    }
-                    be::DATA_ROW if row.is_none() => row = Some(messages::data_row_text(&body)),
-                    be::ERROR_RESPONSE => {
-                        let (code, msg, _) = messages::error_fields(&body);
-                        failed = Some(format!(
-                            "{}: {}",
-                            code.unwrap_or_default(),
-                            msg.unwrap_or_default()
-                        ));
-                    }
-                    be::PARAMETER_STATUS => {
-                        if let Some((k, v)) = messages::parse_parameter_status(&body) {
-                            self.params.insert(k, v);
-                        }
-                    }
-                    be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => {
-                        return Err("unexpected COPY from an internal query".into())
-                    }
-                    _ => {}
-                }
-            }
-        };
-        match tokio::time::timeout(limit, fut).await {
+        match tokio::time::timeout(limit, self.simple(sql)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    /// The one simple-query path for the proxy's own queries, without a time limit
+    /// (callers set one): sends `sql`, reads every reply, returns the first row or the
+    /// server's error. Err: the connection is unusable (I/O, protocol, a FATAL, a COPY,
+    /// not idle afterwards).
+    pub async fn simple(&mut self, sql: &str) -> Result<QueryOutcome, String> {
+        let mut buf = BytesMut::new();
+        messages::fe_query(&mut buf, sql);
+        self.stream
+            .write_all(&buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        // TLS buffers writes.
+        self.stream.flush().await.map_err(|e| e.to_string())?;
+        buf.clear();
+        let mut failed = None;
+        let mut row = None;
+        loop {
+            let (tag, body) = read_raw(&mut self.stream, &mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            match tag {
+                be::READY_FOR_QUERY => {
+                    let status = body.first().copied().unwrap_or(b'?');
+                    if status != b'I' {
+                        return Err(format!("server left in state {}", status as char));
+                    }
+                    return Ok(match failed {
+                        Some(e) => QueryOutcome::ServerError(e),
+                        None => QueryOutcome::Rows(row.unwrap_or_default()),
+                    });
+                }
+                be::DATA_ROW if row.is_none() => row = Some(messages::data_row_text(&body)),
+                be::ERROR_RESPONSE => {
+                    let (code, msg, severity) = messages::error_fields(&body);
+                    let text = format!("{}: {}", code.unwrap_or_default(), msg.unwrap_or_default());
+                    if matches!(severity.as_deref(), Some("FATAL") | Some("PANIC")) {
+                        // The server ends the connection after it.
+                        return Err(text);
+                    }
+                    failed = Some(text);
+                }
+                be::PARAMETER_STATUS => {
+                    if let Some((k, v)) = messages::parse_parameter_status(&body) {
+                        self.params.insert(k, v);
+                    }
+                }
+                be::COPY_IN_RESPONSE | be::COPY_OUT_RESPONSE | be::COPY_BOTH_RESPONSE => {
+                    return Err("unexpected COPY from an internal query".into())
+                }
+                // EmptyQueryResponse, rows after the first, CommandComplete, notices.
+                _ => {}
+            }
         }
     }
 }
