@@ -30,7 +30,6 @@ use crate::tls::MaybeTls;
 
 use super::Pool;
 
-
 /// How a check query went.
 #[derive(Debug)]
 pub enum CheckOutcome {
