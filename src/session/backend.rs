@@ -99,6 +99,15 @@ where
                         forget = Some(true);
                     } else if body.starts_with(b"DEALLOCATE ALL\0") {
                         forget = Some(false);
+                    } else if body.starts_with(b"ROLLBACK") || body.starts_with(b"DROP ") {
+                        if let Some(lease) = self.server.as_mut() {
+                            let prepared = &mut lease.conn().prepared;
+                            if body[0] == b'R' {
+                                prepared.rolled_back();
+                            } else {
+                                prepared.dropped();
+                            }
+                        }
                     }
                 }
                 be::ERROR_RESPONSE => {
@@ -121,6 +130,11 @@ where
                     tracing::trace!(code = ?code, "server error");
                 }
                 _ => {}
+            }
+            if h.tag == be::READY_FOR_QUERY && body == b"I" {
+                if let Some(lease) = self.server.as_mut() {
+                    lease.conn().prepared.settled();
+                }
             }
             let forward = self
                 .tracker
