@@ -64,9 +64,11 @@ impl Cli {
             let from_url = config_from_url(url)?;
             config.upstream.host = from_url.upstream.host;
             config.upstream.port = from_url.upstream.port;
-            if from_url.upstream.user.is_some() {
-                config.upstream.user = from_url.upstream.user;
-                config.upstream.password = from_url.upstream.password;
+            // The URL's role (trust URLs drop it from `from_url`) overrides the file's.
+            let (user, password) = url_identity(url)?;
+            if user.is_some() {
+                config.upstream.user = user;
+                config.upstream.password = password;
             }
         }
         if let Some(l) = &self.listen {
@@ -128,12 +130,13 @@ impl Cli {
     }
 }
 
-/// `--upstream` alone: backend connections log in as the URL's user with its password;
-/// clients must connect as that same user (with that password when the URL has one,
-/// else without one) and may ask for any database.
+/// `--upstream` alone. With a password in the URL, server connections log in as the
+/// URL's user with it, and clients must connect as that user with that password (SCRAM).
+/// Without one the proxy authenticates no one itself: every client logs in upstream as
+/// its own role, without a password, so PostgreSQL admits exactly the roles it trusts
+/// from the proxy's address. Clients may ask for any database.
 pub fn config_from_url(url: &str) -> Result<Config, ConfigError> {
-    let pg = tokio_postgres::Config::from_str(url)
-        .map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))?;
+    let pg = parse_url(url)?;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(_) => {
@@ -145,26 +148,41 @@ pub fn config_from_url(url: &str) -> Result<Config, ConfigError> {
     };
     let port = pg.get_ports().first().copied().unwrap_or(5432);
     let mut upstream = UpstreamConfig::new(host, port);
-    let user = pg.get_user().map(str::to_string);
-    let password = pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    upstream.user = user.clone();
-    upstream.password = password.clone();
-    let mut config = Config::with_upstream(upstream);
-    let user = user.unwrap_or_else(|| "postgres".into());
-    config.auth.method = if password.is_some() {
-        AuthMethod::ScramSha256
-    } else {
-        AuthMethod::Trust
+    let (user, password) = url_identity(url)?;
+    let Some(password) = password else {
+        // Trust: no `users` list admits every role, and without `upstream.user` each
+        // logs in upstream as itself (never as the URL's role: that would hand every
+        // client the URL role's privileges).
+        let mut config = Config::with_upstream(upstream);
+        config.auth.method = AuthMethod::Trust;
+        return Ok(config);
     };
+    upstream.user = user.clone();
+    upstream.password = Some(password.clone());
+    let mut config = Config::with_upstream(upstream);
+    config.auth.method = AuthMethod::ScramSha256;
     config.users.push(UserConfig {
-        name: user,
-        password,
+        name: user.unwrap_or_else(|| "postgres".into()),
+        password: Some(password),
         server_user: None,
         server_password: None,
         pool_mode: None,
         admin: false,
     });
     Ok(config)
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
+    tokio_postgres::Config::from_str(url)
+        .map_err(|e| ConfigError::Invalid(format!("--upstream: {e}")))
+}
+
+/// The URL's user and password.
+fn url_identity(url: &str) -> Result<(Option<String>, Option<String>), ConfigError> {
+    let pg = parse_url(url)?;
+    let user = pg.get_user().map(str::to_string);
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    Ok((user, password))
 }

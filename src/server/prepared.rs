@@ -4,8 +4,17 @@
 //! name derived from its content, so any client's statement can be prepared on any server
 //! and shared by every client that prepared the same text. Each server connection keeps a
 //! bounded LRU set of the statements it holds.
+//!
+//! A statement PostgreSQL prepared can outlive what it refers to: its parameter types
+//! are fixed at Parse, so after the type it names is dropped (or created in a
+//! transaction that rolled back) and made again, Bind fails with "cache lookup failed
+//! for type". A client sees this never directly (psycopg, for one, deallocates its
+//! statements after a ROLLBACK or a DROP), so the proxy does not reuse such statements:
+//! those parsed in a transaction that rolled back are closed on that server, and after
+//! any DROP every server closes and re-parses what it holds at its next use.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,12 +57,26 @@ pub fn server_name(id: StmtId) -> Box<[u8]> {
     format!("pgsc_{id:032x}").into_bytes().into_boxed_slice()
 }
 
+/// Counts DROP commands seen on any server (proxy-wide: a committed DROP reaches every
+/// server's statements). A cache from an older count re-parses what it holds.
+static DROPS: AtomicU64 = AtomicU64::new(0);
+
 /// The statements one server connection holds, bounded, least recently used evicted.
 #[derive(Debug)]
 pub struct PreparedCache {
     capacity: usize,
     tick: u64,
     used: HashMap<StmtId, u64>,
+    /// Parsed since the server was last idle: a ROLLBACK makes them suspect.
+    fresh: Vec<StmtId>,
+    /// Still prepared on the server but not to be used again: Closed before the next
+    /// statement is looked up.
+    to_close: Vec<StmtId>,
+    /// `DROPS` when `used` was last known good.
+    drops: u64,
+    /// A DROP ran in the server's current transaction: counted again when it ends
+    /// (its commit), so a server that re-parsed in between re-parses once more.
+    drop_pending: bool,
 }
 
 impl PreparedCache {
@@ -62,11 +85,21 @@ impl PreparedCache {
             capacity: capacity.max(1),
             tick: 0,
             used: HashMap::new(),
+            fresh: Vec::new(),
+            to_close: Vec::new(),
+            drops: DROPS.load(Ordering::Acquire),
+            drop_pending: false,
         }
     }
 
-    /// Whether the server holds `id`; marks it as recently used.
+    /// Whether the server holds `id` (and may use it); marks it as recently used.
     pub fn touch(&mut self, id: StmtId) -> bool {
+        let drops = DROPS.load(Ordering::Acquire);
+        if drops != self.drops {
+            self.drops = drops;
+            self.to_close.extend(self.used.drain().map(|(id, _)| id));
+            self.fresh.clear();
+        }
         self.tick += 1;
         match self.used.get_mut(&id) {
             Some(t) => {
@@ -90,6 +123,12 @@ impl PreparedCache {
             }
         }
         self.used.insert(id, self.tick);
+        self.fresh.push(id);
+        if self.fresh.len() > 4 * self.capacity {
+            // A long transaction of many distinct statements: only held ones matter.
+            let used = &self.used;
+            self.fresh.retain(|id| used.contains_key(id));
+        }
         evicted
     }
 
@@ -97,8 +136,40 @@ impl PreparedCache {
         self.used.remove(&id);
     }
 
+    /// The server emptied itself (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.used.clear();
+        self.fresh.clear();
+        self.to_close.clear();
+    }
+
+    /// The server said ROLLBACK (also a failed COMMIT's, and ROLLBACK TO SAVEPOINT): the
+    /// statements parsed in its transaction may name objects that are gone.
+    pub fn rolled_back(&mut self) {
+        for id in self.fresh.drain(..) {
+            if self.used.remove(&id).is_some() {
+                self.to_close.push(id);
+            }
+        }
+    }
+
+    /// The server ran a DROP: every server's statements are suspect.
+    pub fn dropped(&mut self) {
+        DROPS.fetch_add(1, Ordering::AcqRel);
+        self.drop_pending = true;
+    }
+
+    /// The server is idle (ReadyForQuery 'I'): its transaction's statements stay.
+    pub fn settled(&mut self) {
+        self.fresh.clear();
+        if std::mem::take(&mut self.drop_pending) {
+            DROPS.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Statements to Close on the server before it is used again.
+    pub fn take_to_close(&mut self) -> Vec<StmtId> {
+        std::mem::take(&mut self.to_close)
     }
 
     pub fn len(&self) -> usize {
@@ -132,5 +203,22 @@ mod tests {
         assert!(c.touch(1));
         assert_eq!(c.insert(3), Some(2));
         assert!(c.touch(1) && c.touch(3) && !c.touch(2));
+    }
+
+    #[test]
+    fn statements_of_a_rolled_back_transaction_are_closed_and_reparsed() {
+        let mut c = PreparedCache::new(8);
+        c.insert(1);
+        c.settled();
+        c.insert(2);
+        c.rolled_back();
+        c.settled();
+        assert!(c.touch(1), "committed before the transaction: kept");
+        assert!(
+            !c.touch(2),
+            "parsed in the rolled-back transaction: parsed again"
+        );
+        assert_eq!(c.take_to_close(), vec![2]);
+        assert!(c.take_to_close().is_empty());
     }
 }

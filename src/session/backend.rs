@@ -145,6 +145,15 @@ where
                     forget = Some(true);
                 } else if body.starts_with(b"DEALLOCATE ALL\0") {
                     forget = Some(false);
+                } else if body.starts_with(b"ROLLBACK") || body.starts_with(b"DROP ") {
+                    if let Some(lease) = self.server.as_mut() {
+                        let prepared = &mut lease.conn().prepared;
+                        if body[0] == b'R' {
+                            prepared.rolled_back();
+                        } else {
+                            prepared.dropped();
+                        }
+                    }
                 }
             }
             be::ERROR_RESPONSE => {
@@ -165,6 +174,11 @@ where
                     }
                 }
                 tracing::trace!(code = ?code, "server error");
+            }
+            be::READY_FOR_QUERY if body == b"I" => {
+                if let Some(lease) = self.server.as_mut() {
+                    lease.conn().prepared.settled();
+                }
             }
             _ => {}
         }

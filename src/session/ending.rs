@@ -77,6 +77,8 @@ where
                 lease.discard(CloseReason::RollbackFailed);
                 return;
             }
+            lease.conn().prepared.rolled_back();
+            lease.conn().prepared.settled();
         }
         if let Err(why) = self.clean_after_pin(&mut lease, limit).await {
             tracing::debug!(%why, "closing a server that held a client's session state");

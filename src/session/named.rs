@@ -76,18 +76,26 @@ where
                 .with_label_values(&[event])
                 .inc()
         };
-        if conn.prepared.touch(def.id) {
+        let hit = conn.prepared.touch(def.id);
+        // Statements that may name dropped objects (see `server/prepared.rs`) go first.
+        let mut closes = conn.prepared.take_to_close();
+        if hit {
             counter("hit");
-            return false;
+        } else {
+            counter("miss");
+            if let Some(old) = conn.prepared.insert(def.id) {
+                counter("eviction");
+                closes.push(old);
+            }
         }
-        let evicted = conn.prepared.insert(def.id);
-        counter("miss");
-        if let Some(old) = evicted {
-            counter("eviction");
+        for old in closes {
             let mut close = BytesMut::new();
             messages::fe_close_statement(&mut close, &server_name(old));
             self.c_in.push_own_buf(close);
             self.push(Req::Close { injected: true });
+        }
+        if hit {
+            return false;
         }
         let mut parse = BytesMut::new();
         messages::fe_parse(&mut parse, &def.server_name, &def.query, &def.param_types);

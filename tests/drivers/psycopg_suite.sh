@@ -24,6 +24,10 @@ PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 OUT="${OUT:-$root/target/psycopg-suite}"
 MODES="${MODES:-direct session transaction}"
 mkdir -p "$OUT"
+# Absolute: the runs cd into the checkout.
+OUT="$(cd "$OUT" && pwd)"
+case "$PY" in /*) ;; */*) PY="$(pwd)/$PY" ;; esac
+case "$BIN" in /*) ;; */*) BIN="$(pwd)/$BIN" ;; esac
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -62,3 +62,29 @@ def test_cancel_with_own_key_stops_query(session_proxy):
             t.join()
             assert time.monotonic() - started < 10, how
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_quick_start_admits_the_roles_postgres_admits(proxy, direct):
+    """`--upstream` with a URL without password (as here, in front of a trust cluster):
+    any role logs in through the proxy as itself, as it would directly, and a role
+    PostgreSQL refuses is refused with PostgreSQL's reason."""
+    with psycopg.connect(direct(), autocommit=True) as d:
+        d.execute("DROP ROLE IF EXISTS pgsc_alice")
+        d.execute("DROP ROLE IF EXISTS pgsc_nologin")
+        d.execute("CREATE ROLE pgsc_alice LOGIN PASSWORD 'secret'")
+        d.execute("CREATE ROLE pgsc_nologin NOLOGIN")
+    try:
+        for password in ("secret", "anything"):  # a trust cluster ignores it; so does the proxy
+            with psycopg.connect(proxy.dsn(user="pgsc_alice", password=password)) as c:
+                row = c.execute("SELECT current_user, session_user, rolsuper FROM pg_roles"
+                                " WHERE rolname = current_user").fetchone()
+                assert row == ("pgsc_alice", "pgsc_alice", False)
+        with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+            psycopg.connect(proxy.dsn(user="pgsc_nologin"))
+    finally:
+        with psycopg.connect(direct(), autocommit=True) as d:
+            d.execute("DROP ROLE IF EXISTS pgsc_nologin")
+            # Session mode keeps pgsc_alice's server connection pooled: end it first.
+            d.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE usename = 'pgsc_alice'")
+            d.execute("DROP ROLE IF EXISTS pgsc_alice")
