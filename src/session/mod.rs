@@ -243,7 +243,8 @@ where
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
                 Step::Release => {
-                    if Box::pin(self.keep_server()).await {
+                    // Nearly every client holds no session state: no future to box.
+                    if self.pin.is_some() && Box::pin(self.keep_server()).await {
                         // Pinned: the server stays with this client for the next transaction.
                         continue;
                     }
