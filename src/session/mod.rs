@@ -193,11 +193,25 @@ pub trait ReadReady {
     fn close_needs_shutdown(&self) -> bool {
         true
     }
+
+    /// Whether nothing was signalled since a read last returned Pending (the waker it
+    /// registered still stands), checked without a syscall. The default says "poll".
+    fn quiet(&self) -> bool {
+        false
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
     fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+
+    #[inline]
+    fn quiet(&self) -> bool {
+        // try_io runs the closure only if tokio holds read readiness for the socket, and
+        // clears nothing when it returns Ok: a peek at tokio's readiness bits.
+        self.try_io(tokio::io::Interest::READABLE, || Ok(()))
+            .is_err()
     }
 }
 
@@ -212,6 +226,12 @@ impl<S: ReadReady> ReadReady for crate::tls::MaybeTls<S> {
 
     fn close_needs_shutdown(&self) -> bool {
         !matches!(self, crate::tls::MaybeTls::Plain(_))
+    }
+
+    #[inline]
+    fn quiet(&self) -> bool {
+        // TLS may hold decrypted bytes the socket no longer shows.
+        matches!(self, crate::tls::MaybeTls::Plain(s) if s.quiet())
     }
 }
 
@@ -551,11 +571,15 @@ where
             // An idle client holds no read buffer: wait for readability first, and take
             // a buffer only when there is something to read.
             let may_read = self.c_in.buf.capacity() > 0
-                || match self.client.poll_read_ready_hint(cx) {
-                    Poll::Ready(Ok(())) => true,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
-                    Poll::Pending => false,
-                };
+                || !self.c_in.still_pending(&self.client)
+                    && match self.client.poll_read_ready_hint(cx) {
+                        Poll::Ready(Ok(())) => true,
+                        Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
+                        Poll::Pending => {
+                            self.c_in.note_pending();
+                            false
+                        }
+                    };
             if may_read && self.c_in.wants_read() {
                 match self.c_in.poll_fill(cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
