@@ -230,13 +230,6 @@ impl Inbound {
         self.armed = tokio::task::coop::has_budget_remaining();
     }
 
-    /// Whether a read would only return Pending again (see `armed`). The relay polls
-    /// both peers after every wake-up, though only one of them woke it.
-    #[inline]
-    pub fn still_pending<R: ReadReady>(&self, r: &R) -> bool {
-        self.armed && r.quiet()
-    }
-
     /// Another stream is read from now (a server was attached).
     pub fn new_source(&mut self) {
         self.armed = false;
@@ -248,8 +241,21 @@ impl Inbound {
         cx: &mut Context<'_>,
         r: &mut R,
     ) -> Poll<io::Result<usize>> {
-        if self.still_pending(r) {
-            return Poll::Pending;
+        if r.quiet() {
+            // Nothing to read, known without a syscall. The waker stands (armed), or the
+            // readiness poll alone registers it: cheaper than a read that ends Pending,
+            // and an idle client takes no buffer.
+            if self.armed {
+                return Poll::Pending;
+            }
+            match r.poll_read_ready_hint(cx) {
+                Poll::Pending => {
+                    self.note_pending();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
         }
         if self.buf.capacity() == 0 {
             self.buf = cache::take(READ_CHUNK.max(self.need));
