@@ -310,7 +310,12 @@ fn spread(id: u64, base: Duration) -> Duration {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    base.mul_f64(0.9 + (z % 1000) as f64 / 10_000.0)
+    // In integers: this runs at every checkout and check-in.
+    let nanos = base.as_nanos() * (9_000 + (z % 1000) as u128) / 10_000;
+    Duration::new(
+        (nanos / 1_000_000_000) as u64,
+        (nanos % 1_000_000_000) as u32,
+    )
 }
 
 /// Past `server_lifetime` as the settings say now (a reload applies to open connections).

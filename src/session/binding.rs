@@ -112,6 +112,7 @@ where
             }
         }
         self.tracker.reset();
+        self.s_in.new_source();
         self.server_fatal = false;
         self.server_eof = false;
         let conn = lease.conn();

@@ -305,6 +305,9 @@ where
             .iter()
             .position(|b| !b.is_ascii_whitespace())
             .unwrap_or(text.len());
+        if !matches!(text.get(start).map(|b| b | 0x20), Some(b's' | b'r' | b'd')) {
+            return None;
+        }
         let word_len = text[start..]
             .iter()
             .position(|b| !b.is_ascii_alphabetic())

@@ -160,7 +160,8 @@ where
             let step = poll_fn(|cx| self.poll_step(cx)).await;
             match step {
                 Step::Release => {
-                    if Box::pin(self.keep_server()).await {
+                    // Nearly every client holds no session state: no future to box.
+                    if self.pin.is_some() && Box::pin(self.keep_server()).await {
                         // Pinned: the server stays with this client for the next transaction.
                         continue;
                     }
@@ -377,15 +378,9 @@ where
                 // buffer (and the client) until the next checkout.
                 self.c_in.discard_output();
             }
-            // An idle client holds no read buffer: wait for readability first, and take
-            // a buffer only when there is something to read.
-            let may_read = self.c_in.buf.capacity() > 0
-                || match self.client.poll_read_ready_hint(cx) {
-                    Poll::Ready(Ok(())) => true,
-                    Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),
-                    Poll::Pending => false,
-                };
-            if may_read && self.c_in.wants_read() {
+            // An idle client holds no read buffer: poll_fill takes one only when there
+            // is something to read.
+            if self.c_in.wants_read() {
                 match self.c_in.poll_fill(cx, &mut self.client) {
                     Poll::Ready(Ok(_)) => progress = true,
                     Poll::Ready(Err(_)) => return Poll::Ready(Step::ClientGone),

@@ -13,11 +13,25 @@ pub trait ReadReady {
     fn close_needs_shutdown(&self) -> bool {
         true
     }
+
+    /// Whether nothing was signalled since a read last returned Pending (the waker it
+    /// registered still stands), checked without a syscall. The default says "poll".
+    fn quiet(&self) -> bool {
+        false
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
     fn poll_read_ready_hint(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+
+    #[inline]
+    fn quiet(&self) -> bool {
+        // try_io runs the closure only if tokio holds read readiness for the socket, and
+        // clears nothing when it returns Ok: a peek at tokio's readiness bits.
+        self.try_io(tokio::io::Interest::READABLE, || Ok(()))
+            .is_err()
     }
 }
 
@@ -32,5 +46,11 @@ impl<S: ReadReady> ReadReady for crate::tls::MaybeTls<S> {
 
     fn close_needs_shutdown(&self) -> bool {
         !matches!(self, crate::tls::MaybeTls::Plain(_))
+    }
+
+    #[inline]
+    fn quiet(&self) -> bool {
+        // TLS may hold decrypted bytes the socket no longer shows.
+        matches!(self, crate::tls::MaybeTls::Plain(s) if s.quiet())
     }
 }

@@ -14,6 +14,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::ReadReady;
+
 /// One piece of output, in order.
 #[derive(Debug)]
 enum Seg {
@@ -87,6 +89,9 @@ pub struct Inbound {
     pub need: usize,
     segs: VecDeque<Seg>,
     pub eof: bool,
+    /// The last read returned Pending and registered this task's waker, which still
+    /// stands while the stream stays `quiet()`: polling it again would only repeat that.
+    armed: bool,
 }
 
 impl Inbound {
@@ -219,12 +224,39 @@ impl Inbound {
         !self.eof && (self.buf.len() < READ_HIGH_WATER || self.buf.len() < self.need)
     }
 
+    /// A read of this side returned Pending. Not when the task's coop budget ran out:
+    /// tokio then registered no waker with the stream (it reschedules the task instead).
+    pub fn note_pending(&mut self) {
+        self.armed = tokio::task::coop::has_budget_remaining();
+    }
+
+    /// Another stream is read from now (a server was attached).
+    pub fn new_source(&mut self) {
+        self.armed = false;
+    }
+
     /// Reads once from `r`. Ok(0) means end of stream.
-    pub fn poll_fill<R: AsyncRead + Unpin>(
+    pub fn poll_fill<R: AsyncRead + ReadReady + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         r: &mut R,
     ) -> Poll<io::Result<usize>> {
+        if r.quiet() {
+            // Nothing to read, known without a syscall. The waker stands (armed), or the
+            // readiness poll alone registers it: cheaper than a read that ends Pending,
+            // and an idle client takes no buffer.
+            if self.armed {
+                return Poll::Pending;
+            }
+            match r.poll_read_ready_hint(cx) {
+                Poll::Pending => {
+                    self.note_pending();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+        }
         if self.buf.capacity() == 0 {
             self.buf = cache::take(READ_CHUNK.max(self.need));
         } else if self.buf.capacity() - self.buf.len() < 1024 {
@@ -235,11 +267,16 @@ impl Inbound {
             };
             self.buf.reserve(want);
         }
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(r),
-            cx,
-            &mut self.buf
-        ))?;
+        let n = match tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut self.buf) {
+            Poll::Pending => {
+                self.note_pending();
+                return Poll::Pending;
+            }
+            Poll::Ready(r) => {
+                self.armed = false;
+                r?
+            }
+        };
         if n == 0 {
             self.eof = true;
         }
@@ -247,7 +284,20 @@ impl Inbound {
     }
 
     /// Writes queued output to `w` until it is all written (Ready) or `w` is full (Pending).
+    #[inline]
     pub fn poll_drain<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<()>> {
+        // The relay calls this for both sides at every turn; mostly nothing is queued.
+        if self.segs.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.drain_segs(cx, w)
+    }
+
+    fn drain_segs<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         w: &mut W,

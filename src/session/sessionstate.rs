@@ -135,47 +135,81 @@ const RELEASERS: &[&[u8]] = &[
     b"abort",
 ];
 
-/// First letters of the needles, as a bit set over 'a'..='z'.
-const fn first_letters(needles: &[&[u8]]) -> u32 {
-    let mut mask = 0u32;
-    let mut i = 0;
-    while i < needles.len() {
-        mask |= 1 << (needles[i][0] - b'a');
-        i += 1;
+/// Needle `k` of CREATORS then RELEASERS, as one list (at most 32).
+const fn needle(k: usize) -> &'static [u8] {
+    match k < CREATORS.len() {
+        true => CREATORS[k],
+        false => RELEASERS[k - CREATORS.len()],
     }
-    mask
 }
-const CREATORS_FIRST: u32 = first_letters(CREATORS);
-const RELEASERS_FIRST: u32 = first_letters(RELEASERS);
+const N_NEEDLES: usize = CREATORS.len() + RELEASERS.len();
+const CREATOR_BITS: u32 = (1 << CREATORS.len()) - 1;
+const RELEASER_BITS: u32 = ((1 << N_NEEDLES) - 1) & !CREATOR_BITS;
+
+/// Index of two bytes in `PAIRS`: the low five bits of each, which fold letter case
+/// (other bytes collide with letters: a match is a necessary condition only).
+#[inline]
+const fn pair(a: u8, b: u8) -> usize {
+    ((a & 31) as usize) << 5 | (b & 31) as usize
+}
+
+/// For each pair of leading bytes, the needles (bit k: needle k) starting with them.
+static PAIRS: [u32; 1024] = {
+    let mut t = [0u32; 1024];
+    let mut k = 0;
+    while k < N_NEEDLES {
+        t[pair(needle(k)[0], needle(k)[1])] |= 1 << k;
+        k += 1;
+    }
+    t
+};
 
 /// Cheap test, without allocating: could `sql` touch session state? `holding`: the
 /// client may hold some, so statements that drop state count too.
 pub fn prefilter(sql: &[u8], holding: bool) -> bool {
-    contains_any(sql, CREATORS, CREATORS_FIRST)
-        || (holding && contains_any(sql, RELEASERS, RELEASERS_FIRST))
+    contains_any(sql, CREATOR_BITS | if holding { RELEASER_BITS } else { 0 })
 }
 
-/// Whether a needle starts at some word start of `sql` (any letter case). Only word
-/// starts are compared: a handful per statement.
-fn contains_any(sql: &[u8], needles: &[&[u8]], first: u32) -> bool {
-    let mut in_word = false;
-    for (i, &b) in sql.iter().enumerate() {
-        let word = b.is_ascii_alphanumeric();
-        if word && !in_word {
-            let c = b | 0x20;
-            if c.is_ascii_lowercase() && first & (1 << (c - b'a')) != 0 {
-                let rest = &sql[i..];
-                for nd in needles {
-                    if nd[0] == c
-                        && rest.len() >= nd.len()
-                        && rest[..nd.len()].eq_ignore_ascii_case(nd)
-                    {
-                        return true;
-                    }
+/// High bit of each byte of `x` set where that byte is an ASCII letter or digit. The
+/// comparisons work on the low seven bits, so no sum carries into the next byte.
+#[inline]
+fn alnum_bytes(x: u64) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let y = x & !HI;
+    let l = y | (0x20 * LO); // letters in lower case
+    let letter = (l + 0x1f * LO) & !(l + 0x05 * LO); // 'a'..='z'
+    let digit = (y + 0x50 * LO) & !(y + 0x46 * LO); // '0'..='9'
+    (letter | digit) & !x & HI
+}
+
+/// Whether a needle of `mask` starts at some word start of `sql` (any letter case).
+/// Every Query and Parse passes here, some of them megabytes: word starts are found
+/// eight bytes at a time, and only where one's first two bytes begin a needle is it
+/// compared.
+fn contains_any(sql: &[u8], mask: u32) -> bool {
+    let mut before = 0u64; // the previous chunk's letters and digits
+    for (c, chunk) in sql.chunks(8).enumerate() {
+        let b = <[u8; 8]>::try_from(chunk).unwrap_or_else(|_| {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            b
+        });
+        let word = alnum_bytes(u64::from_le_bytes(b));
+        let mut starts = word & !(word << 8 | before >> 56);
+        before = word;
+        while starts != 0 {
+            let i = c * 8 + (starts.trailing_zeros() / 8) as usize;
+            starts &= starts - 1;
+            let mut m = PAIRS[pair(sql[i], sql.get(i + 1).copied().unwrap_or(0))] & mask;
+            while m != 0 {
+                let nd = needle(m.trailing_zeros() as usize);
+                m &= m - 1;
+                if sql.len() - i >= nd.len() && sql[i..i + nd.len()].eq_ignore_ascii_case(nd) {
+                    return true;
                 }
             }
         }
-        in_word = word;
     }
     false
 }

@@ -1,3 +1,5 @@
+//! Tests of session-state detection (`sessionstate.rs`).
+
 use super::*;
 
 fn creates(sql: &str) -> Option<Reason> {
@@ -152,4 +154,44 @@ fn unreadable_sql_is_left_to_the_server() {
     let s = scan(b"SELECT pg_advisory_lock(1) 'unterminated", false);
     assert!(s.needs_check());
     assert!(scan(b"\xff pg_advisory_lock(1)", false).creates.is_some());
+}
+
+/// The pre-filter decides which statements are looked at: it must find every needle a
+/// plain word-by-word search finds, in any case, after any byte.
+#[test]
+fn prefilter_finds_what_a_plain_search_finds() {
+    fn plain(sql: &[u8], needles: &[&[u8]]) -> bool {
+        (0..sql.len()).any(|i| {
+            (i == 0 || !sql[i - 1].is_ascii_alphanumeric())
+                && needles.iter().any(|n| {
+                    sql.len() - i >= n.len() && sql[i..i + n.len()].eq_ignore_ascii_case(n)
+                })
+        })
+    }
+    let words: Vec<&[u8]> = CREATORS.iter().chain(RELEASERS).copied().collect();
+    let glue: [&[u8]; 8] = [b"", b" ", b"_", b"x", b"9", b".", b"\xc3\xa9", b"("];
+    let mut n = 0;
+    for w in &words {
+        for cut in [w.len(), w.len() - 1, 3] {
+            for (gi, g) in glue.iter().enumerate() {
+                let mut up = w[..cut].to_vec();
+                up[gi % cut] = up[gi % cut].to_ascii_uppercase();
+                // Every offset in an eight-byte chunk, and across chunks.
+                for pad in 0..10 {
+                    let sql = [&b"SELECT -- "[..pad], *g, &up[..], b"(1)"].concat();
+                    for holding in [false, true] {
+                        let want = plain(&sql, CREATORS) || (holding && plain(&sql, RELEASERS));
+                        assert_eq!(
+                            prefilter(&sql, holding),
+                            want,
+                            "{:?}",
+                            String::from_utf8_lossy(&sql)
+                        );
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(n > 1000);
 }

@@ -207,7 +207,18 @@ impl Tracker {
     }
 
     /// Answers the proxy owes at the head of the queue are sent now, in order.
+    #[inline]
     fn emit_synthetic(&mut self, emit: &mut BytesMut) {
+        // Runs after every message either way; nearly always there is nothing to emit.
+        if matches!(
+            self.queue.front(),
+            Some(Req::Synthetic(_) | Req::LocalCommand(_) | Req::LocalError(_))
+        ) {
+            self.emit_owed(emit);
+        }
+    }
+
+    fn emit_owed(&mut self, emit: &mut BytesMut) {
         while let Some(Req::Synthetic(_) | Req::LocalCommand(_) | Req::LocalError(_)) =
             self.queue.front()
         {
