@@ -368,8 +368,12 @@ where
         // learn the parameters clients are told, and to surface upstream errors
         // (bad database, refused role) at login, where drivers expect them.
         // Startup settings not seen before on this pool are tried on that server first.
-        let to_check = validate::to_check(&session.startup_settings)
-            .filter(|(_, fp)| !validate::known_good(&session.pool, *fp));
+        let checked = validate::to_check(&session.startup_settings);
+        // How PostgreSQL spells these settings, once a check found them good.
+        let mut spelled = checked
+            .as_ref()
+            .and_then(|(_, fp)| validate::known_good(&session.pool, *fp));
+        let to_check = checked.filter(|_| spelled.is_none());
         if session.mode == PoolMode::Session
             || session.pool.startup_params().is_none()
             || to_check.is_some()
@@ -378,7 +382,7 @@ where
                 Ok(mut lease) if to_check.is_some() => {
                     let (settings, fp) = to_check.unwrap_or_default();
                     match validate::check(&session.pool, lease.conn(), &settings, fp).await {
-                        Ok(()) if session.mode == PoolMode::Session => {
+                        Ok(_) if session.mode == PoolMode::Session => {
                             if let Err(e) = session.settle_settings(&mut lease).await {
                                 lease.discard("settings_check_failed");
                                 session.shared.metrics.login(LoginResult::InvalidSettings);
@@ -386,7 +390,10 @@ where
                             }
                             session.attach(lease)
                         }
-                        Ok(()) => lease.release(),
+                        Ok(sp) => {
+                            spelled = Some(sp);
+                            lease.release()
+                        }
                         Err(e) => {
                             if e.is_some() {
                                 // PostgreSQL answered and the check's transaction ended.
@@ -435,6 +442,9 @@ where
                 let cancels = session.shared.cancels.clone();
                 cancels.rekey(&mut session.cancel, pid);
             }
+        }
+        if session.mode == PoolMode::Transaction {
+            session.adopt_spelling(spelled);
         }
         // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
         let mut out = greeting;
