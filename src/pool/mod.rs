@@ -162,8 +162,10 @@ pub struct Pool {
     pub client_settings: crate::server::params::SettingsCache,
     /// The current run of logins PostgreSQL refused (`upstream_login`).
     login_failure: Mutex<Option<upstream_login::LoginFailure>>,
-    /// Fingerprints of clients' startup settings PostgreSQL accepted (session::validate).
-    pub validated_settings: Mutex<std::collections::HashSet<u64>>,
+    /// Fingerprints of clients' startup settings PostgreSQL accepted, with the values it
+    /// spells differently (session::validate).
+    pub validated_settings:
+        Mutex<std::collections::HashMap<u64, Arc<std::collections::HashMap<String, String>>>>,
 }
 
 impl std::fmt::Debug for Pool {

@@ -23,6 +23,21 @@ where
         }
     }
 
+    /// Transaction mode: the client is told its startup settings as PostgreSQL spells
+    /// them (`utf8` -> `UTF8`), learned by the settings check (see `validate.rs`).
+    pub(super) fn adopt_spelling(&mut self, spelled: Option<super::validate::Spelled>) {
+        let Some(spelled) = spelled.filter(|s| !s.is_empty()) else {
+            return;
+        };
+        let wanted = std::sync::Arc::make_mut(&mut self.wanted);
+        for (k, v) in spelled.iter() {
+            if wanted.contains_key(k) {
+                wanted.insert(k.clone(), v.clone());
+            }
+        }
+        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+    }
+
     /// The client's settings go back to its startup values and the bound server's to
     /// its own defaults (DISCARD ALL, RESET ALL); the next checkout re-applies them.
     pub(super) fn reset_settings(&mut self) {

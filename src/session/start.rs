@@ -79,14 +79,18 @@ where
             cancel,
             c_in,
         );
-        if let Err(e) = session.first_server().await {
-            return Err((session.client, greeting, e));
-        }
+        let spelled = match session.first_server().await {
+            Ok(s) => s,
+            Err(e) => return Err((session.client, greeting, e)),
+        };
         if session.mode == PoolMode::Session {
             if let Some(pid) = session.server.as_mut().map(|l| l.conn().backend_pid) {
                 let cancels = session.shared.cancels.clone();
                 cancels.rekey(&mut session.cancel, pid);
             }
+        }
+        if session.mode == PoolMode::Transaction {
+            session.adopt_spelling(spelled);
         }
         // AuthenticationOk, the parameters, the cancel key and ReadyForQuery: one write.
         let mut out = greeting;
@@ -122,9 +126,13 @@ where
     /// learn the parameters clients are told, and to surface upstream errors (bad
     /// database, refused role) at login, where drivers expect them. Startup settings not
     /// seen before on this pool are tried on that server first.
-    async fn first_server(&mut self) -> Result<(), ClientError> {
-        let to_check = validate::to_check(&self.startup_settings)
-            .filter(|(_, fp)| !validate::known_good(&self.pool, *fp));
+    /// Returns how PostgreSQL spells the startup settings, once a check found them good.
+    async fn first_server(&mut self) -> Result<Option<validate::Spelled>, ClientError> {
+        let checked = validate::to_check(&self.startup_settings);
+        let mut spelled = checked
+            .as_ref()
+            .and_then(|(_, fp)| validate::known_good(&self.pool, *fp));
+        let to_check = checked.filter(|_| spelled.is_none());
         if self.mode == PoolMode::Session
             || self.pool.startup_params().is_none()
             || to_check.is_some()
@@ -133,7 +141,7 @@ where
                 Ok(mut lease) if to_check.is_some() => {
                     let (settings, fp) = to_check.unwrap_or_default();
                     match validate::check(&self.pool, lease.conn(), &settings, fp).await {
-                        Ok(()) if self.mode == PoolMode::Session => {
+                        Ok(_) if self.mode == PoolMode::Session => {
                             if let Err(e) = self.settle_settings(&mut lease).await {
                                 lease.discard(CloseReason::SettingsCheckFailed);
                                 self.shared.metrics.login(LoginResult::InvalidSettings);
@@ -141,7 +149,10 @@ where
                             }
                             self.attach(lease)
                         }
-                        Ok(()) => lease.release(),
+                        Ok(sp) => {
+                            spelled = Some(sp);
+                            lease.release()
+                        }
                         Err(e) => {
                             if e.is_some() {
                                 // PostgreSQL answered and the check's transaction ended.
@@ -183,7 +194,7 @@ where
                 }
             }
         }
-        Ok(())
+        Ok(spelled)
     }
 
     /// A session just logged in, before its first server.

@@ -7,16 +7,18 @@
 //! discarded its server (a backend fork per transaction).
 //!
 //! Each setting is applied with `set_config(name, value, true)`: local to the
-//! implicit transaction of the check query, so the server is left as it was.
+//! implicit transaction of the check query, so the server is left as it was. Its
+//! results are the values as PostgreSQL reports them (`utf8` -> `UTF8`), which
+//! transaction mode tells the client at login, as PostgreSQL would.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{ClientError, Severity};
-use crate::pool::health::{self, CheckOutcome};
 use crate::pool::Pool;
 use crate::server::params::quote_literal;
-use crate::server::ServerConn;
+use crate::server::{QueryOutcome, ServerConn};
 
 /// How long the check may take; a server that does not answer in time is left to the
 /// first transaction to find out about.
@@ -44,17 +46,20 @@ pub fn to_check(settings: &HashMap<String, String>) -> Option<(HashMap<String, S
     Some((check, fp))
 }
 
-/// Whether `fp`'s settings were found good on this pool before.
-pub fn known_good(pool: &Pool, fp: u64) -> bool {
-    pool.validated_settings.lock().contains(&fp)
+/// Respellings PostgreSQL makes of a settings set (`utf8` -> `UTF8`).
+pub type Spelled = Arc<HashMap<String, String>>;
+
+/// Whether `fp`'s settings were found good on this pool before, with their spellings.
+pub fn known_good(pool: &Pool, fp: u64) -> Option<Spelled> {
+    pool.validated_settings.lock().get(&fp).cloned()
 }
 
-fn remember(pool: &Pool, fp: u64) {
+fn remember(pool: &Pool, fp: u64, spelled: Spelled) {
     let mut set = pool.validated_settings.lock();
     if set.len() >= KNOWN_GOOD_CAP {
         set.clear();
     }
-    set.insert(fp);
+    set.insert(fp, spelled);
 }
 
 /// Tries `settings` on `conn`. Err(Some): what PostgreSQL said, as the FATAL to send;
@@ -65,26 +70,38 @@ pub async fn check(
     conn: &mut ServerConn,
     settings: &HashMap<String, String>,
     fp: u64,
-) -> Result<(), Option<ClientError>> {
+) -> Result<Spelled, Option<ClientError>> {
     let mut names: Vec<_> = settings.iter().collect();
     names.sort();
-    let sql: String = names
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "SELECT pg_catalog.set_config({}, {}, true);",
+    // One row: set_config returns each value as the server now reports it.
+    let sql = format!(
+        "SELECT {}",
+        names
+            .iter()
+            .map(|(k, v)| format!(
+                "pg_catalog.set_config({}, {}, true)",
                 quote_literal(k),
                 quote_literal(v)
-            )
-        })
-        .collect();
-    match health::check(conn, &sql, CHECK_TIMEOUT).await {
-        CheckOutcome::Ok => {
-            remember(pool, fp);
-            Ok(())
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    match conn.query_row(&sql, CHECK_TIMEOUT).await {
+        Ok(QueryOutcome::Rows(row)) => {
+            let spelled: HashMap<String, String> = names
+                .iter()
+                .zip(row)
+                .filter_map(|((k, v), now)| {
+                    let now = now?;
+                    (now != **v).then(|| ((*k).clone(), now))
+                })
+                .collect();
+            let spelled = Arc::new(spelled);
+            remember(pool, fp, spelled.clone());
+            Ok(spelled)
         }
-        CheckOutcome::ServerError(text) => {
-            // "SQLSTATE: message", as the check reports it.
+        Ok(QueryOutcome::ServerError(text)) => {
+            // "SQLSTATE: message", as the query reports it.
             let (code, message) = text.split_once(": ").unwrap_or(("", text.as_str()));
             Err(Some(ClientError {
                 severity: Severity::Fatal,
@@ -93,6 +110,6 @@ pub async fn check(
                 hint: Some("fix the setting in the connection's options (PGOPTIONS, -c name=value) or startup parameters".into()),
             }))
         }
-        CheckOutcome::Broken(_) | CheckOutcome::TimedOut(_) => Err(None),
+        Err(_) => Err(None),
     }
 }

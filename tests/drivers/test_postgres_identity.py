@@ -37,11 +37,14 @@ def test_self_notify_carries_own_pid(session_proxy):
 
 
 @pytest.mark.parametrize("spelled, reported", [("utf8", "UTF8"), ("euc_jp", "EUC_JP")])
-def test_client_encoding_reported_as_server_spells_it(session_proxy, spelled, reported):
-    with psycopg.connect(session_proxy.dsn(client_encoding=spelled), autocommit=True) as conn:
-        assert conn.pgconn.parameter_status(b"client_encoding").decode() == reported
-        (shown,) = conn.execute("SHOW client_encoding").fetchone()
-        assert shown == reported
+def test_client_encoding_reported_as_server_spells_it(proxy, spelled, reported):
+    """Both modes (transaction mode learns the spelling from the login's settings check,
+    and tells it to later clients with the same settings too)."""
+    for _ in range(2):
+        with psycopg.connect(proxy.dsn(client_encoding=spelled), autocommit=True) as conn:
+            assert conn.pgconn.parameter_status(b"client_encoding").decode() == reported
+            (shown,) = conn.execute("SHOW client_encoding").fetchone()
+            assert shown == reported
 
 
 def test_cancel_with_own_key_stops_query(session_proxy):
