@@ -37,7 +37,7 @@ mod views;
 
 pub use close::CloseReason;
 pub use lease::Lease;
-pub use settings::{CheckoutError, HealthSettings, PoolSettings};
+pub use settings::{CheckoutError, PoolSettings};
 pub use views::{PoolSnapshot, ServerView};
 
 use std::collections::VecDeque;

@@ -294,14 +294,7 @@ pub fn settings_for(
         aimd: config.pool.aimd,
         aimd_interval: config.pool.aimd_interval,
         session_state: config.pool.session_state,
-        health: super::HealthSettings {
-            check_query: config.health.check_query.clone(),
-            check_timeout: config.health.check_timeout,
-            server_check_delay: config.health.server_check_delay,
-            idle_check_interval: config.health.idle_check_interval,
-            probe_interval: config.health.probe_interval,
-            probe_timeout: config.health.probe_timeout,
-        },
+        health: config.health.clone(),
         identity: ServerIdentity {
             hosts: hosts.clone(),
             tcp: TcpSettings {

@@ -3,34 +3,6 @@
 
 use super::*;
 
-/// How server connections and the upstream are checked (`health:` in the config).
-#[derive(Debug, Clone)]
-pub struct HealthSettings {
-    /// Sent to test a connection; empty sends an empty Query (cheapest round trip).
-    pub check_query: String,
-    pub check_timeout: Duration,
-    /// A connection idle (unverified) longer than this is checked before reuse.
-    pub server_check_delay: Duration,
-    /// Idle connections unverified for this long are checked in the background (0: off).
-    pub idle_check_interval: Duration,
-    /// How often the upstream is probed with a fresh connection (0: only to recover).
-    pub probe_interval: Duration,
-    pub probe_timeout: Duration,
-}
-
-impl Default for HealthSettings {
-    fn default() -> Self {
-        HealthSettings {
-            check_query: String::new(),
-            check_timeout: Duration::from_secs(2),
-            server_check_delay: Duration::from_secs(30),
-            idle_check_interval: Duration::from_secs(30),
-            probe_interval: Duration::from_secs(10),
-            probe_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
 /// Settings a pool reads on every checkout; replaced as a whole on reload.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -56,7 +28,7 @@ pub struct PoolSettings {
     pub aimd_interval: Duration,
     /// Transaction mode: what sessions do about statements that leave session state.
     pub session_state: crate::config::SessionStatePolicy,
-    pub health: HealthSettings,
+    pub health: crate::config::HealthConfig,
 }
 
 impl PoolSettings {
