@@ -103,8 +103,7 @@ impl ClientInfo {
     }
 
     /// Records the server this client now holds.
-    pub fn bind_server(&self, backend_pid: i32, server_created: Instant) {
-        let now = Instant::now();
+    pub fn bind_server(&self, backend_pid: i32, server_created: Instant, now: Instant) {
         let at = now.saturating_duration_since(self.connected).as_micros() as u64;
         let age = now.saturating_duration_since(server_created).as_micros() as u64;
         self.server_age_at_bind.store(age, Ordering::Relaxed);

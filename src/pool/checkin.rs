@@ -12,9 +12,8 @@ use crate::server::ServerConn;
 
 impl Pool {
     /// Returns a connection after a transaction: to the oldest waiter, else idle.
-    pub(super) fn checkin(self: Arc<Self>, mut conn: ServerConn) {
+    pub(super) fn checkin(self: Arc<Self>, mut conn: ServerConn, now: Instant) {
         let settings = self.settings();
-        let now = Instant::now();
         conn.last_used = now;
         if conn.errors > MAX_CONN_ERRORS {
             tracing::warn!(pool = %self.name, server = conn.id, errors = conn.errors, "retiring a server connection that keeps failing");
@@ -63,23 +62,29 @@ impl Pool {
             drop_later(conn);
             return;
         }
-        let mut lease = self.lease(conn);
-        while let Some(w) = (!st.paused).then(|| st.waiters.pop_front()).flatten() {
-            match w.send(Ok(lease)) {
-                Ok(()) => return,
-                // That waiter gave up (timeout or client gone): try the next one.
-                Err(Ok(back)) => lease = back,
-                Err(Err(_)) => return,
+        let mut conn = conn;
+        if !st.paused && !st.waiters.is_empty() {
+            // A lease only for a waiter: the usual check-in goes straight to the idle list.
+            let mut lease = self.lease(conn);
+            while let Some(w) = st.waiters.pop_front() {
+                match w.send(Ok(lease)) {
+                    Ok(()) => return,
+                    // That waiter gave up (timeout or client gone): try the next one.
+                    Err(Ok(back)) => lease = back,
+                    Err(Err(_)) => return,
+                }
+            }
+            match lease.conn.take() {
+                Some(c) => conn = c,
+                None => return,
             }
         }
-        if let Some(conn) = lease.conn.take() {
-            let at = st
-                .idle
-                .iter()
-                .rposition(|i| i.conn.last_used <= conn.last_used)
-                .map_or(0, |p| p + 1);
-            st.idle.insert(at, Idle { conn, checked });
-        }
+        let at = st
+            .idle
+            .iter()
+            .rposition(|i| i.conn.last_used <= conn.last_used)
+            .map_or(0, |p| p + 1);
+        st.idle.insert(at, Idle { conn, checked });
     }
 
     /// Accounts for a connection that is closed rather than returned.

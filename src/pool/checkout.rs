@@ -62,9 +62,8 @@ enum Next {
 impl Pool {
     /// Takes an idle connection if one is free right now and needs no pre-use check
     /// (never waits, never connects).
-    pub fn try_checkout(self: &Arc<Self>) -> Option<Lease> {
+    pub fn try_checkout(self: &Arc<Self>, now: Instant) -> Option<Lease> {
         let settings = self.settings();
-        let now = Instant::now();
         let mut st = self.state.lock();
         if st.closed || st.paused || !st.waiters.is_empty() {
             // Waiters are first in line.
@@ -319,7 +318,7 @@ impl Pool {
         tokio::spawn(async move {
             let r = pool.open_new(&settings).await;
             if let Err(Ok(conn)) = tx.send(r) {
-                pool.checkin(conn);
+                pool.checkin(conn, Instant::now());
             }
         });
         rx.await.unwrap_or_else(|_| {
@@ -425,7 +424,7 @@ impl Pool {
             let settings = settings.clone();
             rt.spawn(async move {
                 match pool.open_new(&settings).await {
-                    Ok(conn) => pool.checkin(conn),
+                    Ok(conn) => pool.checkin(conn, Instant::now()),
                     Err(e) if for_waiters && pool.rides_out(&settings, &e) => {
                         pool.retry_for_waiters()
                     }

@@ -34,7 +34,10 @@ impl Lease {
         if !self.counted {
             self.counted = true;
             let n = self.pool.leased.fetch_add(1, Ordering::Relaxed) + 1;
-            self.pool.peak_leased.fetch_max(n, Ordering::Relaxed);
+            // A plain load first: the peak rarely moves, and fetch_max is a CAS loop.
+            if self.pool.peak_leased.load(Ordering::Relaxed) < n {
+                self.pool.peak_leased.fetch_max(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -83,10 +86,15 @@ impl Lease {
     }
 
     /// Returns a clean connection (ReadyForQuery 'I', nothing in flight) to the pool.
-    pub fn release(mut self) {
+    pub fn release(self) {
+        self.release_at(Instant::now());
+    }
+
+    /// Returns the connection, last used at `now` (the caller's clock reading).
+    pub fn release_at(mut self, now: Instant) {
         self.uncount();
         if let Some(conn) = self.conn.take() {
-            self.pool.clone().checkin(conn);
+            self.pool.clone().checkin(conn, now);
         }
     }
 

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 
 use super::relay::BodyMode;
 use super::tracker::TxnStatus;
@@ -188,7 +187,7 @@ where
     /// A ReadyForQuery reached the client: time the request it answers and, when the
     /// session is idle again, the transaction.
     pub(super) fn observe_ready(&mut self) {
-        let now = Instant::now();
+        let now = self.stats.now();
         if let Some(t) = self.stats.query_starts.pop_front() {
             self.pool.m.query_duration.observe((now - t).as_secs_f64());
         }

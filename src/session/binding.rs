@@ -101,9 +101,10 @@ where
     /// Binds a server: resets tracking, points the cancel key at it and queues the SETs
     /// that give it this client's settings.
     pub(super) fn attach(&mut self, mut lease: Lease) {
+        let now = self.stats.now();
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.set_phase(ClientPhase::Active);
-            info.bind_server(lease.conn().backend_pid, lease.conn().created);
+            info.bind_server(lease.conn().backend_pid, lease.conn().created, now);
         }
         if let Some(g) = self.gauge.as_mut() {
             if !g.active {
@@ -198,7 +199,7 @@ where
                 lease.release();
             });
         } else {
-            lease.release();
+            lease.release_at(self.stats.now());
         }
         self.tracker.reset();
     }

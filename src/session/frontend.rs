@@ -227,7 +227,7 @@ where
 
     /// Binds an idle server at once if there is one; otherwise the session must wait.
     fn checkout_now_or_stop(&mut self, h: Header) -> Outcome {
-        if let Some(lease) = self.pool.try_checkout() {
+        if let Some(lease) = self.pool.try_checkout(self.stats.now()) {
             self.attach(lease);
             return Outcome::Continue;
         }

@@ -355,6 +355,7 @@ where
 
     /// Moves bytes both ways until something needs the session's attention.
     fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        self.stats.clock = None;
         // Registering for the shutdown signal once per wake-up is enough; the boundary
         // check inside the loop catches the moment a draining client becomes idle.
         if let Some(step) = self.poll_shutdown(cx) {

@@ -2,7 +2,6 @@
 //! DISCARD) tracked per session and settled at transaction ends.
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
 
 use super::{ReadReady, Session};
 use crate::server::params;
@@ -87,7 +86,7 @@ where
     /// Notes a Query or Sync sent to the server, for the duration histograms.
     pub(super) fn note_request(&mut self) {
         self.requests_sent += 1;
-        let now = Instant::now();
+        let now = self.stats.now();
         if self.stats.txn_start.is_none() {
             self.stats.txn_start = Some(now);
         }

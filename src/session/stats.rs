@@ -19,6 +19,15 @@ pub(super) struct SessionStats {
     pub(super) query_starts: std::collections::VecDeque<Instant>,
     /// Start of the current transaction (first request after idle).
     pub(super) txn_start: Option<Instant>,
+    /// The time of this relay turn, read on first use: one clock read serves every
+    /// timestamp a transaction takes in one turn (request start, checkout, check-in).
+    pub(super) clock: Option<Instant>,
+}
+
+impl SessionStats {
+    pub(super) fn now(&mut self) -> Instant {
+        *self.clock.get_or_insert_with(Instant::now)
+    }
 }
 
 /// Keeps the pool's client gauges right however the session ends.
