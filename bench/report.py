@@ -90,8 +90,19 @@ def main():
     out = []
     w = out.append
 
-    w("# pgsidecar vs PgBouncer vs direct: pgbench")
+    bouncer = meta.get("pgbouncer", "")
+    old = meta.get("pgbouncer_old") == "1"
+    if bouncer and not bouncer.startswith("skipped"):
+        w("# pgsidecar vs PgBouncer {} vs direct".format(bouncer))
+    else:
+        w("# pgsidecar vs direct (PgBouncer {})".format(bouncer or "skipped"))
     w("")
+    if old:
+        w("> **WARNING: PgBouncer {} is older than {}.** This is not the headline comparison: "
+          "old PgBouncer lacks features and fixes (before 1.21, prepared statements in "
+          "transaction mode). Build 1.25.2 from source (bench/README.md) and rerun with "
+          "`PGBOUNCER=/path/to/pgbouncer`.".format(bouncer, meta.get("pgbouncer_min", "1.25")))
+        w("")
     duration, reps = int(meta.get("duration", "0")), int(meta.get("reps", "0"))
     if duration < 10 or reps < 3:
         w("> **Smoke run** (DURATION={}, REPS={}): checks that the harness works; the numbers "
@@ -106,6 +117,7 @@ def main():
         ("loadavg", "load average at start"),
         ("postgres", "PostgreSQL"),
         ("pgbouncer", "PgBouncer"),
+        ("pgbouncer_bin", "PgBouncer binary"),
         ("rustc", "rustc"),
         ("settings", "settings"),
         ("autogroup", "sched_autogroup_enabled"),

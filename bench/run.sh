@@ -12,7 +12,8 @@
 #   SCENARIOS       comma/space separated names or globs; sections: rss, copy (all)
 #   SKIP_PGBOUNCER  1: direct and pgsidecar only
 #   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
-#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer)
+#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer); the comparison
+#                   is meant against 1.25 (older ones are flagged loudly; see README)
 #   PGSIDECAR_BIN   pgsidecar binary; default: cargo build --release, target/release/pgsidecar
 #   SCALE           pgbench scale (10); POOL_SIZE pooler server connections (16)
 #   RSS_CLIENTS     idle-client counts for the RSS section ("1000 5000")
@@ -68,9 +69,26 @@ fi
 for tool in initdb pg_ctl postgres psql pgbench; do
     [[ -x $PG_BIN/$tool ]] || die "$PG_BIN/$tool not found (set PG_BIN)"
 done
+# The headline comparison is against PgBouncer 1.25 (current as of this script): older
+# ones (Debian 12 ships 1.18) lack protocol-level prepared statements in transaction mode
+# (1.21) and later fixes. They still run, but the log and the report say so loudly.
+# bench/README.md explains how to build 1.25.2 from source; pass it with PGBOUNCER=.
+BOUNCER_MIN=1.25.0
+BOUNCER_VERSION=
+BOUNCER_OLD=0
 if [[ $SKIP_PGBOUNCER != 1 ]]; then
     PGBOUNCER=${PGBOUNCER:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}
-    [[ -x $PGBOUNCER ]] || die "pgbouncer not found: apt-get install -y pgbouncer, or SKIP_PGBOUNCER=1"
+    [[ -x $PGBOUNCER ]] || die "pgbouncer not found: build 1.25.2 (bench/README.md) and set PGBOUNCER=, or SKIP_PGBOUNCER=1"
+    BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR==1 {print $2}')
+    [[ $BOUNCER_VERSION =~ ^[0-9]+\.[0-9]+ ]] || die "cannot read the version of $PGBOUNCER"
+    if [[ $(printf '%s\n' "$BOUNCER_MIN" "$BOUNCER_VERSION" | sort -V | head -1) != "$BOUNCER_MIN" ]]; then
+        BOUNCER_OLD=1
+        log "WARNING: ******************************************************************"
+        log "WARNING: $PGBOUNCER is PgBouncer $BOUNCER_VERSION, older than $BOUNCER_MIN."
+        log "WARNING: This run does NOT compare against a current PgBouncer; the report says so."
+        log "WARNING: Build 1.25.2 (see bench/README.md) and pass PGBOUNCER=/path/to/pgbouncer."
+        log "WARNING: ******************************************************************"
+    fi
 fi
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON)"
 
@@ -263,9 +281,7 @@ BATCH_SQL=$WORK/batch.sql
 # -c 16: a pooler in pgbench's session had 0.6-0.7 context switches per transaction, the
 # same pooler in its own session 0.37.)
 
-BOUNCER_VERSION=
 if [[ $SKIP_PGBOUNCER != 1 ]]; then
-    BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR==1 {print $2}')
     printf '"postgres" ""\n' >"$WORK/userlist.txt"
     cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
@@ -397,6 +413,9 @@ meta kernel "$(uname -sr)"
 meta loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
 meta postgres "$("$PG_BIN/postgres" --version)"
 meta pgbouncer "${BOUNCER_VERSION:-skipped (SKIP_PGBOUNCER=1)}"
+[[ $SKIP_PGBOUNCER != 1 ]] && meta pgbouncer_bin "$PGBOUNCER"
+meta pgbouncer_old "$BOUNCER_OLD"
+meta pgbouncer_min "$BOUNCER_MIN"
 meta rustc "$(rustc --version 2>/dev/null || echo unknown)"
 meta autogroup "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo n/a) (poolers and PostgreSQL each in their own session)"
 meta settings "scale $SCALE; pool size $POOL_SIZE, transaction mode; max_connections 400, shared_buffers 128MB, fsync off, synchronous_commit off; DURATION=$DURATION REPS=$REPS"
@@ -613,3 +632,6 @@ cp "$WORK/report.md" "$OUT"
 cat "$WORK/report.md"
 echo
 log "report written to $OUT"
+if [[ $BOUNCER_OLD == 1 ]]; then
+    log "WARNING: PgBouncer $BOUNCER_VERSION is older than $BOUNCER_MIN: not the headline comparison (see the report)"
+fi
