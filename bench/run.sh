@@ -9,7 +9,9 @@
 # Environment:
 #   DURATION        seconds per pgbench run (10)
 #   REPS            repetitions, interleaved (3)
-#   SCENARIOS       comma/space separated names or globs; sections: rss, copy (all)
+#   SCENARIOS       comma/space separated names or globs (all); sections: rss, copy,
+#                   importer (batch-insert-c50, copy and the importer-* workloads), tls
+#                   (the tls-* scenarios)
 #   SKIP_PGBOUNCER  1: direct and pgsidecar only
 #   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
 #   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer); the comparison
@@ -20,6 +22,7 @@
 #   COPY_ROWS       rows in the COPY file (1000000, ~106 MB)
 #   OUT             report path (bench/results/latest.md)
 #   KEEP_WORK       1: keep the temporary directory (logs, raw TSVs) and print its path
+#   IMPORTER_*, BYTEA_*, PIPELINE_*: importer sizes, see bench/lib/importer.sh
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -255,8 +258,14 @@ wait_sql "$PG_PORT" PostgreSQL
 log "pgbench -i -s $SCALE"
 "$PG_BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$WORK/pgbench-init.log" 2>&1 ||
     die "pgbench -i failed: $(tail -5 "$WORK/pgbench-init.log")"
+# Importer tables are unlogged (as bench_copy): the WAL of bulk loads would measure the
+# disk, not the path through the proxy. bench_blob stores its bytea uncompressed
+# (EXTERNAL: random bytes do not compress anyway).
 sql "$PG_PORT" -c 'CREATE TABLE bench_batch (k bigint, v text, t timestamptz)' \
-    -c 'CREATE UNLOGGED TABLE bench_copy (id int, a text, b text, c text)' -c 'VACUUM ANALYZE'
+    -c 'CREATE UNLOGGED TABLE bench_copy (id int, a text, b text, c text)' \
+    -c 'CREATE UNLOGGED TABLE bench_import (id bigint, name text, qty int, created timestamptz)' \
+    -c 'CREATE UNLOGGED TABLE bench_blob (id int, data bytea)' \
+    -c 'ALTER TABLE bench_blob ALTER data SET STORAGE EXTERNAL' -c 'VACUUM ANALYZE'
 
 # The batch-insert script: one multi-row INSERT of 100 rows (~100 bytes each) per transaction.
 BATCH_SQL=$WORK/batch.sql
@@ -479,7 +488,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for def in "${SCENARIO_DEFS[@]}"; do
         name=${def%%|*}
         args=${def#*|}
-        selected "$name" || continue
+        # `importer` selects the multi-row INSERT scenario too.
+        selected "$name" || { [[ $name == batch-* ]] && selected importer; } || continue
         for target in "${TARGETS[@]}"; do
             run_pgbench "$name" "$args" "$rep" "$target"
         done
@@ -607,7 +617,7 @@ run_copy() { # REP TARGET FILE BYTES
     fi
 }
 
-if selected copy; then
+if selected copy || selected importer; then
     # Fresh poolers: the RSS section leaves memory behind that would hide the COPY's own.
     for target in "${POOLERS[@]}"; do
         restart "$target"
@@ -623,6 +633,11 @@ if selected copy; then
     done
     rm -f "$COPY_FILE"
 fi
+
+# --- importer workloads (bench/lib/importer.sh) ---------------------------------------------
+
+# shellcheck source=bench/lib/importer.sh
+source "$HERE/lib/importer.sh"
 
 # --- report -------------------------------------------------------------------------------
 
