@@ -8,6 +8,7 @@ WORKDIR holds (tab-separated, one header line each):
   runs.tsv  scenario, args, rep, target, status, tps, txns, cpu_ticks, clk_tck, reason
   rss.tsv   clients, target, status, before_kib, after_kib, reason
   copy.tsv  rep, target, status, seconds, bytes, rows, rss_before_kib, rss_peak_kib, reason
+  tls.tsv   scenario, rep, target, tls, plain, detail (server connections after each run)
   importer.tsv  workload, args, rep, target, status, seconds, units, unit, bytes, statements,
             best, cpu_ticks, clk_tck, reason
 """
@@ -204,6 +205,7 @@ def main():
     rss = read_tsv(os.path.join(work, "rss.tsv"))
     copy = read_tsv(os.path.join(work, "copy.tsv"))
     importer = read_tsv(os.path.join(work, "importer.tsv"))
+    tls_census = read_tsv(os.path.join(work, "tls.tsv"))
     out = []
     w = out.append
 
@@ -247,7 +249,8 @@ def main():
       .format(reps, duration))
     w("")
 
-    pgbench = [r for r in runs if not r["scenario"].startswith("batch-")]
+    tls = [r for r in runs if r["scenario"].startswith("tls-")]
+    pgbench = [r for r in runs if not r["scenario"].startswith(("batch-", "tls-"))]
     batch = [r for r in runs if r["scenario"].startswith("batch-")]
 
     def table(rows, unit):
@@ -368,6 +371,59 @@ def main():
 
     if importer or batch or copy:
         importer_section(w, meta, batch, copy, importer)
+
+    if tls:
+        w("## Upstream TLS (pooler → PostgreSQL over TLS)")
+        w("")
+        w("The same pgbench scenarios with the pooler's server connections over TLS; clients "
+          "talk plaintext to the pooler, direct runs use libpq `PGSSLMODE` for reference. "
+          "Both poolers were restarted with TLS to the server after the sections above; "
+          "{}.".format(meta.get("tls_settings", "")))
+        if meta.get("tls_server"):
+            w("PostgreSQL `ssl`: {}.".format(meta["tls_server"]))
+        w("")
+        table(tls, "tps as pgbench reports it")
+
+        plain = {r["scenario"]: r for r in pgbench}
+        pairs = [s for s in ordered(tls, "scenario") if s[len("tls-"):] in plain]
+        if pairs:
+            w("TLS cost: tps with the upstream leg over TLS divided by tps of the plaintext "
+              "scenario above (same run; 1.00 = free).")
+            w("")
+            w("| scenario | direct | pgbouncer | pgsidecar |")
+            w("|---|---:|---:|---:|")
+            for s in pairs:
+                cols = []
+                for t in TARGETS:
+                    a = Cell([r for r in tls if r["scenario"] == s and r["target"] == t], tps).median
+                    b = Cell([r for r in pgbench if r["scenario"] == s[4:] and r["target"] == t], tps).median
+                    cols.append(ratio(a, b))
+                w("| {} | {} | {} | {} |".format(s, *cols))
+            w("")
+
+        w("Proxy CPU per transaction over TLS (µs, lower is better):")
+        w("")
+        cpu_table(tls, "txn")
+
+        if tls_census:
+            w("Server side, after each pooler run: the pooler's own server connections (its "
+              "sockets to PostgreSQL, found with `ss`, matched by client port in "
+              "`pg_stat_activity`), TLS or not according to `pg_stat_ssl`, read directly:")
+            w("")
+            w("| pooler | runs checked | TLS server connections (min–max) | plaintext (max) | protocol, cipher |")
+            w("|---|---:|---:|---:|---|")
+            for t in POOLERS:
+                rows = [r for r in tls_census if r["target"] == t]
+                if not rows:
+                    continue
+                tl = [int(r["tls"]) for r in rows if r["tls"].isdigit()]
+                pl = [int(r["plain"]) for r in rows if r["plain"].isdigit()]
+                details = sorted({r["detail"] for r in rows if r["detail"]})
+                verdict = "" if tl and min(tl) > 0 and pl and max(pl) == 0 else " **NOT all TLS**"
+                w("| {} | {} | {} | {}{} | {} |".format(
+                    t, len(rows), "{}–{}".format(min(tl), max(tl)) if tl else "n/a",
+                    max(pl) if pl else "n/a", verdict, ", ".join(details) or "n/a"))
+            w("")
 
     failures = [r for r in runs if r["status"] != "ok"]
     failures += [dict(r, scenario=r["workload"]) for r in importer if r["status"] != "ok"]

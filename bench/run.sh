@@ -11,7 +11,7 @@
 #   REPS            repetitions, interleaved (3)
 #   SCENARIOS       comma/space separated names or globs (all); sections: rss, copy,
 #                   importer (batch-insert-c50, copy and the importer-* workloads), tls
-#                   (the tls-* scenarios)
+#                   (the tls-* scenarios: pooler -> PostgreSQL over TLS)
 #   SKIP_PGBOUNCER  1: direct and pgsidecar only
 #   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
 #   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer); the comparison
@@ -23,6 +23,7 @@
 #   OUT             report path (bench/results/latest.md)
 #   KEEP_WORK       1: keep the temporary directory (logs, raw TSVs) and print its path
 #   IMPORTER_*, BYTEA_*, PIPELINE_*: importer sizes, see bench/lib/importer.sh
+#   TLS_SSLMODE     sslmode of the TLS section, poolers and direct alike (require)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -186,13 +187,31 @@ sql() { # PORT SQL...
     "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -tA "$@"
 }
 
-wait_sql() { # PORT NAME
-    local i
-    for ((i = 0; i < 300; i++)); do
-        sql "$1" -c 'select 1' >/dev/null 2>&1 && return 0
+# Set to 1 (the TLS section does) and a pooler that cannot start is logged and left down,
+# so that its runs fail with a reason instead of the whole benchmark ending there.
+SOFT_START=0
+start_failed() {
+    if [[ $SOFT_START == 1 ]]; then
+        log "error: $* (its runs will fail)"
+    else
+        die "$*"
+    fi
+}
+
+# Up to 30 s; each attempt at most 5 s (a pooler that accepts clients but cannot reach
+# the server would otherwise hold the query until its own wait timeout).
+wait_sql() { # PORT NAME [PID: give up as soon as it has exited]
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        if [[ -n ${3:-} ]] && ! alive "$3"; then
+            start_failed "$2 exited at start: $(tail -n 1 "$WORK/$2.log" 2>/dev/null | clean_reason)"
+            return 0
+        fi
+        timeout -k 1 5 "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$1" -U postgres -d postgres -tA \
+            -c 'select 1' >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    die "$2 does not answer on port $1"
+    start_failed "$2 does not answer on port $1"
 }
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
@@ -218,7 +237,7 @@ proc_kib() { # PID FIELD (VmRSS, VmHWM)
     echo 0
 }
 
-clean_reason() { tr '\t|\n' '  ;' | cut -c1-200; }
+clean_reason() { tr '\t|\n' '  ;' | sed 's/;*$//' | cut -c1-200; }
 
 port_of() {
     case $1 in
@@ -318,6 +337,7 @@ EOF
     fi
     chown postgres: "$WORK/userlist.txt" "$WORK/pgbouncer.ini" 2>/dev/null || true
 fi
+BOUNCER_INI=$WORK/pgbouncer.ini
 
 start_bouncer() {
     [[ $SKIP_PGBOUNCER == 1 ]] && return 0
@@ -327,15 +347,18 @@ start_bouncer() {
     # shellcheck disable=SC2016 # expanded by the inner shell
     # setsid: each server process runs in its own session, as daemons do (see SESSIONS).
     as_pg setsid bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' pgbouncer \
-        "$PGBOUNCER" "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.out" 2>&1 &
+        "$PGBOUNCER" "$BOUNCER_INI" >>"$WORK/pgbouncer.out" 2>&1 &
     local i
     for ((i = 0; i < 100; i++)); do
         [[ -s $WORK/pgbouncer.pid ]] && break
         sleep 0.1
     done
-    [[ -s $WORK/pgbouncer.pid ]] || die "pgbouncer did not start: $(tail -5 "$WORK/pgbouncer.log" "$WORK/pgbouncer.out" 2>/dev/null)"
+    if [[ ! -s $WORK/pgbouncer.pid ]]; then
+        start_failed "pgbouncer did not start: $(tail -n 5 "$WORK/pgbouncer.log" "$WORK/pgbouncer.out" 2>/dev/null | clean_reason)"
+        return 0
+    fi
     BOUNCER_PID=$(<"$WORK/pgbouncer.pid")
-    wait_sql "$BOUNCER_PORT" pgbouncer
+    wait_sql "$BOUNCER_PORT" pgbouncer "$BOUNCER_PID"
 }
 
 stop_bouncer() {
@@ -354,14 +377,20 @@ stop_bouncer() {
     return 0
 }
 
+# Empty: pgsidecar runs from --upstream alone; else from this file (the TLS section), with
+# the same flags on top.
+SIDECAR_CONFIG=
+
 start_sidecar() {
+    local from=(--upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres")
+    [[ -n $SIDECAR_CONFIG ]] && from=(--config "$SIDECAR_CONFIG")
     # setsid: its own session, like PostgreSQL and PgBouncer (see SESSIONS).
     # warn: no line per login/logout (logging.log_connections), as PgBouncer above.
-    PGSIDECAR_LOG=warn setsid "$PGSIDECAR_BIN" --upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+    PGSIDECAR_LOG=warn setsid "$PGSIDECAR_BIN" "${from[@]}" \
         --listen "127.0.0.1:$SIDECAR_PORT" --admin-listen "127.0.0.1:$SIDECAR_ADMIN_PORT" \
         --pool-mode transaction --pool-size "$POOL_SIZE" >>"$WORK/pgsidecar.log" 2>&1 &
     SIDECAR_PID=$!
-    wait_sql "$SIDECAR_PORT" pgsidecar
+    wait_sql "$SIDECAR_PORT" pgsidecar "$SIDECAR_PID"
 }
 
 stop_sidecar() {
@@ -392,6 +421,7 @@ restart() { # TARGET
 }
 
 # A pooler that died during a run is restarted for the next one (the run is a failure).
+# Fails if it is still not running (only possible with SOFT_START=1).
 ensure_up() { # TARGET
     local pid
     pid=$(pid_of "$1")
@@ -399,6 +429,7 @@ ensure_up() { # TARGET
     if ! alive "$pid"; then
         log "$1 is not running; restarting it"
         restart "$1"
+        alive "$(pid_of "$1")" || return 1
     fi
 }
 
@@ -436,6 +467,9 @@ meta reps "$REPS"
 printf 'scenario\targs\trep\ttarget\tstatus\ttps\ttxns\tcpu_ticks\tclk_tck\treason\n' >"$WORK/runs.tsv"
 CLK_TCK=$(getconf CLK_TCK)
 
+# Set (the TLS section does) and direct runs of pgbench get it as PGSSLMODE.
+DIRECT_SSLMODE=
+
 # Vacuum directly (pgbench -n through a pooler cannot): what pgbench itself does first.
 prepare_run() { # SCENARIO
     if [[ $1 == batch-* ]]; then
@@ -448,14 +482,21 @@ prepare_run() { # SCENARIO
 run_pgbench() { # SCENARIO ARGS REP TARGET
     local name=$1 args=$2 rep=$3 target=$4
     local port pid logf rc=0 before=0 after ticks="" status=ok reason="" tps="" txns=""
-    ensure_up "$target"
+    local envs=()
+    [[ $target == direct && -n $DIRECT_SSLMODE ]] && envs=("PGSSLMODE=$DIRECT_SSLMODE")
+    if ! ensure_up "$target"; then
+        printf '%s\t%s\t%s\t%s\tfail\t\t\t\t%s\t%s\n' "$name" "${args//@BATCH@/batch.sql}" "$rep" "$target" \
+            "$CLK_TCK" "$target is not running (it did not start; see the log)" >>"$WORK/runs.tsv"
+        log "  $name rep $rep $target: FAIL $target is not running"
+        return 0
+    fi
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     logf=$WORK/pgbench-$name-$rep-$target.log
     prepare_run "$name"
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
     # shellcheck disable=SC2086 # ARGS is a word list
-    timeout -k 5 $((DURATION + 60)) "$PG_BIN/pgbench" -n -j "$JOBS" -T "$DURATION" \
+    env "${envs[@]}" timeout -k 5 $((DURATION + 60)) "$PG_BIN/pgbench" -n -j "$JOBS" -T "$DURATION" \
         -h 127.0.0.1 -p "$port" -U postgres ${args//@BATCH@/$BATCH_SQL} postgres >"$logf" 2>&1 || rc=$?
     if [[ -n $pid ]]; then
         if alive "$pid"; then
@@ -568,7 +609,7 @@ sample_rss() { # PID FILE
 
 run_copy() { # REP TARGET FILE BYTES
     local rep=$1 target=$2 file=$3 bytes=$4 port pid t0 t1 secs="" before="" peak="" hwm rows status=ok reason=""
-    ensure_up "$target"
+    ensure_up "$target" || die "$target is not running"
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     sql "$PG_PORT" -c 'TRUNCATE bench_copy' -c 'CHECKPOINT'
@@ -638,6 +679,11 @@ fi
 
 # shellcheck source=bench/lib/importer.sh
 source "$HERE/lib/importer.sh"
+
+# --- upstream TLS (bench/lib/tls.sh; last: it turns ssl on in the cluster) ----------------
+
+# shellcheck source=bench/lib/tls.sh
+source "$HERE/lib/tls.sh"
 
 # --- report -------------------------------------------------------------------------------
 
