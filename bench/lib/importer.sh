@@ -71,15 +71,17 @@ run_importer() { # NAME ARGS REP TARGET
     local name=$1 wl_args=$2 rep=$3 target=$4
     local port pid out err rc=0 before=0 ticks="" status=ok reason="" line kv have
     local -A res=()
-    ensure_up "$target"
     port=$(port_of "$target")
-    pid=$(pid_of "$target")
     out=$WORK/$name-$rep-$target.out
     err=$WORK/$name-$rep-$target.err
     if [[ -z $IMPORTER_PY ]]; then
         status=fail
         reason=$IMPORTER_PY_ERROR
+    elif ! ensure_up "$target"; then
+        status=fail
+        reason="$target is not running (it did not start; see the log)"
     else
+        pid=$(pid_of "$target")
         sql "$PG_PORT" -c 'TRUNCATE bench_import, bench_blob, bench_copy' -c 'CHECKPOINT'
         [[ -n $pid ]] && before=$(cpu_ticks "$pid")
         # shellcheck disable=SC2086 # ARGS is a word list
