@@ -9,16 +9,21 @@
 # Environment:
 #   DURATION        seconds per pgbench run (10)
 #   REPS            repetitions, interleaved (3)
-#   SCENARIOS       comma/space separated names or globs; sections: rss, copy (all)
+#   SCENARIOS       comma/space separated names or globs (all); sections: rss, copy,
+#                   importer (batch-insert-c50, copy and the importer-* workloads), tls
+#                   (the tls-* scenarios: pooler -> PostgreSQL over TLS)
 #   SKIP_PGBOUNCER  1: direct and pgsidecar only
 #   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
-#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer)
+#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer); the comparison
+#                   is meant against 1.25 (older ones are flagged loudly; see README)
 #   PGSIDECAR_BIN   pgsidecar binary; default: cargo build --release, target/release/pgsidecar
 #   SCALE           pgbench scale (10); POOL_SIZE pooler server connections (16)
 #   RSS_CLIENTS     idle-client counts for the RSS section ("1000 5000")
 #   COPY_ROWS       rows in the COPY file (1000000, ~106 MB)
 #   OUT             report path (bench/results/latest.md)
 #   KEEP_WORK       1: keep the temporary directory (logs, raw TSVs) and print its path
+#   IMPORTER_*, BYTEA_*, PIPELINE_*: importer sizes, see bench/lib/importer.sh
+#   TLS_SSLMODE     sslmode of the TLS section, poolers and direct alike (require)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -68,9 +73,26 @@ fi
 for tool in initdb pg_ctl postgres psql pgbench; do
     [[ -x $PG_BIN/$tool ]] || die "$PG_BIN/$tool not found (set PG_BIN)"
 done
+# The headline comparison is against PgBouncer 1.25 (current as of this script): older
+# ones (Debian 12 ships 1.18) lack protocol-level prepared statements in transaction mode
+# (1.21) and later fixes. They still run, but the log and the report say so loudly.
+# bench/README.md explains how to build 1.25.2 from source; pass it with PGBOUNCER=.
+BOUNCER_MIN=1.25.0
+BOUNCER_VERSION=
+BOUNCER_OLD=0
 if [[ $SKIP_PGBOUNCER != 1 ]]; then
     PGBOUNCER=${PGBOUNCER:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}
-    [[ -x $PGBOUNCER ]] || die "pgbouncer not found: apt-get install -y pgbouncer, or SKIP_PGBOUNCER=1"
+    [[ -x $PGBOUNCER ]] || die "pgbouncer not found: build 1.25.2 (bench/README.md) and set PGBOUNCER=, or SKIP_PGBOUNCER=1"
+    BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR==1 {print $2}')
+    [[ $BOUNCER_VERSION =~ ^[0-9]+\.[0-9]+ ]] || die "cannot read the version of $PGBOUNCER"
+    if [[ $(printf '%s\n' "$BOUNCER_MIN" "$BOUNCER_VERSION" | sort -V | head -1) != "$BOUNCER_MIN" ]]; then
+        BOUNCER_OLD=1
+        log "WARNING: ******************************************************************"
+        log "WARNING: $PGBOUNCER is PgBouncer $BOUNCER_VERSION, older than $BOUNCER_MIN."
+        log "WARNING: This run does NOT compare against a current PgBouncer; the report says so."
+        log "WARNING: Build 1.25.2 (see bench/README.md) and pass PGBOUNCER=/path/to/pgbouncer."
+        log "WARNING: ******************************************************************"
+    fi
 fi
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON)"
 
@@ -165,13 +187,31 @@ sql() { # PORT SQL...
     "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres -tA "$@"
 }
 
-wait_sql() { # PORT NAME
-    local i
-    for ((i = 0; i < 300; i++)); do
-        sql "$1" -c 'select 1' >/dev/null 2>&1 && return 0
+# Set to 1 (the TLS section does) and a pooler that cannot start is logged and left down,
+# so that its runs fail with a reason instead of the whole benchmark ending there.
+SOFT_START=0
+start_failed() {
+    if [[ $SOFT_START == 1 ]]; then
+        log "error: $* (its runs will fail)"
+    else
+        die "$*"
+    fi
+}
+
+# Up to 30 s; each attempt at most 5 s (a pooler that accepts clients but cannot reach
+# the server would otherwise hold the query until its own wait timeout).
+wait_sql() { # PORT NAME [PID: give up as soon as it has exited]
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
+        if [[ -n ${3:-} ]] && ! alive "$3"; then
+            start_failed "$2 exited at start: $(tail -n 1 "$WORK/$2.log" 2>/dev/null | clean_reason)"
+            return 0
+        fi
+        timeout -k 1 5 "$PG_BIN/psql" -X -q -h 127.0.0.1 -p "$1" -U postgres -d postgres -tA \
+            -c 'select 1' >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    die "$2 does not answer on port $1"
+    start_failed "$2 does not answer on port $1"
 }
 
 alive() { [[ -n $1 ]] && kill -0 "$1" 2>/dev/null; }
@@ -197,7 +237,7 @@ proc_kib() { # PID FIELD (VmRSS, VmHWM)
     echo 0
 }
 
-clean_reason() { tr '\t|\n' '  ;' | cut -c1-200; }
+clean_reason() { tr '\t|\n' '  ;' | sed 's/;*$//' | cut -c1-200; }
 
 port_of() {
     case $1 in
@@ -237,8 +277,14 @@ wait_sql "$PG_PORT" PostgreSQL
 log "pgbench -i -s $SCALE"
 "$PG_BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" -U postgres postgres >"$WORK/pgbench-init.log" 2>&1 ||
     die "pgbench -i failed: $(tail -5 "$WORK/pgbench-init.log")"
+# Importer tables are unlogged (as bench_copy): the WAL of bulk loads would measure the
+# disk, not the path through the proxy. bench_blob stores its bytea uncompressed
+# (EXTERNAL: random bytes do not compress anyway).
 sql "$PG_PORT" -c 'CREATE TABLE bench_batch (k bigint, v text, t timestamptz)' \
-    -c 'CREATE UNLOGGED TABLE bench_copy (id int, a text, b text, c text)' -c 'VACUUM ANALYZE'
+    -c 'CREATE UNLOGGED TABLE bench_copy (id int, a text, b text, c text)' \
+    -c 'CREATE UNLOGGED TABLE bench_import (id bigint, name text, qty int, created timestamptz)' \
+    -c 'CREATE UNLOGGED TABLE bench_blob (id int, data bytea)' \
+    -c 'ALTER TABLE bench_blob ALTER data SET STORAGE EXTERNAL' -c 'VACUUM ANALYZE'
 
 # The batch-insert script: one multi-row INSERT of 100 rows (~100 bytes each) per transaction.
 BATCH_SQL=$WORK/batch.sql
@@ -263,9 +309,7 @@ BATCH_SQL=$WORK/batch.sql
 # -c 16: a pooler in pgbench's session had 0.6-0.7 context switches per transaction, the
 # same pooler in its own session 0.37.)
 
-BOUNCER_VERSION=
 if [[ $SKIP_PGBOUNCER != 1 ]]; then
-    BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR==1 {print $2}')
     printf '"postgres" ""\n' >"$WORK/userlist.txt"
     cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
@@ -293,6 +337,7 @@ EOF
     fi
     chown postgres: "$WORK/userlist.txt" "$WORK/pgbouncer.ini" 2>/dev/null || true
 fi
+BOUNCER_INI=$WORK/pgbouncer.ini
 
 start_bouncer() {
     [[ $SKIP_PGBOUNCER == 1 ]] && return 0
@@ -302,15 +347,18 @@ start_bouncer() {
     # shellcheck disable=SC2016 # expanded by the inner shell
     # setsid: each server process runs in its own session, as daemons do (see SESSIONS).
     as_pg setsid bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' pgbouncer \
-        "$PGBOUNCER" "$WORK/pgbouncer.ini" >>"$WORK/pgbouncer.out" 2>&1 &
+        "$PGBOUNCER" "$BOUNCER_INI" >>"$WORK/pgbouncer.out" 2>&1 &
     local i
     for ((i = 0; i < 100; i++)); do
         [[ -s $WORK/pgbouncer.pid ]] && break
         sleep 0.1
     done
-    [[ -s $WORK/pgbouncer.pid ]] || die "pgbouncer did not start: $(tail -5 "$WORK/pgbouncer.log" "$WORK/pgbouncer.out" 2>/dev/null)"
+    if [[ ! -s $WORK/pgbouncer.pid ]]; then
+        start_failed "pgbouncer did not start: $(tail -n 5 "$WORK/pgbouncer.log" "$WORK/pgbouncer.out" 2>/dev/null | clean_reason)"
+        return 0
+    fi
     BOUNCER_PID=$(<"$WORK/pgbouncer.pid")
-    wait_sql "$BOUNCER_PORT" pgbouncer
+    wait_sql "$BOUNCER_PORT" pgbouncer "$BOUNCER_PID"
 }
 
 stop_bouncer() {
@@ -329,14 +377,20 @@ stop_bouncer() {
     return 0
 }
 
+# Empty: pgsidecar runs from --upstream alone; else from this file (the TLS section), with
+# the same flags on top.
+SIDECAR_CONFIG=
+
 start_sidecar() {
+    local from=(--upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres")
+    [[ -n $SIDECAR_CONFIG ]] && from=(--config "$SIDECAR_CONFIG")
     # setsid: its own session, like PostgreSQL and PgBouncer (see SESSIONS).
     # warn: no line per login/logout (logging.log_connections), as PgBouncer above.
-    PGSIDECAR_LOG=warn setsid "$PGSIDECAR_BIN" --upstream "postgres://postgres@127.0.0.1:$PG_PORT/postgres" \
+    PGSIDECAR_LOG=warn setsid "$PGSIDECAR_BIN" "${from[@]}" \
         --listen "127.0.0.1:$SIDECAR_PORT" --admin-listen "127.0.0.1:$SIDECAR_ADMIN_PORT" \
         --pool-mode transaction --pool-size "$POOL_SIZE" >>"$WORK/pgsidecar.log" 2>&1 &
     SIDECAR_PID=$!
-    wait_sql "$SIDECAR_PORT" pgsidecar
+    wait_sql "$SIDECAR_PORT" pgsidecar "$SIDECAR_PID"
 }
 
 stop_sidecar() {
@@ -367,6 +421,7 @@ restart() { # TARGET
 }
 
 # A pooler that died during a run is restarted for the next one (the run is a failure).
+# Fails if it is still not running (only possible with SOFT_START=1).
 ensure_up() { # TARGET
     local pid
     pid=$(pid_of "$1")
@@ -374,6 +429,7 @@ ensure_up() { # TARGET
     if ! alive "$pid"; then
         log "$1 is not running; restarting it"
         restart "$1"
+        alive "$(pid_of "$1")" || return 1
     fi
 }
 
@@ -397,6 +453,9 @@ meta kernel "$(uname -sr)"
 meta loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
 meta postgres "$("$PG_BIN/postgres" --version)"
 meta pgbouncer "${BOUNCER_VERSION:-skipped (SKIP_PGBOUNCER=1)}"
+[[ $SKIP_PGBOUNCER != 1 ]] && meta pgbouncer_bin "$PGBOUNCER"
+meta pgbouncer_old "$BOUNCER_OLD"
+meta pgbouncer_min "$BOUNCER_MIN"
 meta rustc "$(rustc --version 2>/dev/null || echo unknown)"
 meta autogroup "$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo n/a) (poolers and PostgreSQL each in their own session)"
 meta settings "scale $SCALE; pool size $POOL_SIZE, transaction mode; max_connections 400, shared_buffers 128MB, fsync off, synchronous_commit off; DURATION=$DURATION REPS=$REPS"
@@ -407,6 +466,9 @@ meta reps "$REPS"
 
 printf 'scenario\targs\trep\ttarget\tstatus\ttps\ttxns\tcpu_ticks\tclk_tck\treason\n' >"$WORK/runs.tsv"
 CLK_TCK=$(getconf CLK_TCK)
+
+# Set (the TLS section does) and direct runs of pgbench get it as PGSSLMODE.
+DIRECT_SSLMODE=
 
 # Vacuum directly (pgbench -n through a pooler cannot): what pgbench itself does first.
 prepare_run() { # SCENARIO
@@ -420,14 +482,21 @@ prepare_run() { # SCENARIO
 run_pgbench() { # SCENARIO ARGS REP TARGET
     local name=$1 args=$2 rep=$3 target=$4
     local port pid logf rc=0 before=0 after ticks="" status=ok reason="" tps="" txns=""
-    ensure_up "$target"
+    local envs=()
+    [[ $target == direct && -n $DIRECT_SSLMODE ]] && envs=("PGSSLMODE=$DIRECT_SSLMODE")
+    if ! ensure_up "$target"; then
+        printf '%s\t%s\t%s\t%s\tfail\t\t\t\t%s\t%s\n' "$name" "${args//@BATCH@/batch.sql}" "$rep" "$target" \
+            "$CLK_TCK" "$target is not running (it did not start; see the log)" >>"$WORK/runs.tsv"
+        log "  $name rep $rep $target: FAIL $target is not running"
+        return 0
+    fi
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     logf=$WORK/pgbench-$name-$rep-$target.log
     prepare_run "$name"
     [[ -n $pid ]] && before=$(cpu_ticks "$pid")
     # shellcheck disable=SC2086 # ARGS is a word list
-    timeout -k 5 $((DURATION + 60)) "$PG_BIN/pgbench" -n -j "$JOBS" -T "$DURATION" \
+    env "${envs[@]}" timeout -k 5 $((DURATION + 60)) "$PG_BIN/pgbench" -n -j "$JOBS" -T "$DURATION" \
         -h 127.0.0.1 -p "$port" -U postgres ${args//@BATCH@/$BATCH_SQL} postgres >"$logf" 2>&1 || rc=$?
     if [[ -n $pid ]]; then
         if alive "$pid"; then
@@ -460,7 +529,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
     for def in "${SCENARIO_DEFS[@]}"; do
         name=${def%%|*}
         args=${def#*|}
-        selected "$name" || continue
+        # `importer` selects the multi-row INSERT scenario too.
+        selected "$name" || { [[ $name == batch-* ]] && selected importer; } || continue
         for target in "${TARGETS[@]}"; do
             run_pgbench "$name" "$args" "$rep" "$target"
         done
@@ -539,7 +609,7 @@ sample_rss() { # PID FILE
 
 run_copy() { # REP TARGET FILE BYTES
     local rep=$1 target=$2 file=$3 bytes=$4 port pid t0 t1 secs="" before="" peak="" hwm rows status=ok reason=""
-    ensure_up "$target"
+    ensure_up "$target" || die "$target is not running"
     port=$(port_of "$target")
     pid=$(pid_of "$target")
     sql "$PG_PORT" -c 'TRUNCATE bench_copy' -c 'CHECKPOINT'
@@ -588,7 +658,7 @@ run_copy() { # REP TARGET FILE BYTES
     fi
 }
 
-if selected copy; then
+if selected copy || selected importer; then
     # Fresh poolers: the RSS section leaves memory behind that would hide the COPY's own.
     for target in "${POOLERS[@]}"; do
         restart "$target"
@@ -605,6 +675,16 @@ if selected copy; then
     rm -f "$COPY_FILE"
 fi
 
+# --- importer workloads (bench/lib/importer.sh) ---------------------------------------------
+
+# shellcheck source=bench/lib/importer.sh
+source "$HERE/lib/importer.sh"
+
+# --- upstream TLS (bench/lib/tls.sh; last: it turns ssl on in the cluster) ----------------
+
+# shellcheck source=bench/lib/tls.sh
+source "$HERE/lib/tls.sh"
+
 # --- report -------------------------------------------------------------------------------
 
 mkdir -p "$(dirname "$OUT")"
@@ -613,3 +693,6 @@ cp "$WORK/report.md" "$OUT"
 cat "$WORK/report.md"
 echo
 log "report written to $OUT"
+if [[ $BOUNCER_OLD == 1 ]]; then
+    log "WARNING: PgBouncer $BOUNCER_VERSION is older than $BOUNCER_MIN: not the headline comparison (see the report)"
+fi
