@@ -48,6 +48,8 @@ where
             }
         };
         self.end_wait();
+        // The turn's clock reading is from before the wait.
+        self.stats.clock = None;
         match result {
             Ok(lease) => {
                 self.attach(lease);

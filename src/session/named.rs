@@ -23,7 +23,9 @@ use crate::server::prepared::{server_name, StmtDef};
 #[derive(Default)]
 pub(super) struct ClientStmts(Option<Box<StmtMap>>);
 
-type StmtMap = HashMap<Box<[u8]>, Arc<StmtDef>>;
+/// Keyed by client-chosen names: foldhash's seeded hash, random per process, is fast
+/// and not predictable from outside.
+type StmtMap = HashMap<Box<[u8]>, Arc<StmtDef>, foldhash::fast::RandomState>;
 
 impl ClientStmts {
     pub(super) fn map_mut(&mut self) -> &mut StmtMap {
@@ -69,22 +71,16 @@ where
             return false;
         };
         let conn = lease.conn();
-        let counter = |event: &str| {
-            self.shared
-                .metrics
-                .prepared
-                .with_label_values(&[event])
-                .inc()
-        };
+        let m = &self.shared.metrics;
         let hit = conn.prepared.touch(def.id);
         // Statements that may name dropped objects (see `server/prepared.rs`) go first.
         let mut closes = conn.prepared.take_to_close();
         if hit {
-            counter("hit");
+            m.prepared_hit.inc();
         } else {
-            counter("miss");
+            m.prepared_miss.inc();
             if let Some(old) = conn.prepared.insert(def.id) {
-                counter("eviction");
+                m.prepared_eviction.inc();
                 closes.push(old);
             }
         }
