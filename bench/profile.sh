@@ -597,8 +597,8 @@ cat "$WORK/report.md"
 echo
 log "report written to $OUT"
 if [[ $KEEP_WORK == 1 ]]; then
-    log "callgrind files of the 2N processes (the N ones beside them; e.g. callgrind_annotate --inclusive=no FILE):"
-    awk -F'\t' '$3 == "cgfile" {print $1 " " $2 ": " $4}' "$WORK/profile.tsv" | while read -r line; do
+    log "callgrind files, N and 2N processes (e.g. callgrind_annotate --inclusive=no FILE; per-txn diff: ANNOTATE=25):"
+    awk -F'\t' '$3 == "cgfile" {n = $4; sub(/\.2N\.out$/, ".N.out", n); print $1 " " $2 ": " n " " $4}' "$WORK/profile.tsv" | while read -r line; do
         log "  $line"
     done
 fi

@@ -96,6 +96,13 @@ def annotate(path, inclusive):
     return costs
 
 
+def bare(name):
+    """callgrind_annotate's "file:function [object]" without file and object."""
+    name = re.sub(r" \[[^\]]*\]$", "", name)
+    m = re.match(r"^(\S*?\.(?:rs|c|h|S|cc|cpp)|\?\?\?):(.*)$", name)
+    return m.group(2) if m else name
+
+
 def short(name):
     """Drop the long registry/toolchain path prefixes of a callgrind function name."""
     name = re.sub(r"/root/\.cargo/registry/src/[^/]+/", "", name)
@@ -161,6 +168,9 @@ def main():
             n = num(d, "sys_txns")
             per[p] = {k[4:]: float(v) / n for k, v in d.items()
                       if k.startswith("sys:") and k != "sys:total" and n}
+        # A pooler with syscall data that never made a call shows 0, not n/a.
+        has = {p: per_txn(data[name].get(p, {}), "sys:total", "sys_txns") is not None
+               for p in POOLERS}
         names = sorted(set(per["pgbouncer"]) | set(per["pgsidecar"]),
                        key=lambda k: -max(per["pgbouncer"].get(k, 0), per["pgsidecar"].get(k, 0)))
         top = names[:TOP_SYSCALLS]
@@ -169,9 +179,9 @@ def main():
         w("| syscall | pgbouncer | pgsidecar | ratio |")
         w("|---|---:|---:|---:|")
         for k in top:
-            a, b = per["pgbouncer"].get(k), per["pgsidecar"].get(k)
+            a, b = (per[p].get(k, 0.0 if has[p] else None) for p in POOLERS)
             w(f"| {k} | {fmt(a, 3)} | {fmt(b, 3)} | {ratio(b, a)} |")
-        rest = [sum(v for k, v in per[p].items() if k not in top) if per[p] else None
+        rest = [sum(v for k, v in per[p].items() if k not in top) if has[p] else None
                 for p in POOLERS]
         w(f"| other | {fmt(rest[0], 3)} | {fmt(rest[1], 3)} | |")
         tot = [per_txn(data[name].get(p, {}), "sys:total", "sys_txns") for p in POOLERS]
@@ -194,8 +204,11 @@ def main():
         w("## Top functions per transaction (callgrind, (2N - N) / N per function)")
         w("")
         w("Each function's cost in the 2N process minus its cost in the N process, over N: "
-          "start-up, warm-up and logins cancel out as in the instructions row. Self: "
-          "instructions in the function itself; inclusive: with its callees.")
+          "start-up, warm-up and logins cancel out as in the instructions row. **self**: "
+          "instructions in the function itself, per source file as callgrind_annotate "
+          "--inclusive=no lists them (inlined code counts under its own file); **self by "
+          "function**: the same summed over files, per function; **inclusive**: with its "
+          "callees, frames at 99% or more (main, the event loop) left out.")
         w("")
         for s in scenarios:
             for p in POOLERS:
@@ -207,7 +220,8 @@ def main():
                 if not f2 or not n:
                     continue
                 f1 = f2.replace(".2N.out", ".N.out")
-                for inclusive in (False, True):
+                for kind in ("self", "self by function", "inclusive"):
+                    inclusive = kind == "inclusive"
                     try:
                         c1 = annotate(f1, inclusive)
                         c2 = annotate(f2, inclusive)
@@ -216,7 +230,14 @@ def main():
                         break
                     diff = {k: (c2.get(k, 0) - c1.get(k, 0)) / n for k in set(c1) | set(c2)}
                     tot = diff.pop("PROGRAM TOTALS", None)
-                    kind = "inclusive" if inclusive else "self"
+                    if kind == "self by function":
+                        merged = defaultdict(float)
+                        for k, v in diff.items():
+                            merged[bare(k)] += v
+                        diff = merged
+                    if inclusive and tot:
+                        # main(), the event loop and the like: everything, nothing learnt.
+                        diff = {k: v for k, v in diff.items() if v < 0.99 * tot}
                     w(f"### {s['scenario']} {p}: {kind}, per transaction "
                       f"(total {fmt(tot, 0)})")
                     w("")
