@@ -89,7 +89,12 @@ impl Writers {
                                     .lock()
                                     .unwrap_or_else(|e| e.into_inner())
                                     .push((Instant::now(), code_of(&e).to_string()));
-                                if !c.is_closed() {
+                                // After a FATAL the proxy closes the connection, but
+                                // is_closed() can lag behind: reusing the client then
+                                // counted the same failure twice (once without a code).
+                                let fatal =
+                                    e.as_db_error().is_some_and(|d| d.severity() == "FATAL");
+                                if !fatal && !c.is_closed() {
                                     client = Some(c);
                                 }
                             }
