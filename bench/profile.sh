@@ -34,8 +34,9 @@
 #   SYSCALL_TOOL    auto (perf if it works, else strace), perf or strace
 #   SIDECAR_THREADS pgsidecar --threads (unset: its default)
 #   PG_BIN          PostgreSQL bin dir (pg_config --bindir, else /usr/lib/postgresql/15/bin)
-#   PGBOUNCER       pgbouncer binary (/work/bin/pgbouncer-1.25.2, else from PATH)
-#   PGSIDECAR_BIN   pgsidecar binary (/work/bin/pgsidecar-4919c65, else target/release)
+#   PGBOUNCER       pgbouncer binary (from PATH, else /usr/sbin/pgbouncer; see bench/README.md
+#                   for building 1.25 from source)
+#   PGSIDECAR_BIN   pgsidecar binary (default: cargo build --release, target/release)
 #   SCALE           pgbench scale (10); POOL_SIZE pooler server connections (16)
 #   OUT             report path (bench/results/profile.md)
 #   KEEP_WORK       1: keep the temporary directory (logs, raw TSV, callgrind files) and
@@ -99,21 +100,15 @@ has_pooler() { [[ " $POOLERS " == *" $1 "* ]]; }
 
 if has_pooler pgbouncer; then
     if [[ -z ${PGBOUNCER:-} ]]; then
-        if [[ -x /work/bin/pgbouncer-1.25.2 ]]; then
-            PGBOUNCER=/work/bin/pgbouncer-1.25.2
-        else
-            PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
-        fi
+        PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
     fi
     [[ -x $PGBOUNCER ]] || die "pgbouncer not found: $PGBOUNCER (set PGBOUNCER)"
 fi
 if has_pooler pgsidecar; then
     if [[ -z ${PGSIDECAR_BIN:-} ]]; then
-        if [[ -x /work/bin/pgsidecar-4919c65 ]]; then
-            PGSIDECAR_BIN=/work/bin/pgsidecar-4919c65
-        else
-            PGSIDECAR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgsidecar
-        fi
+        log "building pgsidecar (cargo build --release)"
+        (cd "$ROOT" && cargo build --release --quiet)
+        PGSIDECAR_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgsidecar
     fi
     [[ -x $PGSIDECAR_BIN ]] || die "pgsidecar not found: $PGSIDECAR_BIN (set PGSIDECAR_BIN)"
 fi

@@ -230,6 +230,7 @@ def main():
     for key, label in (
         ("date", "date"),
         ("commit", "pgsidecar commit"),
+        ("sidecar_bin", "pgsidecar binary"),
         ("cpu", "CPU"),
         ("nproc", "nproc"),
         ("kernel", "kernel"),

@@ -125,6 +125,7 @@ selected() {
     return 1
 }
 
+SIDECAR_GIVEN=${PGSIDECAR_BIN:+1}
 if [[ -z ${PGSIDECAR_BIN:-} ]]; then
     log "building pgsidecar (cargo build --release)"
     (cd "$ROOT" && cargo build --release --quiet)
@@ -447,6 +448,7 @@ if [[ -n $(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.t
     commit="$commit (with uncommitted changes in src/ or Cargo.*)"
 fi
 meta commit "$commit"
+[[ -n ${SIDECAR_GIVEN:-} ]] && meta sidecar_bin "$PGSIDECAR_BIN (given in PGSIDECAR_BIN: the commit above is the checkout's, not necessarily the binary's)"
 meta cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
 meta nproc "$(nproc)"
 meta kernel "$(uname -sr)"
