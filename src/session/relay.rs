@@ -311,6 +311,28 @@ impl Inbound {
             if self.segs.is_empty() {
                 break;
             }
+            if self.segs.len() == 1 {
+                // The usual case (one response, one request): a plain write, without
+                // building an iovec array.
+                let k = {
+                    let bytes = match &self.segs[0] {
+                        Seg::Fwd(n) => &self.buf[..*n],
+                        Seg::Own(b) => &b[..],
+                        Seg::Skip(_) => &[][..],
+                    };
+                    match Pin::new(&mut *w).poll_write(cx, bytes) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(k)) => k,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return self.pending_after(cx, w, wrote),
+                    }
+                };
+                wrote = true;
+                self.consume(k);
+                continue;
+            }
             // One vectored write for every queued segment: a rewritten Bind between
             // forwarded Execute frames used to cost one send() per segment, two per row
             // of a pipelined executemany.
