@@ -311,52 +311,25 @@ impl Inbound {
             if self.segs.is_empty() {
                 break;
             }
-            if self.segs.len() == 1 {
+            let r = if self.segs.len() == 1 {
                 // The usual case (one response, one request): a plain write, without
                 // building an iovec array.
-                let k = {
-                    let bytes = match &self.segs[0] {
-                        Seg::Fwd(n) => &self.buf[..*n],
-                        Seg::Own(b) => &b[..],
-                        Seg::Skip(_) => &[][..],
-                    };
-                    match Pin::new(&mut *w).poll_write(cx, bytes) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-                        }
-                        Poll::Ready(Ok(k)) => k,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return self.pending_after(cx, w, wrote),
-                    }
+                let bytes = match &self.segs[0] {
+                    Seg::Fwd(n) => &self.buf[..*n],
+                    Seg::Own(b) => &b[..],
+                    // Not at the head: drop_empty_head applied it.
+                    Seg::Skip(_) => &[][..],
                 };
-                wrote = true;
-                self.consume(k);
-                continue;
-            }
-            // One vectored write for every queued segment: a rewritten Bind between
-            // forwarded Execute frames used to cost one send() per segment, two per row
-            // of a pipelined executemany.
-            let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
-            let mut m = 0;
-            let mut off = 0;
-            for seg in &self.segs {
-                if m == MAX_IOV {
-                    break;
-                }
-                match seg {
-                    Seg::Skip(n) => off += n,
-                    Seg::Fwd(n) => {
-                        iov[m] = io::IoSlice::new(&self.buf[off..off + n]);
-                        off += n;
-                        m += 1;
-                    }
-                    Seg::Own(b) => {
-                        iov[m] = io::IoSlice::new(b);
-                        m += 1;
-                    }
-                }
-            }
-            let k = match Pin::new(&mut *w).poll_write_vectored(cx, &iov[..m]) {
+                Pin::new(&mut *w).poll_write(cx, bytes)
+            } else {
+                // One vectored write for every queued segment: a rewritten Bind between
+                // forwarded Execute frames used to cost one send() per segment, two per
+                // row of a pipelined executemany.
+                let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
+                let m = self.gather(&mut iov);
+                Pin::new(&mut *w).poll_write_vectored(cx, &iov[..m])
+            };
+            let k = match r {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(k)) => k,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -373,6 +346,30 @@ impl Inbound {
             std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Points `iov` at the queued bytes in order, skips left out; returns how many.
+    fn gather<'a>(&'a self, iov: &mut [io::IoSlice<'a>; MAX_IOV]) -> usize {
+        let mut m = 0;
+        let mut off = 0;
+        for seg in &self.segs {
+            if m == MAX_IOV {
+                break;
+            }
+            match seg {
+                Seg::Skip(n) => off += n,
+                Seg::Fwd(n) => {
+                    iov[m] = io::IoSlice::new(&self.buf[off..off + n]);
+                    off += n;
+                    m += 1;
+                }
+                Seg::Own(b) => {
+                    iov[m] = io::IoSlice::new(b);
+                    m += 1;
+                }
+            }
+        }
+        m
     }
 
     /// Applies skips and drops empty segments at the head, so a write starts with bytes.
