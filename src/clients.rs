@@ -1,7 +1,7 @@
 //! Who is connected: a small registry for the admin console's SHOW CLIENTS / SERVERS.
 //! Sessions update their entry with relaxed atomic stores at state changes only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -10,6 +10,8 @@ use std::time::Duration;
 use atomic_waker::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::time::Instant;
+
+use crate::limits::CapGuard;
 
 /// What a client is doing, as SHOW CLIENTS and the `pgsidecar_clients` gauge say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +45,11 @@ impl ClientPhase {
 pub struct ClientInfo {
     pub id: u64,
     pub addr: SocketAddr,
-    pub user: Arc<str>,
-    pub database: Arc<str>,
-    pub application_name: Box<str>,
+    /// Its user and database, and its place under the connection caps: held here, so
+    /// the session carries no copy of the names (RSS per idle client).
+    place: CapGuard,
+    /// Shared by the clients that give the same name (RSS per idle client).
+    pub application_name: Arc<str>,
     pub connected: Instant,
     /// A `ClientPhase`, written by the session only through `set_phase`.
     state: AtomicU8,
@@ -68,6 +72,14 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
+    pub fn user(&self) -> &Arc<str> {
+        &self.place.user
+    }
+
+    pub fn database(&self) -> &Arc<str> {
+        &self.place.database
+    }
+
     pub fn phase(&self) -> ClientPhase {
         ClientPhase::from_u8(self.state.load(Ordering::Relaxed))
     }
@@ -134,6 +146,10 @@ impl ClientInfo {
 pub struct ClientList {
     next: std::sync::atomic::AtomicU64,
     map: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+    /// Application names in use, one copy each: clients of one application (its pool
+    /// of workers) nearly always give the same name. Only names of connected clients
+    /// stay here, so random names cannot grow it.
+    names: Mutex<HashSet<Arc<str>>>,
 }
 
 /// Removes the entry when the session ends (and logs the departure when asked to).
@@ -147,12 +163,13 @@ pub struct ClientEntry {
 impl Drop for ClientEntry {
     fn drop(&mut self) {
         self.list.map.lock().remove(&self.info.id);
+        self.list.release_name(&self.info.application_name);
         if self.log_disconnect {
             let i = &self.info;
             tracing::info!(
                 client = %i.addr,
-                user = %i.user,
-                database = %i.database,
+                user = %i.user(),
+                database = %i.database(),
                 application_name = %i.application_name,
                 duration_secs = format!("{:.3}", i.connected.elapsed().as_secs_f64()),
                 killed = i.killed.load(Ordering::Relaxed),
@@ -163,20 +180,42 @@ impl Drop for ClientEntry {
 }
 
 impl ClientList {
+    fn intern(&self, name: &str) -> Arc<str> {
+        let mut names = self.names.lock();
+        if let Some(shared) = names.get(name) {
+            return shared.clone();
+        }
+        // A name whose last client left while the admin console held that client's
+        // info stays behind: sweep those now and then (amortized O(1) per login).
+        if names.len() >= 1024 && names.len().is_power_of_two() {
+            names.retain(|n| Arc::strong_count(n) > 1);
+        }
+        let shared: Arc<str> = Arc::from(name);
+        names.insert(shared.clone());
+        shared
+    }
+
+    /// A client with this name is leaving: the name goes when no other client has it
+    /// (held by the set and by the leaving client's info only).
+    fn release_name(&self, name: &Arc<str>) {
+        let mut names = self.names.lock();
+        if Arc::strong_count(name) <= 2 {
+            names.remove(name);
+        }
+    }
+
     pub fn register(
         self: &Arc<Self>,
         addr: SocketAddr,
-        user: Arc<str>,
-        database: Arc<str>,
+        place: CapGuard,
         application_name: &str,
     ) -> ClientEntry {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
             addr,
-            user,
-            database,
-            application_name: application_name.into(),
+            place,
+            application_name: self.intern(application_name),
             connected: Instant::now(),
             state: AtomicU8::new(ClientPhase::Idle as u8),
             server_pid: AtomicI32::new(0),
@@ -208,7 +247,9 @@ impl ClientList {
         let mut out: BTreeMap<(Arc<str>, Arc<str>), Duration> = BTreeMap::new();
         for c in self.map.lock().values() {
             if let Some(w) = c.waiting_for(now) {
-                let e = out.entry((c.database.clone(), c.user.clone())).or_default();
+                let e = out
+                    .entry((c.database().clone(), c.user().clone()))
+                    .or_default();
                 *e = (*e).max(w);
             }
         }
@@ -217,5 +258,38 @@ impl ClientList {
 
     pub fn all(&self) -> Vec<Arc<ClientInfo>> {
         self.map.lock().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place() -> CapGuard {
+        CapGuard::uncounted("db".into(), "user".into())
+    }
+
+    #[test]
+    fn clients_share_their_application_name_until_the_last_leaves() {
+        let list = Arc::new(ClientList::default());
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let a = list.register(addr, place(), "importer");
+        let b = list.register(addr, place(), "importer");
+        let c = list.register(addr, place(), "other");
+        assert!(Arc::ptr_eq(
+            &a.info.application_name,
+            &b.info.application_name
+        ));
+        assert_eq!(list.names.lock().len(), 2);
+        drop(c);
+        assert_eq!(
+            list.names.lock().len(),
+            1,
+            "a name no client has is dropped"
+        );
+        drop(a);
+        assert_eq!(list.names.lock().len(), 1, "b still has it");
+        drop(b);
+        assert!(list.names.lock().is_empty());
     }
 }

@@ -173,10 +173,10 @@ impl ClientView {
         self.0.id
     }
     pub fn user(&self) -> &str {
-        &self.0.user
+        self.0.user()
     }
     pub fn database(&self) -> &str {
-        &self.0.database
+        self.0.database()
     }
     pub fn addr(&self) -> SocketAddr {
         self.0.addr
@@ -313,7 +313,7 @@ impl Control {
             .client_list
             .all()
             .into_iter()
-            .filter(|c| db.is_none_or(|d| &*c.database == d))
+            .filter(|c| db.is_none_or(|d| &**c.database() == d))
             .collect();
         if let Some(d) = db.filter(|_| pools.is_empty() && clients.is_empty()) {
             return Err(ClientError::error(

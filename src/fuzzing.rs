@@ -118,8 +118,7 @@ pub fn backend(data: &[u8]) {
         }
         // The session forwards synthetic answers; keep memory bounded here too.
         emit.clear();
-        fx.unprepared.clear();
-        fx.forget.clear();
+        fx.take();
         rest = &rest[h.frame_len()..];
     }
 }
@@ -242,7 +241,7 @@ fn scan_in_chunks(plan: u8, stream: &[u8], sizes: &[usize]) -> (Vec<Seen>, Vec<u
             );
             assert!(streamed || h.len <= BACKEND_WHOLE_MESSAGE_LIMIT);
             if !streamed && avail < h.frame_len() {
-                inb.need = h.frame_len();
+                inb.need = h.frame_len() as u32;
                 break;
             }
             inb.need = 0;
@@ -258,8 +257,7 @@ fn scan_in_chunks(plan: u8, stream: &[u8], sizes: &[usize]) -> (Vec<Seen>, Vec<u
             // Synthetic answers are queued in order, as the session does.
             inb.push_own(&emit);
             emit.clear();
-            fx.unprepared.clear();
-            fx.forget.clear();
+            fx.take();
             let mode = if forward {
                 BodyMode::Forward
             } else {

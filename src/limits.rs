@@ -23,16 +23,30 @@ pub struct ClientCaps {
 /// Clients per name; the keys are shared with the guards.
 type Counts = HashMap<Arc<str>, usize>;
 
-/// Holds one client's place under the caps.
+/// Holds one client's place under the caps (none for an uncounted one).
 pub struct CapGuard {
-    caps: Arc<ClientCaps>,
+    caps: Option<Arc<ClientCaps>>,
     pub database: Arc<str>,
     pub user: Arc<str>,
 }
 
+impl CapGuard {
+    /// The names of a client the caps do not count (the admin console's).
+    pub fn uncounted(database: Arc<str>, user: Arc<str>) -> CapGuard {
+        CapGuard {
+            caps: None,
+            database,
+            user,
+        }
+    }
+}
+
 impl Drop for CapGuard {
     fn drop(&mut self) {
-        let mut c = self.caps.counts.lock();
+        let Some(caps) = &self.caps else {
+            return;
+        };
+        let mut c = caps.counts.lock();
         let (dbs, users) = &mut *c;
         decrement(dbs, &self.database);
         decrement(users, &self.user);
@@ -81,7 +95,7 @@ impl ClientCaps {
         let database = count_in(dbs, database);
         let user = count_in(users, user);
         Ok(CapGuard {
-            caps: self.clone(),
+            caps: Some(self.clone()),
             database,
             user,
         })

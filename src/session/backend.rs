@@ -32,7 +32,10 @@ where
                 continue;
             }
             let avail_len = self.s_in.unscanned().len();
-            let h = match backend_header(self.s_in.unscanned(), self.max_message.max(1 << 30)) {
+            let h = match backend_header(
+                self.s_in.unscanned(),
+                (self.max_message as usize).max(1 << 30),
+            ) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => return Err(format!("malformed message from server: {e}")),
@@ -58,7 +61,7 @@ where
                 ));
             }
             if !streamed && avail_len < h.frame_len() {
-                self.s_in.need = h.frame_len();
+                self.s_in.need = h.frame_len() as u32;
                 break;
             }
             self.s_in.need = 0;
@@ -125,7 +128,8 @@ where
                         && self.wanted.get(&k) != Some(&v)
                     {
                         Arc::make_mut(&mut self.wanted).insert(k.clone(), v.clone());
-                        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+                        self.wanted_fp =
+                            params::fingerprint(&self.wanted, super::settings::raw(&self.sql_sets));
                     }
                     if let Some(lease) = self.server.as_mut() {
                         let conn = lease.conn();
@@ -135,7 +139,12 @@ where
                 }
             }
             be::COMMAND_COMPLETE => {
-                if !self.pending_sets.is_empty() && body.starts_with(b"ROLLBACK") {
+                if self
+                    .sql_sets
+                    .as_ref()
+                    .is_some_and(|s| !s.pending.is_empty())
+                    && body.starts_with(b"ROLLBACK")
+                {
                     self.txn_failed = true;
                 }
                 // Whichever protocol carried them, these really dropped the server's

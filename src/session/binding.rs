@@ -135,7 +135,7 @@ where
         } else {
             (
                 sync_sql(&self.wanted, &conn.params, &conn.original_params),
-                params::sync_raw_sql(&self.wanted_raw, &mut conn.raw_settings),
+                params::sync_raw_sql(super::settings::raw(&self.sql_sets), &mut conn.raw_settings),
             )
         };
         conn.params_fp = self.wanted_fp;

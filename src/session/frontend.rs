@@ -64,7 +64,7 @@ where
                 fe::PARSE | fe::BIND | fe::DESCRIBE | fe::CLOSE | fe::QUERY
             );
         if inspect && !whole {
-            self.c_in.need = h.frame_len();
+            self.c_in.need = h.frame_len() as u32;
             return Ok(Outcome::NeedMore);
         }
         self.c_in.need = 0;
@@ -252,7 +252,7 @@ where
             || avail[sync_at + 1..sync_at + 5] != [0, 0, 0, 4]
         {
             if avail.len() < sync_at + 5 {
-                self.c_in.need = sync_at + 5;
+                self.c_in.need = (sync_at + 5) as u32;
             }
             return None;
         }
@@ -331,7 +331,10 @@ where
                 .is_some_and(|l| l.conn().original_params.contains_key(&op.name));
             if !reported {
                 // note_request() for this Query runs next: it is request number sent + 1.
-                self.pending_sets.push((self.requests_sent + 1, op));
+                self.sql_sets
+                    .get_or_insert_with(Box::default)
+                    .pending
+                    .push((self.requests_sent + 1, op));
             }
             return None;
         }
@@ -384,7 +387,7 @@ where
                 }
                 continue;
             }
-            let h = match frontend_header(self.c_in.unscanned(), self.max_message) {
+            let h = match frontend_header(self.c_in.unscanned(), self.max_message as usize) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
                 Err(e) => return Err(frame_error(e)),

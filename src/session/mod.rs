@@ -37,12 +37,10 @@ use crate::clients::ClientEntry;
 use crate::config::PoolMode;
 use crate::error::{sqlstate, ClientError};
 use crate::lifecycle::Phase;
-use crate::limits::CapGuard;
 use crate::pool::CloseReason;
 use crate::pool::{Lease, Pool};
 use crate::protocol::framing::frontend_header;
 use crate::protocol::messages;
-use crate::server::params;
 use named::ClientStmts;
 pub use opening::{serve, Accepted};
 pub use ready::ReadReady;
@@ -77,7 +75,8 @@ pub struct Session<C> {
     shared: Arc<Shared>,
     pool: Arc<Pool>,
     mode: PoolMode,
-    max_message: usize,
+    /// At most 1 GiB (validated): u32 keeps every idle session smaller.
+    max_message: u32,
     c_in: Inbound,
     s_in: Inbound,
     /// A lease is two pointers (the server connection itself is boxed).
@@ -90,13 +89,10 @@ pub struct Session<C> {
     startup_settings: Arc<HashMap<String, String>>,
     /// Settings this client expects on whatever server it runs on.
     wanted: Arc<HashMap<String, String>>,
-    /// Settings changed with SQL SET that the server does not report (transaction mode).
-    wanted_raw: params::RawSettings,
-    /// Fingerprint of `wanted` and `wanted_raw`, recomputed when they change.
+    /// Settings changed with SQL SET (None until the first one).
+    sql_sets: Option<Box<settings::SqlSets>>,
+    /// Fingerprint of `wanted` and the SQL-set settings, recomputed when they change.
     wanted_fp: u64,
-    /// SET/RESET statements sent in the current transaction, applied to `wanted_raw`
-    /// when it ends without error or rollback. Tagged with the request they came in.
-    pending_sets: Vec<(u64, setstmt::SetOp)>,
     /// Requests (Query/Sync) sent and answered, to match pending SETs to their answers.
     requests_sent: u64,
     requests_answered: u64,
@@ -122,8 +118,6 @@ pub struct Session<C> {
     unusable_settings: Option<Box<(String, String)>>,
     /// This client's entry in the admin console's client list (removed on drop).
     entry: Option<ClientEntry>,
-    /// This client's place under the per-database/user connection caps.
-    cap: Option<CapGuard>,
     /// Idle, idle-in-transaction and query timeouts.
     timers: timers::Timers,
     /// Transaction mode: what to do about statements that leave session state.
@@ -158,25 +152,25 @@ where
     async fn run(&mut self) -> bool {
         loop {
             let step = poll_fn(|cx| self.poll_step(cx)).await;
-            match step {
-                Step::Release => {
-                    // Nearly every client holds no session state: no future to box.
-                    if self.pin.is_some() && Box::pin(self.keep_server()).await {
-                        // Pinned: the server stays with this client for the next transaction.
-                        continue;
-                    }
-                    self.release();
-                    if let Some(e) = self.unusable_settings.take() {
-                        Box::pin(self.end_unusable_settings(e)).await;
-                        return false;
-                    }
+            if !matches!(step, Step::Release) {
+                let client_closed = matches!(step, Step::ClientGone);
+                if Box::pin(self.handle(step)).await {
+                    return client_closed;
                 }
-                other => {
-                    let client_closed = matches!(other, Step::ClientGone);
-                    if Box::pin(self.handle(other)).await {
-                        return client_closed;
-                    }
-                }
+                continue;
+            }
+            // Moved out before the next await, so the future keeps no room for a Step
+            // (it is most of this future's size, which every idle client's task holds).
+            drop(step);
+            // Nearly every client holds no session state: no future to box.
+            if self.pin.is_some() && Box::pin(self.keep_server()).await {
+                // Pinned: the server stays with this client for the next transaction.
+                continue;
+            }
+            self.release();
+            if let Some(e) = self.unusable_settings.take() {
+                Box::pin(self.end_unusable_settings(e)).await;
+                return false;
             }
         }
     }
@@ -287,7 +281,7 @@ where
     fn answer_locally(&mut self, err: ClientError) {
         let mut out = BytesMut::new();
         err.encode(&mut out);
-        match frontend_header(self.c_in.unscanned(), self.max_message) {
+        match frontend_header(self.c_in.unscanned(), self.max_message as usize) {
             Ok(Some(h)) if h.tag == b'Q' || h.tag == b'F' => {
                 self.c_in.take_frame(h.frame_len(), BodyMode::Skip);
                 messages::ready_for_query(&mut out, b'I');
@@ -447,17 +441,16 @@ where
             self.s_in.push_own(&self.emit);
             self.emit.clear();
         }
-        if self.fx.unprepared.is_empty() && self.fx.forget.is_empty() {
+        let Some(fx) = self.fx.take() else {
             return;
-        }
+        };
         if let Some(lease) = self.server.as_mut() {
-            for id in self.fx.unprepared.drain(..) {
+            for &id in &fx.unprepared {
                 lease.conn().prepared.remove(id);
             }
         }
-        self.fx.unprepared.clear();
-        for name in self.fx.forget.drain(..) {
-            self.stmts.remove(&name);
+        for name in &fx.forget {
+            self.stmts.remove(name);
         }
     }
 }

@@ -50,7 +50,7 @@ where
 {
     let span = match session.entry.as_ref().map(|e| e.info.clone()) {
         Some(i) => {
-            tracing::debug_span!("client", peer = %i.addr, user = %i.user, db = %i.database, app = %i.application_name)
+            tracing::debug_span!("client", peer = %i.addr, user = %i.user(), db = %i.database(), app = %i.application_name)
         }
         None => tracing::Span::none(),
     };
@@ -131,9 +131,7 @@ where
         .find(|(k, _)| k == "application_name")
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
-    let entry = shared
-        .client_list
-        .register(peer, cap.user.clone(), cap.database.clone(), app);
+    let entry = shared.client_list.register(peer, cap, app);
     let mut session =
         match Box::pin(Session::start(client, shared, login, leftover, greeting)).await {
             Ok(s) => s,
@@ -142,17 +140,14 @@ where
                 return None;
             }
         };
-    logged_in(&mut session, entry, cap, peer);
+    logged_in(&mut session, entry, peer);
     Some((session, slot))
 }
 
-/// The session's client entry and caps, and the log line of the login.
-fn logged_in<C>(
-    session: &mut Session<C>,
-    mut entry: crate::clients::ClientEntry,
-    cap: crate::limits::CapGuard,
-    peer: SocketAddr,
-) where
+/// The session's client entry (which holds its place under the caps), and the log
+/// line of the login.
+fn logged_in<C>(session: &mut Session<C>, mut entry: crate::clients::ClientEntry, peer: SocketAddr)
+where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     if let Some(lease) = session.server.as_mut() {
@@ -166,15 +161,14 @@ fn logged_in<C>(
     if logging.log_connections {
         tracing::info!(
             client = %peer,
-            user = %cap.user,
-            database = %cap.database,
+            user = %entry.info.user(),
+            database = %entry.info.database(),
             application_name = %entry.info.application_name,
             "client logged in"
         );
     }
     entry.log_disconnect = logging.log_disconnections;
     session.entry = Some(entry);
-    session.cap = Some(cap);
 }
 
 /// Authentication within what is left of `client_login_timeout`: AuthenticationOk to
@@ -245,8 +239,10 @@ async fn serve_console<S: super::ClientStream>(
     shared.metrics.login(LoginResult::Accepted);
     let _entry = shared.client_list.register(
         c.peer,
-        c.login.user.as_str().into(),
-        c.login.database.as_str().into(),
+        crate::limits::CapGuard::uncounted(
+            c.login.database.as_str().into(),
+            c.login.user.as_str().into(),
+        ),
         "admin console",
     );
     if Box::pin(client.write_all(&c.greeting)).await.is_err() {

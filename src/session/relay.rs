@@ -86,10 +86,11 @@ pub struct Inbound {
     /// Bytes at the front of `buf` already classified (forwarded or skipped).
     pub scanned: usize,
     /// Bytes of the current message's body still to come, and what to do with them.
-    pub body_left: usize,
+    /// u32 (a message is at most 1 GiB) to keep every idle session smaller.
+    pub body_left: u32,
     pub body_mode: Option<BodyMode>,
     /// A whole message of this many bytes must be buffered before it can be inspected.
-    pub need: usize,
+    pub need: u32,
     segs: VecDeque<Seg>,
     pub eof: bool,
     /// The last read returned Pending and registered this task's waker, which still
@@ -166,12 +167,12 @@ impl Inbound {
         if self.body_left == 0 {
             return false;
         }
-        let n = self.body_left.min(self.buf.len() - self.scanned);
+        let n = (self.body_left as usize).min(self.buf.len() - self.scanned);
         match self.body_mode {
             Some(BodyMode::Skip) => self.skip(n),
             _ => self.forward(n),
         }
-        self.body_left -= n;
+        self.body_left -= n as u32;
         if self.body_left == 0 {
             self.body_mode = None;
         }
@@ -186,7 +187,7 @@ impl Inbound {
             BodyMode::Forward => self.forward(n),
             BodyMode::Skip => self.skip(n),
         }
-        self.body_left = frame_len - n;
+        self.body_left = (frame_len - n) as u32;
         self.body_mode = if self.body_left > 0 { Some(mode) } else { None };
     }
 
@@ -224,7 +225,7 @@ impl Inbound {
     /// Whether another read may be issued without exceeding the buffer limit.
     #[inline]
     pub fn wants_read(&self) -> bool {
-        !self.eof && (self.buf.len() < READ_HIGH_WATER || self.buf.len() < self.need)
+        !self.eof && (self.buf.len() < READ_HIGH_WATER || self.buf.len() < self.need as usize)
     }
 
     /// A read of this side returned Pending. Not when the task's coop budget ran out:
@@ -261,10 +262,11 @@ impl Inbound {
             }
         }
         if self.buf.capacity() == 0 {
-            self.buf = cache::take(READ_CHUNK.max(self.need));
+            self.buf = cache::take(READ_CHUNK.max(self.need as usize));
         } else if self.buf.capacity() - self.buf.len() < 1024 {
-            let want = if self.need > self.buf.len() {
-                (self.need - self.buf.len()).max(READ_CHUNK)
+            let need = self.need as usize;
+            let want = if need > self.buf.len() {
+                (need - self.buf.len()).max(READ_CHUNK)
             } else {
                 READ_CHUNK
             };

@@ -6,6 +6,24 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{ReadReady, Session};
 use crate::server::params;
 
+/// Settings changed with SQL SET: boxed on the first one, since nearly no client
+/// sends any and every idle client's session carries the field (RSS per idle client).
+#[derive(Default)]
+pub(super) struct SqlSets {
+    /// Settings the server does not report, as their SQL text (transaction mode).
+    pub(super) raw: params::RawSettings,
+    /// SET/RESET statements sent in the current transaction, applied to `raw` when it
+    /// ends without error or rollback. Tagged with the request they came in.
+    pub(super) pending: Vec<(u64, super::setstmt::SetOp)>,
+}
+
+static NO_RAW: params::RawSettings = params::RawSettings::new();
+
+/// The client's SQL-set settings (empty when it never sent a SET).
+pub(super) fn raw(sets: &Option<Box<SqlSets>>) -> &params::RawSettings {
+    sets.as_ref().map_or(&NO_RAW, |s| &s.raw)
+}
+
 impl<C> Session<C>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
@@ -34,16 +52,15 @@ where
                 wanted.insert(k.clone(), v.clone());
             }
         }
-        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        self.wanted_fp = params::fingerprint(&self.wanted, raw(&self.sql_sets));
     }
 
     /// The client's settings go back to its startup values and the bound server's to
     /// its own defaults (DISCARD ALL, RESET ALL); the next checkout re-applies them.
     pub(super) fn reset_settings(&mut self) {
         self.wanted = self.startup_settings.clone();
-        self.wanted_raw.clear();
-        self.pending_sets.clear();
-        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        self.sql_sets = None;
+        self.wanted_fp = params::fingerprint(&self.wanted, raw(&self.sql_sets));
         if let Some(lease) = self.server.as_mut() {
             let conn = lease.conn();
             conn.params = conn.original_params.clone();
@@ -54,28 +71,29 @@ where
 
     /// A transaction ended: SETs it made stick unless it failed or rolled back.
     pub(super) fn settle_sets(&mut self) {
-        if !self.pending_sets.is_empty() {
+        if let Some(sets) = self.sql_sets.as_mut().filter(|s| !s.pending.is_empty()) {
             let answered = self.requests_answered;
             let failed = self.txn_failed;
             let mut changed = false;
-            self.pending_sets.retain(|(seq, op)| {
+            let SqlSets { raw, pending } = &mut **sets;
+            pending.retain(|(seq, op)| {
                 if *seq > answered {
                     return true; // sent in a later request, not answered yet
                 }
                 if !failed {
                     match &op.value {
-                        Some(v) => self.wanted_raw.insert(op.name.clone(), v.clone()),
-                        None => self.wanted_raw.remove(&op.name),
+                        Some(v) => raw.insert(op.name.clone(), v.clone()),
+                        None => raw.remove(&op.name),
                     };
                     changed = true;
                 }
                 false
             });
             if changed {
-                self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+                self.wanted_fp = params::fingerprint(&self.wanted, raw);
                 if let Some(lease) = self.server.as_mut() {
                     let conn = lease.conn();
-                    conn.raw_settings = self.wanted_raw.clone();
+                    conn.raw_settings = raw.clone();
                     conn.params_fp = self.wanted_fp;
                 }
             }

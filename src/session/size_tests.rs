@@ -19,6 +19,8 @@ async fn idle_session_state_stays_small() {
     }));
     let future = std::mem::size_of_val(&fut);
     let session = std::mem::size_of::<Session<crate::tls::MaybeTls<tokio::io::DuplexStream>>>();
-    assert!(future <= 256, "serve future grew to {future} bytes");
+    // tokio's task cell is 128-byte aligned: header and trailer take 80 bytes, so a
+    // future above ~150 bytes makes every client's task 384 bytes instead of 256.
+    assert!(future <= 128, "serve future grew to {future} bytes");
     assert!(session <= 1024, "Session grew to {session} bytes");
 }

@@ -213,15 +213,14 @@ where
             shared,
             pool,
             mode: settings.mode,
-            max_message: config.limits.max_message_size,
+            max_message: config.limits.max_message_size as u32,
             c_in,
             s_in: Inbound::default(),
             server: None,
             tracker: Tracker::default(),
             stmts: ClientStmts::default(),
             wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
-            wanted_raw: params::RawSettings::new(),
-            pending_sets: Vec::new(),
+            sql_sets: None,
             requests_sent: 0,
             requests_answered: 0,
             txn_failed: false,
@@ -240,7 +239,6 @@ where
             draining: false,
             unusable_settings: None,
             entry: None,
-            cap: None,
             timers: timers::Timers::new(&config.limits),
             state_policy: settings.session_state,
             pin: None,
@@ -313,7 +311,7 @@ where
                 wanted.insert(k, v);
             }
         }
-        self.wanted_fp = params::fingerprint(&self.wanted, &self.wanted_raw);
+        self.wanted_fp = params::fingerprint(&self.wanted, super::settings::raw(&self.sql_sets));
         conn.params_fp = self.wanted_fp;
         Ok(())
     }

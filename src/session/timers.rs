@@ -54,7 +54,7 @@ pub(super) struct Timers {
     kind: Kind,
     sleep: Option<Pin<Box<Sleep>>>,
     /// Requests in flight when the query deadline was last set.
-    query_pending: usize,
+    query_pending: u32,
     /// The three limits in milliseconds, 0 for none: compact, since every idle client
     /// carries them.
     client_idle_ms: u32,
@@ -178,7 +178,7 @@ where
             // Each request is timed from when the server could start on it: its own
             // start, or the answer to the one before it in a pipeline, so a pipeline of
             // short queries is not cancelled for its total length.
-            let pending = self.stats.query_starts.len();
+            let pending = u32::try_from(self.stats.query_starts.len()).unwrap_or(u32::MAX);
             if t.kind != Kind::Query {
                 let start = self.stats.query_starts.front().copied();
                 t.arm(Kind::Query, start.unwrap_or_else(Instant::now) + limit);

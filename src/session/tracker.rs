@@ -60,12 +60,34 @@ impl Req {
 }
 
 /// Side effects of a server message on proxy state, returned to the session.
+///
+/// Boxed on first use: only a failed or skipped Parse leaves any, and every idle
+/// client's session carries this (RSS per idle client).
 #[derive(Debug, Default)]
-pub struct Effects {
+pub struct Effects(Option<Box<EffectLists>>);
+
+#[derive(Debug, Default)]
+pub struct EffectLists {
     /// Statements the server does not hold after all (their Parse failed or was skipped).
     pub unprepared: Vec<StmtId>,
     /// Client statement names to forget (their Parse failed).
     pub forget: Vec<Box<[u8]>>,
+}
+
+impl Effects {
+    fn lists(&mut self) -> &mut EffectLists {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    /// What was gathered since the last take (None: nothing).
+    pub fn take(&mut self) -> Option<Box<EffectLists>> {
+        self.0.take()
+    }
+
+    /// Statements the server does not hold after all (empty when none).
+    pub fn unprepared(&self) -> &[StmtId] {
+        self.0.as_ref().map_or(&[], |l| &l.unprepared)
+    }
 }
 
 /// The transaction status a ReadyForQuery carries.
@@ -383,10 +405,10 @@ fn drop_effects(r: &Req, fx: &mut Effects) {
     } = r
     {
         if let Some(id) = stmt {
-            fx.unprepared.push(*id);
+            fx.lists().unprepared.push(*id);
         }
         if let Some(n) = client_name {
-            fx.forget.push(n.clone());
+            fx.lists().forget.push(n.clone());
         }
     }
 }

@@ -45,7 +45,7 @@ fn error_skips_to_sync_and_unprepares() {
     );
     t.push(synthetic_parse_complete(), &mut emit, &mut fx);
     assert!(t.on_server(be::ERROR_RESPONSE, b"", &mut emit, &mut fx));
-    assert_eq!(fx.unprepared, vec![7]);
+    assert_eq!(fx.unprepared(), &[7]);
     assert!(emit.is_empty(), "no synthetic answer after an error");
     // Messages sent before the Sync get no answer either.
     t.push(Req::Execute, &mut emit, &mut fx);
