@@ -128,8 +128,7 @@ where
                         && self.wanted.get(&k) != Some(&v)
                     {
                         Arc::make_mut(&mut self.wanted).insert(k.clone(), v.clone());
-                        self.wanted_fp =
-                            params::fingerprint(&self.wanted, super::settings::raw(&self.sql_sets));
+                        self.wanted_fp = self.settings_fp();
                     }
                     if let Some(lease) = self.server.as_mut() {
                         let conn = lease.conn();

@@ -28,6 +28,11 @@ impl<C> Session<C>
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
+    /// Fingerprint of the startup and the SQL-set settings the client expects.
+    pub(super) fn settings_fp(&self) -> u64 {
+        params::fingerprint(&self.wanted, raw(&self.sql_sets))
+    }
+
     /// After DISCARD ALL / DEALLOCATE ALL ran on the server: the client's statements are
     /// gone, the server's cache is empty, and (DISCARD) settings are back to defaults.
     pub(super) fn forget_server_state(&mut self, settings_too: bool) {
@@ -52,7 +57,7 @@ where
                 wanted.insert(k.clone(), v.clone());
             }
         }
-        self.wanted_fp = params::fingerprint(&self.wanted, raw(&self.sql_sets));
+        self.wanted_fp = self.settings_fp();
     }
 
     /// The client's settings go back to its startup values and the bound server's to
@@ -60,7 +65,7 @@ where
     pub(super) fn reset_settings(&mut self) {
         self.wanted = self.startup_settings.clone();
         self.sql_sets = None;
-        self.wanted_fp = params::fingerprint(&self.wanted, raw(&self.sql_sets));
+        self.wanted_fp = self.settings_fp();
         if let Some(lease) = self.server.as_mut() {
             let conn = lease.conn();
             conn.params = conn.original_params.clone();

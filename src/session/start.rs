@@ -311,7 +311,7 @@ where
                 wanted.insert(k, v);
             }
         }
-        self.wanted_fp = params::fingerprint(&self.wanted, super::settings::raw(&self.sql_sets));
+        self.wanted_fp = self.settings_fp();
         conn.params_fp = self.wanted_fp;
         Ok(())
     }
