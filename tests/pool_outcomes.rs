@@ -324,7 +324,10 @@ struct Fleet {
 
 /// `n` proxies (size 10 each) share a PostgreSQL with 15 connection slots. The first
 /// runs 12 clients alone for 2 s (so it holds its max), then the others start 8 clients
-/// each; after `shared` the others stop and the first should get its size back.
+/// each; after `shared` the others stop and the first should get its size back. The
+/// shares are averaged over everything after the first 10 s: the ceilings move by whole
+/// connections about once a second, so a shorter window measures the oscillation
+/// rather than the share.
 async fn fleet(n: usize, shared: Duration) -> Fleet {
     let pg = PgCluster::start_with(ClusterOptions {
         max_connections: 15,
@@ -459,7 +462,7 @@ fn check_fleet(n: usize, f: &Fleet) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_proxies_share_fairly_and_give_back_when_idle() {
     let _serial = serial().await;
-    let shared = length(20, 30);
+    let shared = length(30, 40);
     within(shared + Duration::from_secs(50), "fleet of 3", async {
         let f = fleet(3, shared).await;
         check_fleet(3, &f);
@@ -470,7 +473,7 @@ async fn three_proxies_share_fairly_and_give_back_when_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_proxies_share_fairly_and_give_back_when_idle() {
     let _serial = serial().await;
-    let shared = length(20, 30);
+    let shared = length(30, 40);
     within(shared + Duration::from_secs(50), "fleet of 5", async {
         let f = fleet(5, shared).await;
         check_fleet(5, &f);

@@ -14,7 +14,9 @@
 //! the server is full and other applications' connections are busy, every contended
 //! pool cuts its ceiling (at most once per interval; by more than its share of the
 //! busy connections when it holds more than its neighbours), and free slots raise
-//! it again. That is AIMD with synchronised congestion signals, which converges to
+//! it again. A pool whose load fits below its max, with every connection working,
+//! takes part too (as a probe, backed off when nobody takes what it gave up): else it
+//! would keep more than its share while its neighbours queue. That is AIMD with synchronised congestion signals, which converges to
 //! equal shares (Chiu and Jain). A lone
 //! sidecar on a database with room, or whose neighbours only hold idle connections,
 //! never drops below `pool.size`.
@@ -60,6 +62,36 @@ pub struct Aimd {
     was_cut: bool,
     /// Fraction of a connection owed by earlier share cuts (error diffusion).
     cut_debt: f64,
+    /// Share cuts made while the pool was [`Demand::Saturated`] (see there).
+    probe: Probe,
+}
+
+/// What a pool's load wants, as a headroom sample finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demand {
+    /// Clients queued with every connection busy: the pool wants more than it holds.
+    Queued,
+    /// No queue, but every connection was in use at once: the pool holds exactly what
+    /// its load needs. On a full server with busy neighbours it still gives up a share,
+    /// or a pool whose load fits below its max would keep more than its share for
+    /// ever while the others queue. It cannot see the neighbours' queues, so the cut
+    /// is a probe: slots still free at the next sample were wanted by nobody, and the
+    /// next such cut waits twice as long (up to [`MAX_PROBE_BACKOFF`]).
+    Saturated,
+    /// Connections to spare: nothing to give up by cutting the ceiling.
+    Met,
+}
+
+/// Saturated share cuts wait at most `interval` x 2^this after one nobody wanted.
+pub const MAX_PROBE_BACKOFF: u32 = 6;
+
+/// Share cuts of a saturated pool: whether the last one is still to be judged, and how
+/// long the next one waits.
+#[derive(Debug, Clone, Copy, Default)]
+struct Probe {
+    pending: bool,
+    backoff: u32,
+    not_before: Option<Instant>,
 }
 
 /// A ceiling change: (from, to).
@@ -111,6 +143,7 @@ impl Aimd {
             baseline: None,
             was_cut: false,
             cut_debt: 0.0,
+            probe: Probe::default(),
         }
     }
 
@@ -183,23 +216,23 @@ impl Aimd {
         None
     }
 
-    /// A headroom sample. With free slots, the ceiling grows by half of them at once
-    /// (several sidecars see the same free slots, so none takes them all). With none,
-    /// a `contended` pool (clients queued, every connection busy) holding `own`
-    /// connections cuts some if others are busy too, at most once per interval. Every
-    /// contended sidecar sees the same full server, so the cuts are synchronised. The cut
-    /// is 0.3 of `own` times `own / others' busy` (at most half of `own`): a pool
-    /// holding more than its neighbours gives up more than in proportion, so shares are
-    /// pulled together hard while equal shares lose little (0.3 divided by the
-    /// neighbours' count). The result is a fraction of a connection: the remainder is
-    /// carried to the next cut (error diffusion), so small pools give up their exact
-    /// share over time (rounding up would cut them harder than large ones; down, never).
+    /// A headroom sample. With free slots, the ceiling grows by one (several sidecars
+    /// see the same free slots, so none takes them all). With none, a pool whose load
+    /// wants all it holds (`demand` not [`Demand::Met`]) and holds `own` connections
+    /// cuts some if others are busy too, at most once per interval. Every such sidecar
+    /// sees the same full server, so the cuts are synchronised. The cut is 0.3 of `own`
+    /// times `own / others' busy` (at most 2.5 times that): a pool holding more than its
+    /// neighbours gives up more than in proportion, so shares are pulled together hard
+    /// while equal shares lose little (0.3 divided by the neighbours' count). The result
+    /// is a fraction of a connection: the remainder is carried to the next cut (error
+    /// diffusion), so small pools give up their exact share over time (rounding up
+    /// would cut them harder than large ones; down, never).
     pub fn on_headroom(
         &mut self,
         cfg: &AimdConfig,
         h: Headroom,
         own: usize,
-        contended: bool,
+        demand: Demand,
         now: Instant,
     ) -> Option<Change> {
         if !cfg.enabled {
@@ -207,6 +240,7 @@ impl Aimd {
         }
         let from = self.ceiling;
         let free = h.free();
+        self.judge_probe(free);
         if free > 0 {
             if from >= cfg.max {
                 return None;
@@ -216,7 +250,8 @@ impl Aimd {
             return Some((from, self.ceiling));
         }
         let quiet = self.quiet_until.is_some_and(|t| now < t);
-        if !contended || !h.others_busy(own) || quiet {
+        let waits = demand == Demand::Saturated && self.probe.not_before.is_some_and(|t| now < t);
+        if demand == Demand::Met || !h.others_busy(own) || quiet || waits {
             return None;
         }
         let base = from.min(own);
@@ -228,7 +263,24 @@ impl Aimd {
         if cut == 0 {
             return None;
         }
-        self.cut_to(cfg, base.saturating_sub(cut), now)
+        let change = self.cut_to(cfg, base.saturating_sub(cut), now);
+        if change.is_some() && demand == Demand::Saturated {
+            self.probe.pending = true;
+            self.probe.not_before = Some(now + cfg.interval * (1u32 << self.probe.backoff));
+        }
+        change
+    }
+
+    /// The first sample after a saturated pool's cut: were the slots it gave up taken?
+    fn judge_probe(&mut self, free: usize) {
+        if !std::mem::take(&mut self.probe.pending) {
+            return;
+        }
+        self.probe.backoff = if free > 0 {
+            (self.probe.backoff + 1).min(MAX_PROBE_BACKOFF)
+        } else {
+            0
+        };
     }
 
     /// True once when the ceiling is back at `max` after a cut.
@@ -259,241 +311,4 @@ impl Aimd {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TICK: Duration = Duration::from_millis(100);
-
-    fn aimd_cfg(enabled: bool) -> AimdConfig {
-        AimdConfig {
-            enabled,
-            max: 10,
-            floor: 1,
-            interval: Duration::from_secs(1),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refusal_stops_growth_then_grows_one_per_interval() {
-        let c = aimd_cfg(true);
-        let mut a = Aimd::new(10);
-        let t0 = Instant::now();
-        assert_eq!(a.on_refused(&c, 4, t0), Some((10, 4)), "holds what it has");
-        // Another refusal holds again and restarts the wait for the next raise.
-        assert_eq!(a.on_refused(&c, 4, t0 + Duration::from_millis(500)), None);
-        assert_eq!(a.ceiling(), 4);
-        let mut t = t0;
-        let mut grown = Vec::new();
-        for _ in 0..80 {
-            t += TICK;
-            if let Some((_, to)) = a.tick(&c, t) {
-                grown.push((to, (t - t0).as_millis()));
-            }
-        }
-        assert_eq!(
-            grown,
-            vec![
-                (5, 1500),
-                (6, 2500),
-                (7, 3500),
-                (8, 4500),
-                (9, 5500),
-                (10, 6500)
-            ]
-        );
-        assert_eq!(
-            a.tick(&c, t + Duration::from_secs(5)),
-            None,
-            "never above max"
-        );
-        assert!(
-            a.take_recovered(10),
-            "back at max after a cut is reported once"
-        );
-        assert!(!a.take_recovered(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn floor_holds_and_disabled_means_max() {
-        let mut c = aimd_cfg(true);
-        c.floor = 3;
-        let mut a = Aimd::new(10);
-        let t0 = Instant::now();
-        assert_eq!(a.on_refused(&c, 0, t0), Some((10, 3)));
-        assert_eq!(a.on_refused(&c, 0, t0 + Duration::from_secs(2)), None);
-        assert_eq!(a.ceiling(), 3);
-        let off = aimd_cfg(false);
-        assert_eq!(a.on_refused(&off, 2, t0 + Duration::from_secs(4)), None);
-        assert_eq!(a.tick(&off, t0 + Duration::from_secs(4)), Some((3, 10)));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sharp_latency_rise_halves_but_noise_does_not() {
-        let c = aimd_cfg(true);
-        let mut a = Aimd::new(10);
-        let mut t = Instant::now();
-        for ms in [5, 6, 4, 7, 5, 30, 5] {
-            t += TICK;
-            assert_eq!(a.on_connected(&c, Duration::from_millis(ms), 8, t), None);
-        }
-        t += TICK;
-        assert_eq!(
-            a.on_connected(&c, Duration::from_millis(900), 8, t),
-            Some((10, 4))
-        );
-    }
-
-    fn h(limit: usize, used: usize, busy: usize) -> Headroom {
-        Headroom { limit, used, busy }
-    }
-
-    #[test]
-    fn pressure_means_nearly_full_with_busy_neighbours() {
-        assert!(h(15, 14, 10).pressed(3));
-        assert!(!h(15, 13, 10).pressed(3), "two free of 15");
-        assert!(h(100, 90, 80).pressed(3));
-        assert!(!h(100, 89, 80).pressed(3));
-        assert!(!h(15, 15, 3).pressed(3), "nobody else busy");
-        assert!(h(15, 15, 4).others_busy(3));
-        assert!(!h(15, 14, 4).others_busy(3));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_lone_pool_never_cuts_without_busy_neighbours() {
-        let c = aimd_cfg(true);
-        let mut a = Aimd::new(10);
-        let mut t = Instant::now();
-        for _ in 0..100 {
-            t += TICK;
-            // Room on the server.
-            assert_eq!(a.on_headroom(&c, h(100, 12, 12), 10, true, t), None);
-            // Full, but only with our own connections.
-            assert_eq!(a.on_headroom(&c, h(10, 10, 10), 10, true, t), None);
-            // Full, the rest held idle by another application.
-            assert_eq!(a.on_headroom(&c, h(15, 15, 10), 10, true, t), None);
-            assert_eq!(a.tick(&c, t), None);
-        }
-        assert_eq!(a.ceiling(), 10);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_full_server_with_busy_neighbours_cuts_big_shares_most_and_free_slots_regrow() {
-        let c = aimd_cfg(true);
-        let mut a = Aimd::new(10);
-        let t0 = Instant::now();
-        let full = h(15, 15, 15);
-        assert_eq!(
-            a.on_headroom(&c, full, 10, false, t0),
-            None,
-            "not contended"
-        );
-        // Holding 10 of 15 busy (twice the others' 5): 10 x 0.3 x 2 = 6.
-        assert_eq!(a.on_headroom(&c, full, 10, true, t0), Some((10, 4)));
-        // Once per interval.
-        let soon = t0 + Duration::from_millis(900);
-        assert_eq!(a.on_headroom(&c, full, 4, true, soon), None);
-        // Holding 4 of 15 busy (the others 11): 4 x 0.3 x 4/11 = 0.44 of a connection
-        // per sample, carried over: the third sample cuts one.
-        let later = t0 + Duration::from_secs(1);
-        assert_eq!(a.on_headroom(&c, full, 4, true, later), None);
-        assert_eq!(a.on_headroom(&c, full, 4, true, later), None);
-        assert_eq!(a.on_headroom(&c, full, 4, true, later), Some((4, 3)));
-        // A small pool next to big ones owes 2 x 0.3 x 2/13 = 0.09 of a connection per
-        // sample: it gives one up at the 11th.
-        let t1 = t0 + Duration::from_secs(2);
-        let mut small = Aimd::new(10);
-        let samples = (1..=20)
-            .find(|_| small.on_headroom(&c, full, 2, true, t1).is_some())
-            .unwrap_or(0);
-        assert_eq!((samples, small.ceiling()), (11, 1));
-        let t2 = t0 + Duration::from_secs(4);
-        // Free slots: one more per sample, up to max.
-        assert_eq!(a.on_headroom(&c, h(15, 12, 12), 3, true, t2), Some((3, 4)));
-        a = Aimd::new(10);
-        assert_eq!(a.on_headroom(&c, h(15, 9, 9), 10, true, t2), None, "at max");
-        let off = aimd_cfg(false);
-        assert_eq!(a.on_headroom(&off, full, 10, true, t2), None);
-    }
-
-    /// `n` sidecars sharing 15 upstream slots, each wanting 10, starting from one that
-    /// holds 10 and the others 1. A refusal happens when a sidecar tries to grow while
-    /// the slots are all taken (it then pauses its attempts briefly, as the pool does).
-    /// A sidecar at its ceiling with clients queued samples the headroom every half
-    /// interval, as the pool does. Within 10 s each is within one of a fair share.
-    /// (Two sidecars converge as well, but each cut of a pair is 30% of an equal share:
-    /// they hold about 13 of the 15 slots on average.)
-    fn fleet(n: usize, seed: u64) -> Vec<f64> {
-        let c = aimd_cfg(true);
-        let slots = 15usize;
-        let t0 = Instant::now();
-        let mut a: Vec<Aimd> = (0..n).map(|_| Aimd::new(10)).collect();
-        let mut held: Vec<usize> = (0..n).map(|i| if i == 0 { 10 } else { 1 }).collect();
-        let mut paused_until = vec![t0; n];
-        let mut last_sample = vec![t0; n];
-        let mut t = t0;
-        let mut shares = vec![0usize; n];
-        let mut rng = seed;
-        let mut rand = move || {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (rng >> 33) as usize
-        };
-        let steps = 400;
-        for step in 0..steps {
-            t += TICK;
-            // Who gets to a freed slot first varies, as between real processes.
-            let first = rand() % n;
-            for i in (0..n).map(|k| (k + first) % n) {
-                a[i].tick(&c, t);
-                held[i] = held[i].min(a[i].ceiling());
-                if held[i] < a[i].ceiling() {
-                    if t < paused_until[i] {
-                        continue;
-                    }
-                    if held.iter().sum::<usize>() < slots {
-                        held[i] += 1;
-                    } else {
-                        a[i].on_refused(&c, held[i], t);
-                        paused_until[i] = t + Duration::from_millis(250);
-                    }
-                } else if t - last_sample[i] >= c.interval / 2 {
-                    last_sample[i] = t;
-                    let used = held.iter().sum();
-                    a[i].on_headroom(&c, h(slots, used, used), held[i], true, t);
-                    held[i] = held[i].min(a[i].ceiling());
-                }
-            }
-            if step >= 100 {
-                for i in 0..n {
-                    shares[i] += held[i];
-                }
-            }
-        }
-        shares
-            .iter()
-            .map(|s| *s as f64 / (steps - 100) as f64)
-            .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sidecars_sharing_a_full_server_converge_to_fair_shares() {
-        for (n, seed) in [3, 4, 5]
-            .iter()
-            .flat_map(|n| [(*n, 1u64), (*n, 7), (*n, 12345)])
-        {
-            let avg = fleet(n, seed);
-            let fair = 15.0 / n as f64;
-            let sd = (avg.iter().map(|x| (x - fair).powi(2)).sum::<f64>() / n as f64).sqrt();
-            println!("{n} sidecars (seed {seed}): {avg:.2?} rms {sd:.2}");
-            for x in &avg {
-                assert!(
-                    (x - fair).abs() <= 1.0,
-                    "{n} sidecars, within one of {fair}: {avg:?}"
-                );
-            }
-            let used: f64 = avg.iter().sum();
-            assert!(used > 12.0, "{n} sidecars: most slots in use: {used}");
-        }
-    }
-}
+mod tests;

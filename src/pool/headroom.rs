@@ -7,6 +7,9 @@
 //!   queued, every connection busy), so that the yield rule's own pace (see
 //!   `Aimd::on_headroom`) decides. There is no idle connection then, so the next
 //!   connection released runs it before going to a waiter (one round trip);
+//! - every `aimd_interval` while every connection is in use but nobody queues (the
+//!   load fits below the ceiling), unless a share cut given up that way waits for its
+//!   backoff (`congestion::Demand::Saturated`);
 //! - every `aimd_interval` while the pool holds spare idle connections (unused for
 //!   2 x `aimd_interval`), which another sidecar could use if the server is (nearly) full.
 //!
@@ -19,22 +22,26 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::congestion::Headroom;
+use super::congestion::{Demand, Headroom};
 use super::health::Testing;
 use super::CloseReason;
-use super::{drop_later, Pool, PoolSettings};
+use super::{drop_later, Pool, PoolSettings, PoolState};
 use crate::server::{QueryOutcome, ServerConn};
 
 /// Slots the pool's role may use; client backends of every application; and those of
 /// them busy now or within the last second. A superuser may also take the reserved
 /// slots; `reserved_connections` exists from PostgreSQL 16 (`current_setting(.., true)`
-/// is NULL before). A backend whose state the role may not see counts as busy.
-const SAMPLE_SQL: &str = "select current_setting('max_connections')::int - \
+/// is NULL before). A backend whose state the role may not see counts as busy. Other
+/// sidecars' samples (marked by the leading comment) do not: an idle sidecar samples
+/// every interval, and would otherwise look like a busy neighbour.
+const SAMPLE_SQL: &str =
+    "/* pgsidecar headroom */ select current_setting('max_connections')::int - \
 case when current_setting('is_superuser') = 'on' then 0 else \
 current_setting('superuser_reserved_connections')::int + \
 coalesce(current_setting('reserved_connections', true)::int, 0) end, \
-count(*), count(*) filter (where state is distinct from 'idle' \
+count(*), count(*) filter (where (state is distinct from 'idle' \
 or state_change > now() - interval '1 second') \
+and coalesce(query, '') not like '/* pgsidecar headroom */%') \
 from pg_stat_activity where backend_type = 'client backend'";
 
 /// Spare idle connections are those unused for this many `aimd_interval`s.
@@ -53,6 +60,7 @@ impl Pool {
                 return;
             }
             let contended = !st.waiters.is_empty() && st.open >= Self::limit(&st, settings);
+            let saturated = !contended && Self::demand(&st, settings, now) == Demand::Saturated;
             let spare = st.open > settings.min_size
                 && st.idle.first().is_some_and(|i| {
                     now.duration_since(i.conn.last_used) >= interval * SPARE_AFTER
@@ -62,7 +70,7 @@ impl Pool {
             let due = st
                 .last_sample
                 .is_none_or(|t| now.duration_since(t) >= every.mul_f64(jitter));
-            if !(contended || spare) || !due {
+            if !(contended || saturated || spare) || !due {
                 return;
             }
             st.last_sample = Some(now);
@@ -126,14 +134,11 @@ impl Pool {
             let mut st = self.state.lock();
             st.headroom = Some((h, now));
             let own = st.open - st.connecting;
-            let recently = st
-                .last_contended
-                .is_some_and(|t| now.duration_since(t) <= interval);
-            let contended =
-                (!st.waiters.is_empty() || recently) && st.open >= Self::limit(&st, settings);
+            let demand = Self::demand(&st, settings, now);
+            let contended = demand == Demand::Queued;
             let change = st
                 .aimd
-                .on_headroom(&settings.aimd_config(), h, own, contended, now);
+                .on_headroom(&settings.aimd_config(), h, own, demand, now);
             // Our busy connections now: the leased ones and the one that ran the sample.
             let own_busy = self.leased.load(std::sync::atomic::Ordering::Relaxed) + 1;
             if !contended && st.waiters.is_empty() && h.pressed(own_busy) {
@@ -172,6 +177,23 @@ impl Pool {
                 self.closed_metric(CloseReason::Yield);
                 drop_later(conn);
             }
+        }
+    }
+}
+
+impl Pool {
+    /// What the load wants of the pool now: queued at its limit (now or at a tick within
+    /// the last interval), every connection in use with nobody queued, or less.
+    fn demand(st: &PoolState, settings: &PoolSettings, now: Instant) -> Demand {
+        let interval = settings.aimd_interval;
+        let recently = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) <= interval);
+        let at_limit = st.open >= Self::limit(st, settings);
+        if at_limit && (!st.waiters.is_empty() || recently(st.last_contended)) {
+            Demand::Queued
+        } else if st.waiters.is_empty() && recently(st.last_saturated) {
+            Demand::Saturated
+        } else {
+            Demand::Met
         }
     }
 }

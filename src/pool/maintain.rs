@@ -142,6 +142,10 @@ impl Pool {
             // The peak since the last tick, and a new window from what is leased now.
             let now_leased = self.leased.load(Ordering::Relaxed);
             let peak = self.peak_leased.swap(now_leased, Ordering::Relaxed);
+            let established = st.open.saturating_sub(st.connecting);
+            if st.waiters.is_empty() && established > 0 && peak + st.testing >= established {
+                st.last_saturated = Some(now);
+            }
             let load = Load {
                 open: st.open,
                 idle: st.idle.len(),

@@ -114,6 +114,9 @@ struct PoolState {
     /// every aimd_interval, so one that already holds its max still learns that the
     /// upstream is full (the signal for giving others their share).
     last_contended: Option<Instant>,
+    /// Last maintenance tick that found every established connection leased at once
+    /// since the one before, with nobody queued (`congestion::Demand::Saturated`).
+    last_saturated: Option<Instant>,
     /// Last connection known good (clean check-in, passed check, adopted connection):
     /// traffic proves the upstream, so a busy pool needs no probe.
     last_good: Option<Instant>,
@@ -203,6 +206,7 @@ impl Pool {
                 last_probe: None,
                 probe_latency: None,
                 last_contended: None,
+                last_saturated: None,
                 last_good: None,
                 headroom: None,
                 last_sample: None,
