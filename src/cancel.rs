@@ -61,7 +61,8 @@ impl CancelSlot {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    slots: Mutex<HashMap<i32, Arc<CancelSlot>>>,
+    /// foldhash: a lookup at every login and logout, keys are random pids.
+    slots: Mutex<HashMap<i32, Arc<CancelSlot>, foldhash::fast::RandomState>>,
 }
 
 /// Removes the client's key when its session ends.

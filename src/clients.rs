@@ -149,7 +149,8 @@ pub struct ClientList {
     /// Application names in use, one copy each: clients of one application (its pool
     /// of workers) nearly always give the same name. Only names of connected clients
     /// stay here, so random names cannot grow it.
-    names: Mutex<HashSet<Arc<str>>>,
+    /// foldhash (seeded per process): looked up at every login.
+    names: Mutex<HashSet<Arc<str>, foldhash::fast::RandomState>>,
 }
 
 /// Removes the entry when the session ends (and logs the departure when asked to).

@@ -20,8 +20,9 @@ pub struct ClientCaps {
     counts: Mutex<(Counts, Counts)>,
 }
 
-/// Clients per name; the keys are shared with the guards.
-type Counts = HashMap<Arc<str>, usize>;
+/// Clients per name; the keys are shared with the guards. Hashed at every login and
+/// logout: foldhash (seeded per process) costs a fraction of SipHash.
+type Counts = HashMap<Arc<str>, usize, foldhash::fast::RandomState>;
 
 /// Holds one client's place under the caps (none for an uncounted one).
 pub struct CapGuard {

@@ -168,7 +168,7 @@ pub struct Pool {
     /// Fingerprints of clients' startup settings PostgreSQL accepted, with the values it
     /// spells differently (session::validate).
     pub validated_settings:
-        Mutex<std::collections::HashMap<u64, Arc<std::collections::HashMap<String, String>>>>,
+        Mutex<std::collections::HashMap<u64, Arc<crate::server::params::Settings>>>,
 }
 
 impl std::fmt::Debug for Pool {

@@ -20,7 +20,8 @@ pub struct Registry {
     /// The upstream's hosts and their state, shared by every pool (kept across reloads
     /// that leave the host list as it was).
     hosts: RwLock<Arc<Hosts>>,
-    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// foldhash (seeded per process): looked up at every login.
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>, foldhash::fast::RandomState>>,
     /// The connector built from `upstream.tls` (files read at start and reload).
     upstream_tls: RwLock<Arc<UpstreamTls>>,
 }
@@ -36,7 +37,7 @@ impl Registry {
             upstream_tls: RwLock::new(upstream_tls),
             hosts: RwLock::new(hosts_of(&config)),
             config: RwLock::new(config),
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::default()),
         })
     }
 

@@ -1,7 +1,7 @@
 //! The server parameters clients are told at login (ParameterStatus), encoded once per
 //! pool.
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 
 /// The parameters a server reported at startup, and their ParameterStatus messages
 /// encoded once: a login copies them instead of encoding a dozen messages again.
@@ -30,7 +30,7 @@ impl ReportedParams {
 
     /// Appends the ParameterStatus messages a client is told at login, with the values
     /// its own settings override.
-    pub fn write(&self, out: &mut bytes::BytesMut, settings: &HashMap<String, String>) {
+    pub fn write(&self, out: &mut bytes::BytesMut, settings: &Settings) {
         let mut overrides: Vec<(usize, &str)> = settings
             .iter()
             .filter_map(|(k, v)| {
@@ -67,9 +67,9 @@ mod tests {
         ];
         let rp = ReportedParams::new(list.clone());
         for settings in [
-            HashMap::new(),
-            HashMap::from([("application_name".to_string(), "app".to_string())]),
-            HashMap::from([
+            Settings::default(),
+            Settings::from_iter([("application_name".to_string(), "app".to_string())]),
+            Settings::from_iter([
                 ("DateStyle".to_string(), "ISO, DMY".to_string()),
                 ("TimeZone".to_string(), "UTC".to_string()),
                 ("search_path".to_string(), "x".to_string()),

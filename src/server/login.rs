@@ -2,7 +2,7 @@
 //! TLS as `upstream.tls` says, the startup packet and authentication (cleartext, MD5 or
 //! SCRAM-SHA-256), up to the first ReadyForQuery.
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -52,7 +52,7 @@ impl ServerConn {
         buf.clear();
 
         let mut auth = Auth { scram: None };
-        let mut original_params = HashMap::new();
+        let mut original_params = Settings::default();
         let (mut pid, mut secret) = (0, 0);
         loop {
             match read_message(&mut stream, &mut buf).await.map_err(io_err)? {

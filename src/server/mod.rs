@@ -14,7 +14,7 @@ pub use tcp::{set_keepalive, TcpSettings};
 
 pub(crate) use codes::{leak_code, leak_code_or, refused_code_in};
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -161,9 +161,9 @@ pub struct ServerConnState {
     /// A second handle on the socket, kept by the host list too (`Hosts::sever`).
     pub sever: Option<std::sync::Arc<socket2::Socket>>,
     /// Parameters as the server reported them at startup (its defaults).
-    pub original_params: HashMap<String, String>,
+    pub original_params: Settings,
     /// Parameters as they are now, kept up to date from ParameterStatus and our own SETs.
-    pub params: HashMap<String, String>,
+    pub params: Settings,
     /// Fingerprint of the client settings `params` was last made to match (0: unknown);
     /// equal to a client's own fingerprint means no SET is needed at checkout.
     pub params_fp: u64,

@@ -7,6 +7,10 @@
 
 use std::collections::HashMap;
 
+/// Parameter settings by name. foldhash, not SipHash: a login hashes these several
+/// times, and the keys come from a few known names (randomly seeded all the same).
+pub type Settings = HashMap<String, String, foldhash::fast::RandomState>;
+
 /// Reported by the server but not settable (or not ours to carry between sessions).
 const READ_ONLY: &[&str] = &[
     "server_version",
@@ -37,8 +41,8 @@ pub fn valid_name(name: &str) -> bool {
 
 /// The settings a client's startup packet asks for, including `options` (`-c k=v`,
 /// `--k=v`), as PostgreSQL would apply them.
-pub fn startup_settings(params: &[(String, String)]) -> HashMap<String, String> {
-    let mut out = HashMap::new();
+pub fn startup_settings(params: &[(String, String)]) -> Settings {
+    let mut out = Settings::default();
     for (k, v) in params {
         if k == "options" {
             for (ok, ov) in parse_options(v) {
@@ -58,16 +62,13 @@ pub fn startup_settings(params: &[(String, String)]) -> HashMap<String, String> 
 /// Holds at most `SettingsCache::CAP` sets; an unused one makes room for a new one.
 #[derive(Default)]
 pub struct SettingsCache {
-    sets: parking_lot::Mutex<Vec<std::sync::Arc<HashMap<String, String>>>>,
+    sets: parking_lot::Mutex<Vec<std::sync::Arc<Settings>>>,
 }
 
 impl SettingsCache {
     const CAP: usize = 32;
 
-    pub fn intern(
-        &self,
-        settings: HashMap<String, String>,
-    ) -> std::sync::Arc<HashMap<String, String>> {
+    pub fn intern(&self, settings: Settings) -> std::sync::Arc<Settings> {
         use std::sync::Arc;
         let mut sets = self.sets.lock();
         if let Some(s) = sets.iter().find(|s| ***s == settings) {
@@ -130,7 +131,7 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
 pub type RawSettings = std::collections::BTreeMap<String, String>;
 
 /// An order-independent fingerprint of a client's settings, never 0 (0 means "unknown").
-pub fn fingerprint(m: &HashMap<String, String>, raw: &RawSettings) -> u64 {
+pub fn fingerprint(m: &Settings, raw: &RawSettings) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut acc: u64 = 0x9e37_79b9_7f4a_7c15;
     for (k, v) in m.iter().chain(raw.iter()) {
@@ -168,9 +169,9 @@ pub type Change = (String, Option<String>);
 /// SQL that makes `current` match what the client `wanted`, given the server's own
 /// defaults `original`; None when nothing differs.
 pub fn sync_sql(
-    wanted: &HashMap<String, String>,
-    current: &HashMap<String, String>,
-    original: &HashMap<String, String>,
+    wanted: &Settings,
+    current: &Settings,
+    original: &Settings,
 ) -> Option<(String, Vec<Change>)> {
     let mut sql = String::new();
     let mut changes = Vec::new();
@@ -236,7 +237,7 @@ mod tests {
     #[test]
     fn settings_cache_shares_equal_sets_and_reuses_unused_slots() {
         let cache = SettingsCache::default();
-        let set = |v: &str| HashMap::from([("application_name".to_string(), v.to_string())]);
+        let set = |v: &str| Settings::from_iter([("application_name".to_string(), v.to_string())]);
         let a = cache.intern(set("app"));
         let b = cache.intern(set("app"));
         assert!(std::sync::Arc::ptr_eq(&a, &b));
@@ -258,7 +259,7 @@ mod tests {
         );
     }
 
-    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    fn map(kv: &[(&str, &str)]) -> Settings {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
@@ -301,8 +302,8 @@ mod tests {
         assert_eq!(sql, "SET search_path TO app, public;RESET work_mem;");
         assert_eq!(current, wanted);
         assert_eq!(sync_raw_sql(&wanted, &mut current), "");
-        let fp1 = fingerprint(&HashMap::new(), &wanted);
-        assert_ne!(fp1, fingerprint(&HashMap::new(), &RawSettings::new()));
+        let fp1 = fingerprint(&Settings::default(), &wanted);
+        assert_ne!(fp1, fingerprint(&Settings::default(), &RawSettings::new()));
     }
 
     #[test]

@@ -173,18 +173,24 @@ where
         }
         send(stream, &out).await?;
     }
-    let params: Vec<_> = params
+    let mut params: Vec<_> = params
         .into_iter()
         .filter(|(k, _)| !k.starts_with("_pq_."))
         .collect();
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+    // The names move out of the list (no copy per login); they are not settings.
+    let mut take = |k: &str| {
+        let i = params.iter().position(|(n, _)| n == k)?;
+        Some(params.remove(i).1)
+    };
+    let user = take("user");
+    let database = take("database");
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
         return Err(Some(ClientError::fatal(
             sqlstate::INVALID_AUTHORIZATION,
             "no PostgreSQL user name specified in startup packet",
         )));
     };
-    if let Some(r) = get("replication") {
+    if let Some((_, r)) = params.iter().find(|(n, _)| n == "replication") {
         if !matches!(r.as_str(), "false" | "off" | "no" | "0") {
             return Err(Some(ClientError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -192,7 +198,7 @@ where
             )));
         }
     }
-    let database = get("database")
+    let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
     // Bytes after the startup packet stay in `leftover`: PostgreSQL reads
@@ -326,7 +332,9 @@ where
             format!("role \"{user}\" is not allowed to connect through pgsidecar"),
         )));
     }
-    let mut out = BytesMut::new();
+    // Room for the whole login reply (AuthenticationOk, a dozen ParameterStatus, the
+    // cancel key, ReadyForQuery), which the caller appends: one allocation per login.
+    let mut out = BytesMut::with_capacity(1024);
     let method = match (config.auth.method, &secret) {
         (AuthMethod::Trust, _) => AuthMethod::Trust,
         // Like PostgreSQL, md5 falls back to SCRAM for users stored as SCRAM verifiers.

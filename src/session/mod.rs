@@ -23,7 +23,7 @@ pub mod timers;
 pub mod tracker;
 mod validate;
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -86,9 +86,9 @@ pub struct Session<C> {
     stmts: ClientStmts,
     /// Settings from the startup packet: what RESET ALL / DISCARD ALL go back to.
     /// Shared with `wanted` until the client changes a setting (copy on write).
-    startup_settings: Arc<HashMap<String, String>>,
+    startup_settings: Arc<Settings>,
     /// Settings this client expects on whatever server it runs on.
-    wanted: Arc<HashMap<String, String>>,
+    wanted: Arc<Settings>,
     /// Settings changed with SQL SET (None until the first one).
     sql_sets: Option<Box<settings::SqlSets>>,
     /// Fingerprint of `wanted` and the SQL-set settings, recomputed when they change.

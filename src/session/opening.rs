@@ -28,6 +28,8 @@ pub struct Accepted<C> {
 ///
 /// Login runs in its own boxed future, dropped once the client is in: the task an idle
 /// client parks in then holds just a pointer to its boxed session (RSS per idle client).
+/// Its steps run inline in that one box (one allocation per login, not one per step);
+/// only the rare refusal paths are boxed apart.
 pub async fn serve<C>(accepted: Box<Accepted<C>>)
 where
     C: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
@@ -75,7 +77,7 @@ where
     let mut leftover = BytesMut::new();
     let login_timeout = config.limits.client_login_timeout;
     let started = tokio::time::Instant::now();
-    let login = Box::pin(startup(&mut client, &mut leftover, &shared, peer)).await?;
+    let login = startup(&mut client, &mut leftover, &shared, peer).await?;
     let slot = match admission::admit(&shared) {
         Ok(s) => s,
         Err(e) => {
@@ -92,14 +94,7 @@ where
         }
     };
     let left = login_timeout.saturating_sub(started.elapsed());
-    let auth = Box::pin(authenticate_within(
-        &shared,
-        &mut client,
-        peer,
-        &login,
-        &mut leftover,
-        left,
-    ));
+    let auth = authenticate_within(&shared, &mut client, peer, &login, &mut leftover, left);
     // `greeting` is AuthenticationOk, not sent yet: it goes out with what follows it.
     let greeting = auth.await?;
     if let Some(console) = shared.console_for(&login.database).cloned() {
@@ -132,14 +127,13 @@ where
         .map(|(_, v)| v.as_str())
         .unwrap_or("");
     let entry = shared.client_list.register(peer, cap, app);
-    let mut session =
-        match Box::pin(Session::start(client, shared, login, leftover, greeting)).await {
-            Ok(s) => s,
-            Err((mut client, greeting, e)) => {
-                Box::pin(refuse(&mut client, greeting, &e)).await;
-                return None;
-            }
-        };
+    let mut session = match Session::start(client, shared, login, leftover, greeting).await {
+        Ok(s) => s,
+        Err((mut client, greeting, e)) => {
+            Box::pin(refuse(&mut client, greeting, &e)).await;
+            return None;
+        }
+    };
     logged_in(&mut session, entry, peer);
     Some((session, slot))
 }
@@ -182,10 +176,10 @@ async fn authenticate_within<S: super::ClientStream>(
     left: Duration,
 ) -> Option<BytesMut> {
     let config = shared.registry.config();
-    let auth = Box::pin(tokio::time::timeout(
+    let auth = tokio::time::timeout(
         left,
         handshake::authenticate(client, &config, &login.user, leftover),
-    ))
+    )
     .await;
     match auth {
         Ok(Ok(g)) => Some(g),
@@ -269,10 +263,10 @@ where
     // Until its startup packet a connection holds no place under max_client_conn, and
     // has a shorter time to send it.
     let startup_timeout = config.limits.client_startup_timeout.min(login_timeout);
-    let opening = Box::pin(tokio::time::timeout(
+    let opening = tokio::time::timeout(
         startup_timeout,
         handshake::read_opening(client, leftover, &tls, Some(peer.ip())),
-    ))
+    )
     .await;
     match opening {
         Ok(Ok(Opening::Login(l))) => Some(l),

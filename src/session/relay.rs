@@ -67,12 +67,24 @@ mod cache {
         if b.capacity() == 0 || b.capacity() > 4 * super::READ_CHUNK {
             return;
         }
-        FREE.with(|f| {
+        // try_with: a session dropped while its thread shuts down just frees it.
+        let _ = FREE.try_with(|f| {
             let mut f = f.borrow_mut();
             if f.len() < KEEP {
                 f.push(b);
             }
         });
+    }
+}
+
+/// A session that ends holding a read buffer (a client that sends its last query and
+/// Terminate together, a connection per transaction) gives it back: the next login's
+/// first read takes a warm buffer instead of a fresh 16 KiB allocation.
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        if self.buf.capacity() > 0 {
+            cache::give(std::mem::take(&mut self.buf));
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The end of login: the database and pool are picked, the first server (when one is
 //! needed) checked, and the client told its parameters and cancel key.
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,9 +49,11 @@ where
                 ),
             ));
         }
+        let startup = params::startup_settings(&login.params);
+        // The login is consumed here: its names move into the key.
         let key = PoolKey {
-            database: login.database.clone(),
-            user: login.user.clone(),
+            database: login.database,
+            user: login.user,
         };
         let pool = match shared.registry.try_get(&key) {
             Ok(p) => p,
@@ -60,9 +62,7 @@ where
                 return Err((client, greeting, e));
             }
         };
-        let startup_settings = pool
-            .client_settings
-            .intern(params::startup_settings(&login.params));
+        let startup_settings = pool.client_settings.intern(startup);
         let cancel = shared.cancels.register();
         let mut c_in = Inbound::default();
         // An idle client holds no buffer: the opening's read buffer goes unless it holds
@@ -203,7 +203,7 @@ where
         shared: Arc<Shared>,
         pool: Arc<crate::pool::Pool>,
         config: &crate::config::Config,
-        startup_settings: Arc<HashMap<String, String>>,
+        startup_settings: Arc<Settings>,
         cancel: crate::cancel::CancelGuard,
         c_in: Inbound,
     ) -> Self {

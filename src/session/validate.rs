@@ -11,7 +11,7 @@
 //! results are the values as PostgreSQL reports them (`utf8` -> `UTF8`), which
 //! transaction mode tells the client at login, as PostgreSQL would.
 
-use std::collections::HashMap;
+use crate::server::params::Settings;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +33,8 @@ const ANY_VALUE: &[&str] = &["application_name"];
 
 /// The startup settings to try on a server, with their fingerprint; `None` when there is
 /// nothing PostgreSQL could refuse.
-pub fn to_check(settings: &HashMap<String, String>) -> Option<(HashMap<String, String>, u64)> {
-    let check: HashMap<String, String> = settings
+pub fn to_check(settings: &Settings) -> Option<(Settings, u64)> {
+    let check: Settings = settings
         .iter()
         .filter(|(k, _)| !ANY_VALUE.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -47,7 +47,7 @@ pub fn to_check(settings: &HashMap<String, String>) -> Option<(HashMap<String, S
 }
 
 /// Respellings PostgreSQL makes of a settings set (`utf8` -> `UTF8`).
-pub type Spelled = Arc<HashMap<String, String>>;
+pub type Spelled = Arc<Settings>;
 
 /// Whether `fp`'s settings were found good on this pool before, with their spellings.
 pub fn known_good(pool: &Pool, fp: u64) -> Option<Spelled> {
@@ -68,7 +68,7 @@ fn remember(pool: &Pool, fp: u64, spelled: Spelled) {
 pub async fn check(
     pool: &Pool,
     conn: &mut ServerConn,
-    settings: &HashMap<String, String>,
+    settings: &Settings,
     fp: u64,
 ) -> Result<Spelled, Option<ClientError>> {
     let mut names: Vec<_> = settings.iter().collect();
@@ -88,7 +88,7 @@ pub async fn check(
     );
     match conn.query_row(&sql, CHECK_TIMEOUT).await {
         Ok(QueryOutcome::Rows(row)) => {
-            let spelled: HashMap<String, String> = names
+            let spelled: Settings = names
                 .iter()
                 .zip(row)
                 .filter_map(|((k, v), now)| {
