@@ -31,22 +31,31 @@ impl ReportedParams {
     /// Appends the ParameterStatus messages a client is told at login, with the values
     /// its own settings override.
     pub fn write(&self, out: &mut bytes::BytesMut, settings: &Settings) {
-        let mut overrides: Vec<(usize, &str)> = settings
-            .iter()
-            .filter_map(|(k, v)| {
-                let i = self
-                    .list
-                    .binary_search_by(|(n, _)| n.as_str().cmp(k))
-                    .ok()?;
-                (self.list[i].1 != *v).then_some((i, v.as_str()))
-            })
-            .collect();
-        overrides.sort_unstable();
+        // Which entries the client's settings override, as bits in list order: no
+        // allocation per login (a server reports about fifteen; past 64, look each up).
+        let mut mask = 0u64;
+        for (k, v) in settings {
+            if let Ok(i) = self.list.binary_search_by(|(n, _)| n.as_str().cmp(k)) {
+                if self.list[i].1 != *v {
+                    mask |= 1u64.checked_shl(i as u32).unwrap_or(0);
+                }
+            }
+        }
         let mut from = 0;
-        for (i, v) in overrides {
+        for (i, (name, value)) in self.list.iter().enumerate() {
+            let overridden = match 1u64.checked_shl(i as u32) {
+                Some(bit) => mask & bit != 0,
+                None => settings.get(name).is_some_and(|v| v != value),
+            };
+            if !overridden {
+                continue;
+            }
+            let Some(v) = settings.get(name) else {
+                continue;
+            };
             let start = if i == 0 { 0 } else { self.ends[i - 1] };
             out.extend_from_slice(&self.encoded[from..start]);
-            crate::protocol::messages::parameter_status(out, &self.list[i].0, v);
+            crate::protocol::messages::parameter_status(out, name, v);
             from = self.ends[i];
         }
         out.extend_from_slice(&self.encoded[from..]);
@@ -65,6 +74,14 @@ mod tests {
             ("TimeZone".to_string(), "UTC".to_string()),
             ("DateStyle".to_string(), "ISO, MDY".to_string()),
         ];
+        check(list.clone());
+        // Past 64 entries each is looked up on its own.
+        let mut long = list;
+        long.extend((0..70).map(|i| (format!("x{i:02}"), "v".to_string())));
+        check(long);
+    }
+
+    fn check(list: Vec<(String, String)>) {
         let rp = ReportedParams::new(list.clone());
         for settings in [
             Settings::default(),
@@ -74,6 +91,8 @@ mod tests {
                 ("TimeZone".to_string(), "UTC".to_string()),
                 ("search_path".to_string(), "x".to_string()),
                 ("server_version".to_string(), "1".to_string()),
+                ("x69".to_string(), "w".to_string()),
+                ("x01".to_string(), "w".to_string()),
             ]),
         ] {
             let mut sorted = list.clone();

@@ -81,8 +81,19 @@ pub fn parse_startup(packet: &[u8]) -> Result<StartupPacket, StartupError> {
     }
 }
 
+/// Text of a name or value; bytes that are not UTF-8 become U+FFFD (what they can mean
+/// to PostgreSQL depends on an encoding not yet known). The strict check first: it is
+/// the common case and several times cheaper than the lossy scan.
+fn text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(b).into_owned(),
+    }
+}
+
 fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
-    let mut params = Vec::new();
+    // user, database, application_name and one or two more, usually.
+    let mut params = Vec::with_capacity(6);
     let mut rest = body;
     loop {
         let Some(end) = rest.iter().position(|&b| b == 0) else {
@@ -95,12 +106,12 @@ fn parse_params(body: &[u8]) -> Result<Vec<(String, String)>, StartupError> {
             }
             return Ok(params);
         }
-        let key = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let key = text(&rest[..end]);
         rest = &rest[end + 1..];
         let Some(vend) = rest.iter().position(|&b| b == 0) else {
             return Err(StartupError::Malformed("parameter without value"));
         };
-        let value = String::from_utf8_lossy(&rest[..vend]).into_owned();
+        let value = text(&rest[..vend]);
         rest = &rest[vend + 1..];
         params.push((key, value));
     }
@@ -131,6 +142,15 @@ mod tests {
                 ]
             })
         );
+    }
+
+    #[test]
+    fn non_utf8_bytes_become_replacement_characters() {
+        let p = packet(PROTOCOL_3_0, b"user\0b\xffb\0\0");
+        let Ok(StartupPacket::Startup { params, .. }) = parse_startup(&p) else {
+            panic!("not a startup packet");
+        };
+        assert_eq!(params, vec![("user".into(), "b\u{fffd}b".into())]);
     }
 
     #[test]
