@@ -58,29 +58,49 @@ pub fn startup_settings(params: &[(String, String)]) -> Settings {
 }
 
 /// Shares one copy of each distinct set of startup settings among a pool's clients
-/// (an application's clients all send the same ones): memory per idle client.
+/// (an application's clients all send the same ones): memory per idle client. Keyed
+/// by the startup parameters as sent, so a login that repeats an earlier one costs a
+/// comparison of a few strings: no map built, hashed or fingerprinted.
 /// Holds at most `SettingsCache::CAP` sets; an unused one makes room for a new one.
 #[derive(Default)]
 pub struct SettingsCache {
-    sets: parking_lot::Mutex<Vec<std::sync::Arc<Settings>>>,
+    sets: parking_lot::Mutex<Vec<Interned>>,
+}
+
+struct Interned {
+    params: Vec<(String, String)>,
+    settings: std::sync::Arc<Settings>,
+    /// `fingerprint(settings, no raw settings)`.
+    fp: u64,
 }
 
 impl SettingsCache {
     const CAP: usize = 32;
 
-    pub fn intern(&self, settings: Settings) -> std::sync::Arc<Settings> {
+    /// The settings of these startup parameters (see `startup_settings`), shared, and
+    /// their fingerprint.
+    pub fn intern(&self, params: &[(String, String)]) -> (std::sync::Arc<Settings>, u64) {
         use std::sync::Arc;
         let mut sets = self.sets.lock();
-        if let Some(s) = sets.iter().find(|s| ***s == settings) {
-            return s.clone();
+        if let Some(e) = sets.iter().find(|e| e.params == params) {
+            return (e.settings.clone(), e.fp);
         }
-        let new = Arc::new(settings);
+        let settings = Arc::new(startup_settings(params));
+        let fp = fingerprint(&settings, &RawSettings::new());
+        let entry = Interned {
+            params: params.to_vec(),
+            settings: settings.clone(),
+            fp,
+        };
         if sets.len() < Self::CAP {
-            sets.push(new.clone());
-        } else if let Some(slot) = sets.iter_mut().find(|s| Arc::strong_count(s) == 1) {
-            *slot = new.clone();
+            sets.push(entry);
+        } else if let Some(slot) = sets
+            .iter_mut()
+            .find(|e| Arc::strong_count(&e.settings) == 1)
+        {
+            *slot = entry;
         }
-        new
+        (settings, fp)
     }
 }
 
@@ -236,27 +256,35 @@ mod tests {
 
     #[test]
     fn settings_cache_shares_equal_sets_and_reuses_unused_slots() {
+        use std::sync::Arc;
         let cache = SettingsCache::default();
-        let set = |v: &str| Settings::from_iter([("application_name".to_string(), v.to_string())]);
-        let a = cache.intern(set("app"));
-        let b = cache.intern(set("app"));
-        assert!(std::sync::Arc::ptr_eq(&a, &b));
-        let c = cache.intern(set("other"));
-        assert!(!std::sync::Arc::ptr_eq(&a, &c));
+        let set = |v: &str| {
+            vec![
+                ("application_name".to_string(), v.to_string()),
+                ("options".to_string(), "-c work_mem=8MB".to_string()),
+            ]
+        };
+        let (a, fp_a) = cache.intern(&set("app"));
+        let (b, fp_b) = cache.intern(&set("app"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(*a, startup_settings(&set("app")));
+        assert_eq!(fp_a, fingerprint(&a, &RawSettings::new()));
+        assert_eq!(fp_a, fp_b);
+        let (c, fp_c) = cache.intern(&set("other"));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_ne!(fp_a, fp_c);
+        assert_eq!(c.get("work_mem").map(String::as_str), Some("8MB"));
         // Fill the cache with sets held elsewhere; a full cache still hands out a copy.
         let held: Vec<_> = (0..SettingsCache::CAP)
-            .map(|i| cache.intern(set(&i.to_string())))
+            .map(|i| cache.intern(&set(&i.to_string())))
             .collect();
-        let x = cache.intern(set("x"));
+        let (x, _) = cache.intern(&set("x"));
         assert_eq!(x.get("application_name").map(String::as_str), Some("x"));
         drop(held);
         drop(x);
-        let y1 = cache.intern(set("y"));
-        let y2 = cache.intern(set("y"));
-        assert!(
-            std::sync::Arc::ptr_eq(&y1, &y2),
-            "an unused slot makes room"
-        );
+        let (y1, _) = cache.intern(&set("y"));
+        let (y2, _) = cache.intern(&set("y"));
+        assert!(Arc::ptr_eq(&y1, &y2), "an unused slot makes room");
     }
 
     fn map(kv: &[(&str, &str)]) -> Settings {

@@ -49,7 +49,6 @@ where
                 ),
             ));
         }
-        let startup = params::startup_settings(&login.params);
         // The login is consumed here: its names move into the key.
         let key = PoolKey {
             database: login.database,
@@ -62,7 +61,7 @@ where
                 return Err((client, greeting, e));
             }
         };
-        let startup_settings = pool.client_settings.intern(startup);
+        let (startup_settings, startup_fp) = pool.client_settings.intern(&login.params);
         let cancel = shared.cancels.register();
         let mut c_in = Inbound::default();
         // An idle client holds no buffer: the opening's read buffer goes unless it holds
@@ -75,7 +74,7 @@ where
             shared,
             pool,
             &config,
-            startup_settings,
+            (startup_settings, startup_fp),
             cancel,
             c_in,
         );
@@ -203,7 +202,8 @@ where
         shared: Arc<Shared>,
         pool: Arc<crate::pool::Pool>,
         config: &crate::config::Config,
-        startup_settings: Arc<Settings>,
+        // The client's startup settings and their fingerprint.
+        (startup_settings, startup_fp): (Arc<Settings>, u64),
         cancel: crate::cancel::CancelGuard,
         c_in: Inbound,
     ) -> Self {
@@ -219,7 +219,7 @@ where
             server: None,
             tracker: Tracker::default(),
             stmts: ClientStmts::default(),
-            wanted_fp: params::fingerprint(&startup_settings, &params::RawSettings::new()),
+            wanted_fp: startup_fp,
             sql_sets: None,
             requests_sent: 0,
             requests_answered: 0,
