@@ -31,32 +31,19 @@ impl ReportedParams {
     /// Appends the ParameterStatus messages a client is told at login, with the values
     /// its own settings override.
     pub fn write(&self, out: &mut bytes::BytesMut, settings: &Settings) {
-        // Which entries the client's settings override, as bits in list order: no
-        // allocation per login (a server reports about fifteen; past 64, look each up).
-        let mut mask = 0u64;
-        for (k, v) in settings {
-            if let Ok(i) = self.list.binary_search_by(|(n, _)| n.as_str().cmp(k)) {
-                if self.list[i].1 != *v {
-                    mask |= 1u64.checked_shl(i as u32).unwrap_or(0);
-                }
-            }
-        }
         let mut from = 0;
-        for (i, (name, value)) in self.list.iter().enumerate() {
-            let overridden = match 1u64.checked_shl(i as u32) {
-                Some(bit) => mask & bit != 0,
-                None => settings.get(name).is_some_and(|v| v != value),
-            };
-            if !overridden {
-                continue;
+        // One pass in list order, no allocation per login; most clients override one
+        // entry (application_name) or none.
+        if !settings.is_empty() {
+            for (i, (name, value)) in self.list.iter().enumerate() {
+                let Some(v) = settings.get(name).filter(|v| *v != value) else {
+                    continue;
+                };
+                let start = if i == 0 { 0 } else { self.ends[i - 1] };
+                out.extend_from_slice(&self.encoded[from..start]);
+                crate::protocol::messages::parameter_status(out, name, v);
+                from = self.ends[i];
             }
-            let Some(v) = settings.get(name) else {
-                continue;
-            };
-            let start = if i == 0 { 0 } else { self.ends[i - 1] };
-            out.extend_from_slice(&self.encoded[from..start]);
-            crate::protocol::messages::parameter_status(out, name, v);
-            from = self.ends[i];
         }
         out.extend_from_slice(&self.encoded[from..]);
     }
@@ -75,7 +62,7 @@ mod tests {
             ("DateStyle".to_string(), "ISO, MDY".to_string()),
         ];
         check(list.clone());
-        // Past 64 entries each is looked up on its own.
+        // A long list (some servers report many parameters) is handled the same way.
         let mut long = list;
         long.extend((0..70).map(|i| (format!("x{i:02}"), "v".to_string())));
         check(long);

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 /// Parameter settings by name. foldhash, not SipHash: a login hashes these several
-/// times, and the keys come from a few known names (randomly seeded all the same).
+/// times; like std's hasher it is seeded randomly per process.
 pub type Settings = HashMap<String, String, foldhash::fast::RandomState>;
 
 /// Reported by the server but not settable (or not ours to carry between sessions).
