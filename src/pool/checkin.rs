@@ -121,7 +121,8 @@ impl Pool {
         }
         while !st.waiters.is_empty() {
             let Some(idle) = st.idle.pop() else { break };
-            if let Some(reason) = Self::unusable(&idle, now, &settings) {
+            let idle_for = now.duration_since(idle.checked);
+            if let Some(reason) = Self::unusable(&idle, now, idle_for, &settings) {
                 self.close_unusable(&mut st, idle, reason);
                 continue;
             }

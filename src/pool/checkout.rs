@@ -70,11 +70,12 @@ impl Pool {
             return None;
         }
         while let Some(idle) = st.idle.pop() {
-            if let Some(reason) = Self::unusable(&idle, now, &settings) {
+            let idle_for = now.duration_since(idle.checked);
+            if let Some(reason) = Self::unusable(&idle, now, idle_for, &settings) {
                 self.close_unusable(&mut st, idle, reason);
                 continue;
             }
-            if now.duration_since(idle.checked) >= settings.health.server_check_delay {
+            if idle_for >= settings.health.server_check_delay {
                 // Needs a check: that is async, so leave it to `checkout`.
                 st.idle.push(idle);
                 return None;
@@ -161,11 +162,12 @@ impl Pool {
         }
         if !st.paused {
             while let Some(idle) = st.idle.pop() {
-                if let Some(reason) = Self::unusable(&idle, now, settings) {
+                let idle_for = now.duration_since(idle.checked);
+                if let Some(reason) = Self::unusable(&idle, now, idle_for, settings) {
                     self.close_unusable(&mut st, idle, reason);
                     continue;
                 }
-                if now.duration_since(idle.checked) >= settings.health.server_check_delay {
+                if idle_for >= settings.health.server_check_delay {
                     if no_checks {
                         st.idle.push(idle);
                         break;
@@ -456,9 +458,12 @@ impl Pool {
     /// The peek is skipped for a connection known good within `PEEK_AFTER`: under load
     /// that is nearly every checkout (one syscall saved per transaction), and one that
     /// died within that window is about as likely to die right after a peek.
+    /// `idle_for`: since it was last known good (the caller's clock reading, which it
+    /// reuses for the pre-use check).
     pub(super) fn unusable(
         idle: &Idle,
         now: Instant,
+        idle_for: Duration,
         settings: &PoolSettings,
     ) -> Option<CloseReason> {
         if super::past_lifetime(&idle.conn, settings, now) {
@@ -469,7 +474,7 @@ impl Pool {
         if hosts.attrs.needs_role() && !hosts.fits(idle.conn.host_index) {
             return Some(CloseReason::Role);
         }
-        if now.duration_since(idle.checked) < PEEK_AFTER {
+        if idle_for < PEEK_AFTER {
             return None;
         }
         health::peek_dead(&idle.conn.stream).map(|_| CloseReason::Broken)

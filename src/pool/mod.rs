@@ -324,8 +324,20 @@ fn spread(id: u64, base: Duration) -> Duration {
 
 /// Past `server_lifetime` as the settings say now (a reload applies to open connections).
 fn past_lifetime(conn: &ServerConn, settings: &PoolSettings, now: Instant) -> bool {
-    // Another salt than the idle timeout's, so the two spreads are independent.
-    now.duration_since(conn.created) > spread(conn.id ^ 0x5bd1_e995, settings.server_lifetime)
+    let base = settings.server_lifetime;
+    let at = match conn.retire.get() {
+        Some((b, at)) if b == base => at,
+        _ => {
+            // Another salt than the idle timeout's, so the two spreads are independent.
+            let at = conn
+                .created
+                .checked_add(spread(conn.id ^ 0x5bd1_e995, base));
+            conn.retire.set(Some((base, at)));
+            at
+        }
+    };
+    // None: so far off that it cannot be represented, never.
+    at.is_some_and(|at| now > at)
 }
 
 /// Sends Terminate in the background; callers may hold a lock.

@@ -86,6 +86,7 @@ impl ServerConn {
             raw_settings: params::RawSettings::new(),
             original_params,
             created: now,
+            retire: std::cell::Cell::new(None),
             last_used: now,
             prepared: PreparedCache::new(max_prepared),
             dirty: false,

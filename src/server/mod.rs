@@ -170,6 +170,10 @@ pub struct ServerConnState {
     /// Settings a client set with SQL `SET` that the server does not report.
     pub raw_settings: params::RawSettings,
     pub created: Instant,
+    /// When it is past `server_lifetime`, for the lifetime setting it was worked out
+    /// from (None: not yet; a reload changes the setting): checkout and check-in then
+    /// compare two instants instead of working out the spread lifetime each time.
+    pub retire: std::cell::Cell<Option<(Duration, Option<Instant>)>>,
     pub last_used: Instant,
     /// Statements prepared on this connection under proxy-wide names (transaction mode).
     pub prepared: PreparedCache,

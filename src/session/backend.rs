@@ -196,15 +196,20 @@ where
     /// session is idle again, the transaction.
     pub(super) fn observe_ready(&mut self) {
         let now = self.stats.now();
+        let mut query = None;
         if let Some(t) = self.stats.query_starts.pop_front() {
-            self.pool.m.query_duration.observe((now - t).as_secs_f64());
+            let d = (now - t).as_secs_f64();
+            self.pool.m.query_duration.observe(d);
+            query = Some((t, d));
         }
         if self.tracker.status == TxnStatus::Idle && self.tracker.is_empty() {
             if let Some(t) = self.stats.txn_start.take() {
-                self.pool
-                    .m
-                    .transaction_duration
-                    .observe((now - t).as_secs_f64());
+                // A one-statement transaction started with its query: same duration.
+                let d = match query {
+                    Some((q, d)) if q == t => d,
+                    _ => (now - t).as_secs_f64(),
+                };
+                self.pool.m.transaction_duration.observe(d);
             }
         }
     }

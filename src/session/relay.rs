@@ -217,13 +217,24 @@ impl Inbound {
     pub fn discard_output(&mut self) {
         while let Some(seg) = self.segs.pop_front() {
             match seg {
-                Seg::Fwd(n) | Seg::Skip(n) => {
-                    self.buf.advance(n);
-                    self.scanned -= n;
-                }
+                Seg::Fwd(n) | Seg::Skip(n) => self.advance_buf(n),
                 Seg::Own(_) => {}
             }
         }
+    }
+
+    /// Drops `n` written or skipped bytes from the head of the read buffer.
+    #[inline]
+    fn advance_buf(&mut self, n: usize) {
+        if n == self.buf.len() {
+            // All of it (the usual case: a whole response written): the buffer keeps the
+            // start of its allocation, so neither the next read nor the cache's next
+            // taker has to reclaim the space before it.
+            self.buf.clear();
+        } else {
+            self.buf.advance(n);
+        }
+        self.scanned -= n;
     }
 
     /// Gives an empty buffer back to the thread's cache (an idle session holds none).
@@ -392,8 +403,7 @@ impl Inbound {
             match self.segs.front() {
                 Some(Seg::Skip(n)) => {
                     let n = *n;
-                    self.buf.advance(n);
-                    self.scanned -= n;
+                    self.advance_buf(n);
                 }
                 Some(Seg::Fwd(0)) => {}
                 Some(Seg::Own(b)) if b.is_empty() => {}
@@ -409,19 +419,17 @@ impl Inbound {
             match self.segs.front_mut() {
                 Some(Seg::Skip(n)) => {
                     let n = *n;
-                    self.buf.advance(n);
-                    self.scanned -= n;
+                    self.advance_buf(n);
                     self.segs.pop_front();
                 }
                 Some(Seg::Fwd(n)) => {
                     let t = k.min(*n);
-                    self.buf.advance(t);
-                    self.scanned -= t;
                     *n -= t;
                     k -= t;
                     if *n == 0 {
                         self.segs.pop_front();
                     }
+                    self.advance_buf(t);
                 }
                 Some(Seg::Own(b)) => {
                     let t = k.min(b.len());

@@ -89,6 +89,56 @@ fn vectored_partial_writes_resume_where_they_stopped() {
     }
 }
 
+/// A response written whole leaves the read buffer at the start of its allocation, so
+/// the next read (or the thread's next taker) reuses all of it without reclaiming; a
+/// skipped tail and writes in parts lose and repeat no byte.
+#[test]
+fn a_whole_write_keeps_the_buffer_start() {
+    let mut ib = Inbound::default();
+    ib.buf = BytesMut::with_capacity(READ_CHUNK);
+    let cap = ib.buf.capacity();
+    ib.buf.extend_from_slice(b"0123456789");
+    ib.forward(10);
+    let waker = futures_noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut out = Vec::new();
+    assert!(matches!(
+        ib.poll_drain(&mut cx, &mut out),
+        Poll::Ready(Ok(()))
+    ));
+    assert_eq!(out, b"0123456789");
+    assert!(ib.buf.is_empty());
+    assert_eq!(ib.scanned, 0);
+    assert_eq!(ib.buf.capacity(), cap, "the buffer lost its head room");
+
+    ib.buf.extend_from_slice(b"abcdef");
+    ib.forward(4);
+    ib.skip(2);
+    let mut out = Vec::new();
+    assert!(matches!(
+        ib.poll_drain(&mut cx, &mut out),
+        Poll::Ready(Ok(()))
+    ));
+    assert_eq!(out, b"abcd");
+    assert!(ib.buf.is_empty(), "the skipped tail was dropped too");
+    assert_eq!(ib.scanned, 0);
+
+    // Written in parts: each part leaves exactly the rest.
+    ib.buf.extend_from_slice(b"0123456789");
+    ib.forward(10);
+    let mut w = Trickle {
+        out: Vec::new(),
+        max: 4,
+    };
+    assert!(matches!(
+        ib.poll_drain(&mut cx, &mut w),
+        Poll::Ready(Ok(()))
+    ));
+    assert_eq!(w.out, b"0123456789");
+    assert!(ib.buf.is_empty());
+    assert_eq!(ib.scanned, 0);
+}
+
 fn futures_noop_waker() -> std::task::Waker {
     std::task::Waker::noop().clone()
 }

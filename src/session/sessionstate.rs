@@ -164,6 +164,22 @@ static PAIRS: [u32; 1024] = {
     t
 };
 
+/// Each needle's first four bytes with bit 5 set (ASCII letters in lower case), as a
+/// u32: two byte strings equal in any letter case are equal after this too, so a word
+/// whose head differs is passed over without comparing it byte by byte (`SELECT` shares
+/// its first two letters with `set_config`).
+static HEADS: [u32; N_NEEDLES] = {
+    let mut t = [0u32; N_NEEDLES];
+    let mut k = 0;
+    while k < N_NEEDLES {
+        let n = needle(k);
+        assert!(n.len() >= 4, "every needle has at least four bytes");
+        t[k] = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) | 0x2020_2020;
+        k += 1;
+    }
+    t
+};
+
 /// Cheap test, without allocating: could `sql` touch session state? `holding`: the
 /// client may hold some, so statements that drop state count too.
 pub fn prefilter(sql: &[u8], holding: bool) -> bool {
@@ -201,11 +217,24 @@ fn contains_any(sql: &[u8], mask: u32) -> bool {
         while starts != 0 {
             let i = c * 8 + (starts.trailing_zeros() / 8) as usize;
             starts &= starts - 1;
-            let mut m = PAIRS[pair(sql[i], sql.get(i + 1).copied().unwrap_or(0))] & mask;
+            let rest = &sql[i..];
+            // Every needle has four bytes or more.
+            let Some(&[a, b, c, d]) = rest.first_chunk::<4>() else {
+                continue;
+            };
+            let mut m = PAIRS[pair(a, b)] & mask;
+            if m == 0 {
+                continue;
+            }
+            let head = u32::from_le_bytes([a, b, c, d]) | 0x2020_2020;
             while m != 0 {
-                let nd = needle(m.trailing_zeros() as usize);
+                let k = m.trailing_zeros() as usize;
                 m &= m - 1;
-                if sql.len() - i >= nd.len() && sql[i..i + nd.len()].eq_ignore_ascii_case(nd) {
+                if HEADS[k] != head {
+                    continue;
+                }
+                let nd = needle(k);
+                if rest.len() >= nd.len() && rest[..nd.len()].eq_ignore_ascii_case(nd) {
                     return true;
                 }
             }

@@ -240,6 +240,7 @@ impl Tracker {
         }
     }
 
+    #[inline(never)]
     fn emit_owed(&mut self, emit: &mut BytesMut) {
         while let Some(Req::Synthetic(_) | Req::LocalCommand(_) | Req::LocalError(_)) =
             self.queue.front()
