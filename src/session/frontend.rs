@@ -312,10 +312,6 @@ where
             .iter()
             .position(|b| !b.is_ascii_alphabetic())
             .unwrap_or(text.len() - start);
-        // SET, RESET, DISCARD, DEALLOCATE: SELECT and the rest are out by their length.
-        if !matches!(word_len, 3 | 5 | 7 | 10) {
-            return None;
-        }
         let word = &text[start..start + word_len];
         if ![&b"set"[..], b"reset", b"discard", b"deallocate"]
             .iter()
