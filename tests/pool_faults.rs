@@ -268,9 +268,14 @@ async fn idle_connections_terminated_are_replaced_transparently() {
         let clients = futures_util::future::join_all((0..4).map(|_| connect(&url))).await;
         simple_one(&clients[0], "select 1").await;
         let pool = pool_of(&proxy, SUPERUSER);
+        // Settled: a login still in flight has no application_name in pg_stat_activity
+        // yet, so the kill below would miss it.
         wait_until(Duration::from_secs(5), "warm-up to min_size", || {
             let pool = pool.clone();
-            async move { pool.snapshot().idle >= 5 }
+            async move {
+                let s = pool.snapshot();
+                s.idle >= 5 && s.connecting == 0 && s.open == s.idle
+            }
         })
         .await;
         let admin = connect(&pg.superuser_url()).await;

@@ -473,7 +473,9 @@ async fn three_proxies_share_fairly_and_give_back_when_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_proxies_share_fairly_and_give_back_when_idle() {
     let _serial = serial().await;
-    let shared = length(30, 40);
+    // Five shares of three swap a connection every few seconds: the mean of each needs a
+    // longer window than three proxies' to be within one of fair on a loaded machine.
+    let shared = length(45, 60);
     within(shared + Duration::from_secs(50), "fleet of 5", async {
         let f = fleet(5, shared).await;
         check_fleet(5, &f);

@@ -74,7 +74,9 @@ where
         if std::mem::take(&mut first) && leftover[0] == TLS_HANDSHAKE_RECORD {
             // Everything read so far is the start of the ClientHello.
             let hello = leftover.split();
-            direct_tls(stream, tls, &hello).await?;
+            // Boxed, as the handshake below: a TLS accept is over a kilobyte of future,
+            // which every plain login would otherwise carry and copy.
+            Box::pin(direct_tls(stream, tls, &hello)).await?;
             (ssl_done, gss_done) = (true, true);
             continue;
         }
@@ -94,7 +96,8 @@ where
                 match tls.offered() {
                     Some(acceptor) => {
                         send(stream, b"S").await?;
-                        if let Err(e) = crate::tls::accept(stream, acceptor, &[]).await {
+                        let accept = Box::pin(crate::tls::accept(stream, acceptor, &[]));
+                        if let Err(e) = accept.await {
                             tracing::debug!(error = %e, "client TLS handshake failed");
                             return Err(None);
                         }

@@ -69,7 +69,8 @@ where
         if !leftover.is_empty() {
             c_in.buf = leftover;
         }
-        let mut session = Self::fresh(
+        // Boxed now, not at the end: the session is not part of this future's state.
+        let mut session = Box::new(Self::fresh(
             client,
             shared,
             pool,
@@ -77,7 +78,7 @@ where
             (startup_settings, startup_fp),
             cancel,
             c_in,
-        );
+        ));
         let spelled = match session.first_server().await {
             Ok(s) => s,
             Err(e) => return Err((session.client, greeting, e)),
@@ -118,7 +119,7 @@ where
             active,
         });
         session.shared.metrics.login(LoginResult::Accepted);
-        Ok(Box::new(session))
+        Ok(session)
     }
 
     /// The first login to a pool (and every session-mode login) needs a server: to
@@ -128,7 +129,7 @@ where
     /// Returns how PostgreSQL spells the startup settings, once a check found them good.
     async fn first_server(&mut self) -> Result<Option<validate::Spelled>, ClientError> {
         let checked = validate::to_check(&self.startup_settings);
-        let mut spelled = checked
+        let spelled = checked
             .as_ref()
             .and_then(|(_, fp)| validate::known_good(&self.pool, *fp));
         let to_check = checked.filter(|_| spelled.is_none());
@@ -136,61 +137,74 @@ where
             || self.pool.startup_params().is_none()
             || to_check.is_some()
         {
-            match self.pool.checkout().await {
-                Ok(mut lease) if to_check.is_some() => {
-                    let (settings, fp) = to_check.unwrap_or_default();
-                    match validate::check(&self.pool, lease.conn(), &settings, fp).await {
-                        Ok(_) if self.mode == PoolMode::Session => {
-                            if let Err(e) = self.settle_settings(&mut lease).await {
-                                lease.discard(CloseReason::SettingsCheckFailed);
-                                self.shared.metrics.login(LoginResult::InvalidSettings);
-                                return Err(e);
-                            }
-                            self.attach(lease)
-                        }
-                        Ok(sp) => {
-                            spelled = Some(sp);
-                            lease.release()
-                        }
-                        Err(e) => {
-                            if e.is_some() {
-                                // PostgreSQL answered and the check's transaction ended.
-                                lease.release();
-                            } else {
-                                lease.discard(CloseReason::SettingsCheckFailed);
-                            }
-                            if let Some(e) = e {
-                                self.shared.metrics.login(LoginResult::InvalidSettings);
-                                return Err(e);
-                            }
-                        }
-                    }
-                }
-                Ok(mut lease) => {
-                    if self.mode == PoolMode::Session {
+            // Boxed: the checkout is most of this future's size, and most
+            // transaction-mode logins skip it.
+            return Box::pin(self.checkout_first(spelled, to_check)).await;
+        }
+        Ok(spelled)
+    }
+
+    /// `first_server`'s checkout: `spelled` is what is known of the startup settings'
+    /// spelling, `to_check` the settings to try on the server first.
+    async fn checkout_first(
+        &mut self,
+        mut spelled: Option<validate::Spelled>,
+        to_check: Option<(Settings, u64)>,
+    ) -> Result<Option<validate::Spelled>, ClientError> {
+        match self.pool.checkout().await {
+            Ok(mut lease) if to_check.is_some() => {
+                let (settings, fp) = to_check.unwrap_or_default();
+                match validate::check(&self.pool, lease.conn(), &settings, fp).await {
+                    Ok(_) if self.mode == PoolMode::Session => {
                         if let Err(e) = self.settle_settings(&mut lease).await {
                             lease.discard(CloseReason::SettingsCheckFailed);
                             self.shared.metrics.login(LoginResult::InvalidSettings);
                             return Err(e);
                         }
-                        self.attach(lease);
-                    } else {
-                        lease.release();
+                        self.attach(lease)
+                    }
+                    Ok(sp) => {
+                        spelled = Some(sp);
+                        lease.release()
+                    }
+                    Err(e) => {
+                        if e.is_some() {
+                            // PostgreSQL answered and the check's transaction ended.
+                            lease.release();
+                        } else {
+                            lease.discard(CloseReason::SettingsCheckFailed);
+                        }
+                        if let Some(e) = e {
+                            self.shared.metrics.login(LoginResult::InvalidSettings);
+                            return Err(e);
+                        }
                     }
                 }
-                Err(e) => {
-                    let mut err = self.pool.client_error(&e);
-                    err.severity = Severity::Fatal;
-                    let result = match err.code {
-                        _ if self.pool.login_failure().is_some() => LoginResult::UpstreamAuthFailed,
-                        sqlstate::INVALID_CATALOG_NAME => LoginResult::UnknownDatabase,
-                        sqlstate::TOO_MANY_CONNECTIONS => LoginResult::Limit,
-                        _ => LoginResult::UpstreamFailed,
-                    };
-                    self.shared.metrics.login(result);
-                    self.shared.registry.forget_if_unused(&self.pool.key);
-                    return Err(err);
+            }
+            Ok(mut lease) => {
+                if self.mode == PoolMode::Session {
+                    if let Err(e) = self.settle_settings(&mut lease).await {
+                        lease.discard(CloseReason::SettingsCheckFailed);
+                        self.shared.metrics.login(LoginResult::InvalidSettings);
+                        return Err(e);
+                    }
+                    self.attach(lease);
+                } else {
+                    lease.release();
                 }
+            }
+            Err(e) => {
+                let mut err = self.pool.client_error(&e);
+                err.severity = Severity::Fatal;
+                let result = match err.code {
+                    _ if self.pool.login_failure().is_some() => LoginResult::UpstreamAuthFailed,
+                    sqlstate::INVALID_CATALOG_NAME => LoginResult::UnknownDatabase,
+                    sqlstate::TOO_MANY_CONNECTIONS => LoginResult::Limit,
+                    _ => LoginResult::UpstreamFailed,
+                };
+                self.shared.metrics.login(result);
+                self.shared.registry.forget_if_unused(&self.pool.key);
+                return Err(err);
             }
         }
         Ok(spelled)
