@@ -41,6 +41,7 @@
 #   OUT             report path (bench/results/profile.md)
 #   KEEP_WORK       1: keep the temporary directory (logs, raw TSV, callgrind files) and
 #                   print the callgrind file paths, for callgrind_annotate
+#   INSTRUCTIONS    0: skip the callgrind runs (native figures only: a quick A/B of CPU time)
 #   ANNOTATE        top-N self-cost functions per pooler and scenario appended to the
 #                   report, from callgrind_annotate on the 2N process (0: none)
 set -euo pipefail
@@ -59,6 +60,7 @@ SCALE=${SCALE:-10}
 POOL_SIZE=${POOL_SIZE:-16}
 OUT=${OUT:-$HERE/results/profile.md}
 KEEP_WORK=${KEEP_WORK:-0}
+INSTRUCTIONS=${INSTRUCTIONS:-1}
 ANNOTATE=${ANNOTATE:-0}
 PYTHON=${PYTHON:-python3}
 JOBS=2
@@ -244,14 +246,15 @@ proc_sample() {
     echo "$vol $invol $ns $threads"
 }
 
-# utime+stime of the whole process (all threads, dead ones included), clock ticks.
+# "minflt utime stime" of the whole process (all threads, dead ones included); times in
+# clock ticks. Minor faults show an allocator that hands pages back and touches them again.
 cpu_ticks() {
     local s
     s=$(<"/proc/$1/stat")
     s=${s##*) }
     # shellcheck disable=SC2086 # split into fields on purpose
     set -- $s
-    echo $((${12} + ${13}))
+    echo "$8 ${12} ${13}"
 }
 
 record() { # SCENARIO POOLER KEY VALUE
@@ -501,7 +504,7 @@ syscall_run() { # PID PORT ARGS T LOG RAW COUNTS
 }
 
 measure_native() { # SCENARIO ARGS POOLER CLIENTS
-    local name=$1 args=$2 pooler=$3 c=$4 pid t port b a ticks0 ticks1 counts k v
+    local name=$1 args=$2 pooler=$3 c=$4 pid t port b a t0 t1 counts k v
     t=$(per_client "$NATIVE_TXNS" "$c")
     port=$(port_of "$pooler")
     log "  $pooler native: warm-up, ${t}x$c un-traced, ${t}x$c under $SYSCALL_TOOL"
@@ -514,15 +517,17 @@ measure_native() { # SCENARIO ARGS POOLER CLIENTS
     fi
     prepare_run
     read -r -a b <<<"$(proc_sample "$pid")"
-    ticks0=$(cpu_ticks "$pid")
+    read -r -a t0 <<<"$(cpu_ticks "$pid")"
     if pgbench_t "$port" "$args" "$t" "$WORK/pgbench-$name-$pooler-native.log"; then
         read -r -a a <<<"$(proc_sample "$pid")"
-        ticks1=$(cpu_ticks "$pid")
+        read -r -a t1 <<<"$(cpu_ticks "$pid")"
         record "$name" "$pooler" ctx_txns "$PGBENCH_DONE"
         record "$name" "$pooler" ctx_vol $((a[0] - b[0]))
         record "$name" "$pooler" ctx_invol $((a[1] - b[1]))
         record "$name" "$pooler" cpu_ns $((a[2] - b[2]))
-        record "$name" "$pooler" cpu_ticks $((ticks1 - ticks0))
+        record "$name" "$pooler" minflt $((t1[0] - t0[0]))
+        record "$name" "$pooler" utime_ticks $((t1[1] - t0[1]))
+        record "$name" "$pooler" stime_ticks $((t1[2] - t0[2]))
         record "$name" "$pooler" threads "${b[3]}/${a[3]}"
         record "$name" "$pooler" tps "$PGBENCH_TPS"
         log "    $PGBENCH_TPS tps; ctx switches vol $((a[0] - b[0])) invol $((a[1] - b[1])); cpu $(((a[2] - b[2]) / PGBENCH_DONE)) ns/txn; threads ${a[3]}"
@@ -574,14 +579,17 @@ for def in "${SCENARIO_DEFS[@]}"; do
     printf '%s\t%s\n' "$name" "$args" >>"$WORK/scenarios.tsv"
     clients=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$args")
     log "$name: pgbench $args"
-    for pooler in $POOLERS; do
-        measure_instructions "$name" "$args" "$pooler" "$clients"
-    done
+    if [[ $INSTRUCTIONS == 1 ]]; then
+        for pooler in $POOLERS; do
+            measure_instructions "$name" "$args" "$pooler" "$clients"
+        done
+    fi
     for pooler in $POOLERS; do
         measure_native "$name" "$args" "$pooler" "$clients"
     done
 done
 
+[[ $INSTRUCTIONS == 1 ]] || meta instructions "not measured (INSTRUCTIONS=0)"
 meta "loadavg (end)" "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- report -------------------------------------------------------------------------------

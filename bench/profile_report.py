@@ -58,6 +58,14 @@ def cpu_us(d):
     return None if v is None else v / 1000.0
 
 
+def user_share(d):
+    """User time as a share of user + system time (clock ticks, whole process)."""
+    u, s = num(d, "utime_ticks"), num(d, "stime_ticks")
+    if u is None or s is None or u + s == 0:
+        return None
+    return u / (u + s)
+
+
 def fmt(v, digits=2):
     if v is None:
         return "n/a"
@@ -147,6 +155,8 @@ def main():
         ("  voluntary", lambda d: ctx(d, ("ctx_vol",)), 3),
         ("  involuntary", lambda d: ctx(d, ("ctx_invol",)), 3),
         ("CPU µs/txn", cpu_us, 2),
+        ("  user share", lambda d: user_share(d), 2),
+        ("minor page faults/txn", lambda d: per_txn(d, "minflt", "ctx_txns"), 3),
         ("tps (native run)", lambda d: num(d, "tps"), 0),
     ]
     for s in scenarios:
@@ -188,11 +198,12 @@ def main():
         w(f"| **total** | **{fmt(tot[0], 3)}** | **{fmt(tot[1], 3)}** | {ratio(tot[1], tot[0])} |")
         w("")
 
+    no_callgrind = any(m["key"] == "instructions" for m in meta)
     missing = []
     for s in scenarios:
         for p in POOLERS:
             d = data[s["scenario"]].get(p, {})
-            if (instructions(d) is None or ctx(d) is None
+            if ((instructions(d) is None and not no_callgrind) or ctx(d) is None
                     or per_txn(d, "sys:total", "sys_txns") is None):
                 missing.append((s["scenario"], p))
     if missing:

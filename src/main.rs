@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use pgsidecar::cli::{Cli, Command};
 
+// One allocator for the whole process: see Cargo.toml for why mimalloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.build_config() {
