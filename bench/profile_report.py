@@ -142,7 +142,9 @@ def main():
       "(I(2N) - I(N)) / N, so start-up, warm-up and logins cancel out; deterministic, "
       "independent of machine load. **ctx switches** (voluntary + involuntary, summed "
       "over threads) and **CPU** (schedstat run time, all threads): one un-traced run of "
-      "NATIVE_TXNS after a warm-up; these depend on load and scheduling. **syscalls**: a "
+      "NATIVE_TXNS after a warm-up; these depend on load and scheduling. **user share**: "
+      "user time over user + system time, and **minor page faults**, of that run "
+      "(/proc/PID/stat). **syscalls**: a "
       "separate run of NATIVE_TXNS on the same process. Native runs include the clients' "
       "logins and logouts (c per run). Ratio: pgsidecar / pgbouncer.")
     w("")
@@ -155,7 +157,7 @@ def main():
         ("  voluntary", lambda d: ctx(d, ("ctx_vol",)), 3),
         ("  involuntary", lambda d: ctx(d, ("ctx_invol",)), 3),
         ("CPU µs/txn", cpu_us, 2),
-        ("  user share", lambda d: user_share(d), 2),
+        ("  user share", user_share, 2),
         ("minor page faults/txn", lambda d: per_txn(d, "minflt", "ctx_txns"), 3),
         ("tps (native run)", lambda d: num(d, "tps"), 0),
     ]
