@@ -37,9 +37,10 @@ impl Proxy {
             )
         })?;
         let addr = listener.local_addr()?;
+        let per_socket = !set_on_listener(&listener);
         let shared = Shared::new(Arc::new(config), tls);
         let (stop, stop_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx, per_socket));
         tracing::info!(%addr, "accepting PostgreSQL clients");
         Ok(Proxy {
             addr,
@@ -62,7 +63,28 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// Sets the client socket options once on the listener, where accepted sockets inherit
+/// them; false when each accepted socket needs them set.
+fn set_on_listener(listener: &TcpListener) -> bool {
+    if !crate::server::LISTENER_OPTIONS_INHERITED {
+        return false;
+    }
+    match crate::server::set_client_options(socket2::SockRef::from(listener)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "client socket options not set on the listener; setting them per client");
+            false
+        }
+    }
+}
+
+/// `per_socket`: the listener does not hand its options down (see `set_on_listener`).
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    per_socket: bool,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -72,6 +94,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                if per_socket {
+                    let _ = crate::server::set_client_options(socket2::SockRef::from(&stream));
+                }
                 spawn_client(stream, peer, shared.clone());
             }
             Err(e) => {
@@ -94,8 +119,6 @@ impl Drop for ClientCount {
 }
 
 fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    crate::server::set_keepalive(&stream);
     // The cap (max_client_conn) is applied after the startup packet, as PostgreSQL
     // does (session::admission).
     shared.clients.fetch_add(1, Ordering::Relaxed);
@@ -111,4 +134,38 @@ fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         let _count = count;
         crate::session::serve(accepted).await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a client connection ends up with, however the options got there: no Nagle
+    /// delay and keepalives on (a vanished client is found on an idle connection).
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_and_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let per_socket = !set_on_listener(&listener);
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        if per_socket {
+            crate::server::set_client_options(socket2::SockRef::from(&stream)).expect("set");
+        }
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.nodelay().expect("nodelay"), "TCP_NODELAY off");
+        assert!(sock.keepalive().expect("keepalive"), "SO_KEEPALIVE off");
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            assert_eq!(
+                sock.keepalive_time().expect("idle"),
+                Duration::from_secs(60)
+            );
+            assert_eq!(
+                sock.keepalive_interval().expect("intvl"),
+                Duration::from_secs(10)
+            );
+            assert!(!per_socket, "Linux hands listener options down");
+        }
+    }
 }

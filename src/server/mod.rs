@@ -10,7 +10,7 @@ pub mod prepared;
 mod query;
 mod tcp;
 
-pub use tcp::{set_keepalive, TcpSettings};
+pub use tcp::{set_client_options, TcpSettings, LISTENER_OPTIONS_INHERITED};
 
 pub(crate) use codes::{leak_code, leak_code_or, refused_code_in};
 
