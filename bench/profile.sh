@@ -26,7 +26,7 @@
 #   The native numbers include the NATIVE_TXNS run's client logins and logouts (c each).
 #
 # Environment:
-#   SCENARIOS       comma/space separated names or globs (all five below)
+#   SCENARIOS       comma/space separated names or globs (all seven below)
 #   TXNS            N for the callgrind runs, total over all clients (3000); runs N and 2N
 #   NATIVE_TXNS     transactions of the un-traced and the syscall run (20000)
 #   WARMUP_TXNS     warm-up transactions before measuring (400)
@@ -67,9 +67,11 @@ JOBS=2
 
 # name|pgbench arguments
 SCENARIO_DEFS=(
+    "select-simple-c1|-S -M simple -c 1"
     "select-simple-c16|-S -M simple -c 16"
     "tpcb-simple-c32|-M simple -c 32"
     "select-simple-c64|-S -M simple -c 64"
+    "select-simple-c256|-S -M simple -c 256"
     "select-extended-c64|-S -M extended -c 64"
     "select-connect-c16|-S -M simple -C -c 16"
 )

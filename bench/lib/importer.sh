@@ -137,8 +137,13 @@ if ((${#importer_selected[@]})); then
     meta importer_sizes "executemany $IMPORTER_TXNS transactions x $IMPORTER_ROWS rows; psycopg copy $IMPORTER_COPY_ROWS rows; bytea $BYTEA_MB MB x $BYTEA_REPEAT; pipeline $PIPELINE_STATEMENTS statements x $PIPELINE_REPEAT"
     for ((rep = 1; rep <= REPS; rep++)); do
         for def in "${importer_selected[@]}"; do
-            for target in "${TARGETS[@]}"; do
-                run_importer "${def%%|*}" "${def#*|}" "$rep" "$target"
+            # The COPY is as short as psql's, and as noisy: COPY_SAMPLES runs (run.sh).
+            samples=1
+            [[ ${def%%|*} == importer-psycopg-copy ]] && samples=$COPY_SAMPLES
+            for ((sample = 1; sample <= samples; sample++)); do
+                for target in "${TARGETS[@]}"; do
+                    run_importer "${def%%|*}" "${def#*|}" "$(((rep - 1) * samples + sample))" "$target"
+                done
             done
         done
     done
