@@ -405,15 +405,7 @@ where
             }
             match self.scan_server() {
                 Ok((p, None)) => progress |= p,
-                Ok((_, Some(step))) => {
-                    if matches!(step, Step::Release) {
-                        // The answer goes out before the check-in, which is then off the
-                        // client's latency path. A failed write shows again at the next
-                        // turn's drain.
-                        let _ = self.s_in.poll_drain(cx, &mut self.client);
-                    }
-                    return Poll::Ready(step);
-                }
+                Ok((_, Some(step))) => return Poll::Ready(step),
                 Err(reason) => return Poll::Ready(Step::ServerGone(reason)),
             }
             self.update_timer(client_msgs);
