@@ -37,10 +37,10 @@ impl Proxy {
             )
         })?;
         let addr = listener.local_addr()?;
-        let per_socket = !set_on_listener(&listener);
+        let options = ClientOptions::on_listener(&listener);
         let shared = Shared::new(Arc::new(config), tls);
         let (stop, stop_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx, per_socket));
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx, options));
         tracing::info!(%addr, "accepting PostgreSQL clients");
         Ok(Proxy {
             addr,
@@ -63,27 +63,42 @@ impl Proxy {
     }
 }
 
-/// Sets the client socket options once on the listener, where accepted sockets inherit
-/// them; false when each accepted socket needs them set.
-fn set_on_listener(listener: &TcpListener) -> bool {
-    if !crate::server::LISTENER_OPTIONS_INHERITED {
-        return false;
+/// Where client sockets get their TCP options: once on the listener where accepted
+/// sockets inherit them, else on each accepted socket.
+#[derive(Debug, Clone, Copy)]
+struct ClientOptions {
+    per_socket: bool,
+}
+
+impl ClientOptions {
+    fn on_listener(listener: &TcpListener) -> Self {
+        let inherited = crate::server::LISTENER_OPTIONS_INHERITED
+            && match crate::server::set_client_options(socket2::SockRef::from(listener)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "client socket options not set on the listener; setting them per client");
+                    false
+                }
+            };
+        ClientOptions {
+            per_socket: !inherited,
+        }
     }
-    match crate::server::set_client_options(socket2::SockRef::from(listener)) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "client socket options not set on the listener; setting them per client");
-            false
+
+    /// Gives an accepted socket what the listener did not hand down (best effort: the
+    /// connection works without them).
+    fn apply(self, stream: &TcpStream) {
+        if self.per_socket {
+            let _ = crate::server::set_client_options(socket2::SockRef::from(stream));
         }
     }
 }
 
-/// `per_socket`: the listener does not hand its options down (see `set_on_listener`).
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-    per_socket: bool,
+    options: ClientOptions,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -94,9 +109,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                if per_socket {
-                    let _ = crate::server::set_client_options(socket2::SockRef::from(&stream));
-                }
+                options.apply(&stream);
                 spawn_client(stream, peer, shared.clone());
             }
             Err(e) => {
@@ -145,13 +158,11 @@ mod tests {
     #[tokio::test]
     async fn accepted_sockets_have_nodelay_and_keepalive() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let per_socket = !set_on_listener(&listener);
+        let options = ClientOptions::on_listener(&listener);
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");
-        if per_socket {
-            crate::server::set_client_options(socket2::SockRef::from(&stream)).expect("set");
-        }
+        options.apply(&stream);
         let sock = socket2::SockRef::from(&stream);
         assert!(sock.nodelay().expect("nodelay"), "TCP_NODELAY off");
         assert!(sock.keepalive().expect("keepalive"), "SO_KEEPALIVE off");
@@ -165,7 +176,7 @@ mod tests {
                 sock.keepalive_interval().expect("intvl"),
                 Duration::from_secs(10)
             );
-            assert!(!per_socket, "Linux hands listener options down");
+            assert!(!options.per_socket, "Linux hands listener options down");
         }
     }
 }

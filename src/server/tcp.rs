@@ -57,10 +57,11 @@ pub const LISTENER_OPTIONS_INHERITED: bool = cfg!(any(target_os = "linux", targe
 /// The options of a client connection: no Nagle delay (a reply goes out when written),
 /// and keepalives that find a vanished client on an otherwise idle connection. Set on
 /// the listener where accepted sockets inherit them, else on each accepted socket.
+/// Each option is tried even when the other fails; the first failure is returned.
 pub fn set_client_options(sock: socket2::SockRef<'_>) -> std::io::Result<()> {
-    sock.set_nodelay(true)?;
+    let nodelay = sock.set_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10));
-    sock.set_tcp_keepalive(&ka)
+    nodelay.and(sock.set_tcp_keepalive(&ka))
 }
