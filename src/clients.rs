@@ -93,9 +93,10 @@ impl ClientInfo {
         self.phase().name()
     }
 
-    /// Marks the start of a wait for a server connection.
-    pub fn start_wait(&self) {
-        let us = self.connected.elapsed().as_micros() as u64;
+    /// Marks the start of a wait for a server connection (`now`: the caller's clock
+    /// reading).
+    pub fn start_wait(&self, now: Instant) {
+        let us = now.saturating_duration_since(self.connected).as_micros() as u64;
         self.wait_since.store(us + 1, Ordering::Relaxed);
     }
 

@@ -21,33 +21,6 @@ use crate::server::{ConnectError, ServerConn};
 /// Idle connections last known good more recently than this are not peeked.
 const PEEK_AFTER: Duration = Duration::from_millis(100);
 
-/// One checkout's place in the wait queue. However the wait ends (answered, timed out,
-/// or the checkout future dropped because the client disconnected), the entry leaves
-/// the queue at once. Left in place until the next check-in, a dead entry counted as a
-/// waiting client, kept `try_checkout` from handing out idle connections, and made
-/// `trim_and_fill` open connections for nobody.
-struct QueueSlot<'a> {
-    pool: &'a Pool,
-    rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
-    /// The sender was taken off the queue and answered; nothing to clean up.
-    answered: bool,
-}
-
-impl Drop for QueueSlot<'_> {
-    fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        self.rx.close();
-        // A connection handed over just before the waiter left goes back to the pool
-        // instead of being closed.
-        if let Ok(Ok(lease)) = self.rx.try_recv() {
-            lease.release();
-        }
-        self.pool.forget_abandoned_waiters();
-    }
-}
-
 /// What a checkout does next, decided under the state lock.
 enum Next {
     Ready(ServerConn),
@@ -99,18 +72,27 @@ impl Pool {
     /// With congestion control on, a connection attempt refused with 53300 puts the
     /// client back at the head of the queue to wait for a released connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
+        self.checkout_since(Instant::now()).await
+    }
+
+    /// `checkout`, timed from `started` (a clock reading the caller already took).
+    pub async fn checkout_since(
+        self: &Arc<Self>,
+        started: Instant,
+    ) -> Result<Lease, CheckoutError> {
         let settings = self.settings();
-        let started = Instant::now();
         let deadline = started + settings.query_wait_timeout;
         let mut front = false;
         // After a check timed out the upstream may be hung: test no more idle
         // connections in this checkout (each would cost check_timeout).
         let mut no_checks = false;
+        // The first step reuses the start's clock reading; a step that loops reads anew.
+        let mut now = started;
         let mut result = loop {
-            match self.next(&settings, front, no_checks) {
+            match self.next(&settings, front, no_checks, now, deadline) {
                 Next::Ready(conn) => break Ok(self.lease(conn)),
                 Next::Fail(e) => break Err(e),
-                Next::Wait(rx) => break self.wait(rx, deadline, &settings).await,
+                Next::Wait(rx) => break self.wait(rx).await,
                 Next::Check(conn) => match self.pre_use_check(conn, &settings).await {
                     Ok(conn) => break Ok(self.lease(conn)),
                     Err(timed_out) => no_checks |= timed_out,
@@ -121,8 +103,8 @@ impl Pool {
                         if !settings.queues_while_down() {
                             break Err(e);
                         }
-                        let rx = self.enqueue(front);
-                        break self.wait(rx, deadline, &settings).await;
+                        let rx = self.enqueue(front, deadline);
+                        break self.wait(rx).await;
                     }
                     match self.connect_for_client(&settings).await {
                         Ok(conn) => break Ok(self.lease(conn)),
@@ -138,24 +120,30 @@ impl Pool {
                     }
                 }
             }
+            now = Instant::now();
         };
         if let Ok(lease) = &mut result {
             lease.count();
             self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         }
+        let waited = started.elapsed();
         self.stats
             .wait_micros_total
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        self.m
-            .checkout_wait
-            .observe(started.elapsed().as_secs_f64());
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+        self.m.checkout_wait.observe(waited.as_secs_f64());
         result
     }
 
     /// Decides the next checkout step under the state lock.
-    fn next(&self, settings: &PoolSettings, front: bool, no_checks: bool) -> Next {
+    fn next(
+        &self,
+        settings: &PoolSettings,
+        front: bool,
+        no_checks: bool,
+        now: Instant,
+        deadline: Instant,
+    ) -> Next {
         let breaker_closed = !self.breaker_open();
-        let now = Instant::now();
         let mut st = self.state.lock();
         if st.closed {
             return Next::Fail(CheckoutError::Closed);
@@ -188,24 +176,7 @@ impl Pool {
                 return Next::Fail(self.unavailable());
             }
         }
-        Next::Wait(Self::push_waiter(&mut st, front))
-    }
-
-    fn push_waiter(
-        st: &mut PoolState,
-        front: bool,
-    ) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
-        let (tx, rx) = oneshot::channel();
-        if front {
-            st.waiters.push_front(tx);
-        } else {
-            st.waiters.push_back(tx);
-        }
-        rx
-    }
-
-    fn enqueue(&self, front: bool) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
-        Self::push_waiter(&mut self.state.lock(), front)
+        Next::Wait(Self::push_waiter(&mut st, front, deadline))
     }
 
     /// Gives back a connect slot reserved by `next`.
@@ -213,59 +184,6 @@ impl Pool {
         let mut st = self.state.lock();
         st.open -= 1;
         st.connecting -= 1;
-    }
-
-    /// Waits in the queue until `deadline`.
-    async fn wait(
-        &self,
-        rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
-        deadline: Instant,
-        settings: &PoolSettings,
-    ) -> Result<Lease, CheckoutError> {
-        self.stats.waits.fetch_add(1, Ordering::Relaxed);
-        let mut slot = QueueSlot {
-            pool: self,
-            rx,
-            answered: false,
-        };
-        match tokio::time::timeout_at(deadline, &mut slot.rx).await {
-            Ok(Ok(r)) => {
-                slot.answered = true;
-                r
-            }
-            Ok(Err(_)) => {
-                slot.answered = true;
-                Err(CheckoutError::Closed)
-            }
-            Err(_) => {
-                // A connection may have been handed over just as the timer fired.
-                slot.rx.close();
-                match slot.rx.try_recv() {
-                    Ok(r) => {
-                        slot.answered = true;
-                        r
-                    }
-                    Err(_) if self.breaker_open() => Err(self.unavailable()),
-                    Err(_) if self.is_paused() => Err(CheckoutError::Paused {
-                        waited: settings.query_wait_timeout,
-                    }),
-                    Err(_) => {
-                        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                        self.m.checkout_timeouts.inc();
-                        let size = Self::limit(&self.state.lock(), settings);
-                        Err(CheckoutError::Timeout {
-                            waited: settings.query_wait_timeout,
-                            size,
-                        })
-                    }
-                }
-            }
-        }
-    }
-
-    /// Drops wait-queue entries whose waiter is gone (timed out, or its client left).
-    fn forget_abandoned_waiters(&self) {
-        self.state.lock().waiters.retain(|w| !w.is_closed());
     }
 
     /// Runs the pre-use check on a connection taken by `next`. Err(true): it timed out.

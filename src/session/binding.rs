@@ -29,12 +29,14 @@ where
     pub(super) async fn acquire(&mut self) -> bool {
         let pool = self.pool.clone();
         pool.clients_waiting.fetch_add(1, Ordering::Relaxed);
+        // The wait is timed from this turn's clock reading: the request's arrival.
+        let now = self.stats.now();
         if let Some(info) = self.entry.as_ref().map(|e| &e.info) {
             info.set_phase(ClientPhase::Waiting);
-            info.start_wait();
+            info.start_wait(now);
         }
         let _waiting = WaitingGuard(&pool);
-        let checkout = pool.checkout();
+        let checkout = pool.checkout_since(now);
         tokio::pin!(checkout);
         let result = loop {
             tokio::select! {

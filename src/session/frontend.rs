@@ -375,6 +375,7 @@ where
     }
 
     /// Classifies client messages; see `frontend.rs`.
+    #[inline(always)]
     pub(super) fn scan_client(&mut self) -> Result<(bool, Option<Step>), ClientError> {
         let mut progress = false;
         loop {

@@ -16,8 +16,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::ReadReady;
 
-/// Segments written in one vectored write, at most (Linux takes 1,024 per call).
-const MAX_IOV: usize = 64;
+/// Segments written in one vectored write, at most: Linux's IOV_MAX. A pipelined
+/// executemany through named statements queues two segments per row (rewritten Bind,
+/// forwarded Execute); at 64 per call a 16 KiB read of them took six or seven writes.
+const MAX_IOV: usize = 1024;
+/// Up to this many segments the iovec array lives on the stack (prepared-statement
+/// traffic: a few per transaction); beyond, one allocation serves a whole batch.
+const STACK_IOV: usize = 16;
 
 /// One piece of output, in order.
 #[derive(Debug)]
@@ -350,9 +355,7 @@ impl Inbound {
                 // One vectored write for every queued segment: a rewritten Bind between
                 // forwarded Execute frames used to cost one send() per segment, two per
                 // row of a pipelined executemany.
-                let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
-                let m = self.gather(&mut iov);
-                Pin::new(&mut *w).poll_write_vectored(cx, &iov[..m])
+                self.write_gathered(cx, w)
             };
             let k = match r {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -373,12 +376,31 @@ impl Inbound {
         Poll::Ready(Ok(()))
     }
 
+    /// One vectored write of the queued segments. Kept out of `drain_segs`, whose usual
+    /// case (one segment) is inlined into the relay loop.
+    #[inline(never)]
+    fn write_gathered<W: AsyncWrite + Unpin>(
+        &self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+    ) -> Poll<io::Result<usize>> {
+        if self.segs.len() <= STACK_IOV {
+            let mut iov = [io::IoSlice::new(&[]); STACK_IOV];
+            let m = self.gather(&mut iov);
+            Pin::new(w).poll_write_vectored(cx, &iov[..m])
+        } else {
+            let mut iov = vec![io::IoSlice::new(&[]); self.segs.len().min(MAX_IOV)];
+            let m = self.gather(&mut iov);
+            Pin::new(w).poll_write_vectored(cx, &iov[..m])
+        }
+    }
+
     /// Points `iov` at the queued bytes in order, skips left out; returns how many.
-    fn gather<'a>(&'a self, iov: &mut [io::IoSlice<'a>; MAX_IOV]) -> usize {
+    fn gather<'a>(&'a self, iov: &mut [io::IoSlice<'a>]) -> usize {
         let mut m = 0;
         let mut off = 0;
         for seg in &self.segs {
-            if m == MAX_IOV {
+            if m == iov.len() {
                 break;
             }
             match seg {

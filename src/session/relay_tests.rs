@@ -89,6 +89,78 @@ fn vectored_partial_writes_resume_where_they_stopped() {
     }
 }
 
+/// A pipelined batch through named statements (rewritten Bind, forwarded Execute, per
+/// row) goes out in as few writes as the writer takes: one vectored write while it has
+/// room, however many segments, and in order across partial writes.
+#[test]
+fn many_segments_go_out_in_one_vectored_write() {
+    for max in [usize::MAX, 1000, 37] {
+        let mut ib = Inbound::default();
+        let mut want = Vec::new();
+        for row in 0..300u32 {
+            let bind = format!("B{row:05}");
+            let exec = format!("E{row:05}");
+            ib.buf.extend_from_slice(bind.as_bytes());
+            ib.buf.extend_from_slice(exec.as_bytes());
+            ib.skip(bind.len());
+            ib.push_own_buf(BytesMut::from(format!("b{row:05}").as_bytes()));
+            ib.forward(exec.len());
+            want.extend_from_slice(format!("b{row:05}").as_bytes());
+            want.extend_from_slice(exec.as_bytes());
+        }
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut w = Counting {
+            inner: Trickle {
+                out: Vec::new(),
+                max,
+            },
+            calls: 0,
+        };
+        let r = ib.poll_drain(&mut cx, &mut w);
+        assert!(matches!(r, Poll::Ready(Ok(()))), "max {max}");
+        assert_eq!(w.inner.out, want, "max {max}");
+        let fewest = want.len().div_ceil(max.min(want.len()));
+        assert_eq!(w.calls, fewest, "writes for 600 segments, max {max}");
+        assert!(ib.buf.is_empty());
+        assert_eq!(ib.scanned, 0);
+    }
+}
+
+/// Counts the writes that reach a `Trickle`.
+struct Counting {
+    inner: Trickle,
+    calls: usize,
+}
+
+impl AsyncWrite for Counting {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.calls += 1;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.calls += 1;
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// A response written whole leaves the read buffer at the start of its allocation, so
 /// the next read (or the thread's next taker) reuses all of it without reclaiming; a
 /// skipped tail and writes in parts lose and repeat no byte.
