@@ -67,7 +67,7 @@ impl Pool {
             // A lease only for a waiter: the usual check-in goes straight to the idle list.
             let mut lease = self.lease(conn);
             while let Some(w) = st.waiters.pop_front() {
-                match w.tx.send(Ok(lease)) {
+                match w.send(Ok(lease)) {
                     Ok(()) => return,
                     // That waiter gave up (timeout or client gone): try the next one.
                     Err(Ok(back)) => lease = back,
@@ -128,7 +128,7 @@ impl Pool {
             }
             let mut lease = self.lease(idle.conn);
             while let Some(w) = st.waiters.pop_front() {
-                match w.tx.send(Ok(lease)) {
+                match w.send(Ok(lease)) {
                     Ok(()) => {
                         lease = Lease::empty(self.clone());
                         break;

@@ -89,10 +89,10 @@ impl Pool {
         // The first step reuses the start's clock reading; a step that loops reads anew.
         let mut now = started;
         let mut result = loop {
-            match self.next(&settings, front, no_checks, now, deadline) {
+            match self.next(&settings, front, no_checks, now) {
                 Next::Ready(conn) => break Ok(self.lease(conn)),
                 Next::Fail(e) => break Err(e),
-                Next::Wait(rx) => break self.wait(rx).await,
+                Next::Wait(rx) => break self.wait(rx, deadline, &settings).await,
                 Next::Check(conn) => match self.pre_use_check(conn, &settings).await {
                     Ok(conn) => break Ok(self.lease(conn)),
                     Err(timed_out) => no_checks |= timed_out,
@@ -103,8 +103,8 @@ impl Pool {
                         if !settings.queues_while_down() {
                             break Err(e);
                         }
-                        let rx = self.enqueue(front, deadline);
-                        break self.wait(rx).await;
+                        let rx = self.enqueue(front);
+                        break self.wait(rx, deadline, &settings).await;
                     }
                     match self.connect_for_client(&settings).await {
                         Ok(conn) => break Ok(self.lease(conn)),
@@ -135,14 +135,7 @@ impl Pool {
     }
 
     /// Decides the next checkout step under the state lock.
-    fn next(
-        &self,
-        settings: &PoolSettings,
-        front: bool,
-        no_checks: bool,
-        now: Instant,
-        deadline: Instant,
-    ) -> Next {
+    fn next(&self, settings: &PoolSettings, front: bool, no_checks: bool, now: Instant) -> Next {
         let breaker_closed = !self.breaker_open();
         let mut st = self.state.lock();
         if st.closed {
@@ -176,7 +169,7 @@ impl Pool {
                 return Next::Fail(self.unavailable());
             }
         }
-        Next::Wait(Self::push_waiter(&mut st, front, deadline))
+        Next::Wait(Self::push_waiter(&mut st, front))
     }
 
     /// Gives back a connect slot reserved by `next`.

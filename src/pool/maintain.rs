@@ -43,7 +43,6 @@ impl Pool {
     fn tick(self: &Arc<Self>) {
         let settings = self.settings();
         let now = Instant::now();
-        self.expire_waiters(&settings, now);
         self.maybe_probe(&settings, now);
         self.reap(&settings, now);
         self.start_idle_checks(&settings, now);
@@ -130,7 +129,7 @@ impl Pool {
         let mut shrunk = Vec::new();
         let (aimd_change, recovered, target_change, to_open) = {
             let mut st = self.state.lock();
-            st.waiters.retain(|w| !w.tx.is_closed());
+            st.waiters.retain(|w| !w.is_closed());
             if !st.waiters.is_empty() {
                 st.last_contended = Some(now);
             }

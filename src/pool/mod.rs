@@ -79,16 +79,7 @@ pub type StartupParams = Arc<ReportedParams>;
 
 pub use reported::ReportedParams;
 
-/// A client queued for a connection. Its `query_wait_timeout` is enforced by the pool's
-/// maintenance tick (`expire_waiters`), not by a timer per wait: under saturation every
-/// checkout waits, and arming and cancelling a tokio timer each time cost about 7 % of
-/// the proxy's instructions per transaction at 256 clients. The price is precision: a
-/// wait may run up to one tick (100 ms) past the timeout, as PgBouncer's (checked by
-/// its janitor) does.
-struct Waiter {
-    tx: oneshot::Sender<Result<Lease, CheckoutError>>,
-    deadline: Instant,
-}
+type Waiter = oneshot::Sender<Result<Lease, CheckoutError>>;
 
 /// An idle connection and when it was last known to work.
 struct Idle {

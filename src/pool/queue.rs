@@ -1,13 +1,12 @@
-//! The wait queue: a checkout that finds no connection waits here in FIFO order, with a
-//! deadline the pool's maintenance tick enforces (see `Waiter`), and leaves it at once
-//! however the wait ends.
+//! The wait queue: a checkout that finds no connection waits here in FIFO order, up to
+//! `query_wait_timeout`, and leaves it at once however the wait ends.
 
 use std::sync::atomic::Ordering;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{CheckoutError, Lease, Pool, PoolSettings, PoolState, Waiter};
+use super::{CheckoutError, Lease, Pool, PoolSettings, PoolState};
 
 /// One checkout's place in the wait queue. However the wait ends (answered, timed out,
 /// or the checkout future dropped because the client disconnected), the entry leaves
@@ -40,31 +39,26 @@ impl Pool {
     pub(super) fn push_waiter(
         st: &mut PoolState,
         front: bool,
-        deadline: Instant,
     ) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
         let (tx, rx) = oneshot::channel();
-        let w = Waiter { tx, deadline };
         if front {
-            st.waiters.push_front(w);
+            st.waiters.push_front(tx);
         } else {
-            st.waiters.push_back(w);
+            st.waiters.push_back(tx);
         }
         rx
     }
 
-    pub(super) fn enqueue(
-        &self,
-        front: bool,
-        deadline: Instant,
-    ) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
-        Self::push_waiter(&mut self.state.lock(), front, deadline)
+    pub(super) fn enqueue(&self, front: bool) -> oneshot::Receiver<Result<Lease, CheckoutError>> {
+        Self::push_waiter(&mut self.state.lock(), front)
     }
 
-    /// Waits in the queue until answered: a connection, or an error (the pool's tick
-    /// answers a waiter past its deadline, see `Waiter`).
+    /// Waits in the queue until `deadline`.
     pub(super) async fn wait(
         &self,
         rx: oneshot::Receiver<Result<Lease, CheckoutError>>,
+        deadline: Instant,
+        settings: &PoolSettings,
     ) -> Result<Lease, CheckoutError> {
         self.stats.waits.fetch_add(1, Ordering::Relaxed);
         let mut slot = QueueSlot {
@@ -72,50 +66,43 @@ impl Pool {
             rx,
             answered: false,
         };
-        let r = (&mut slot.rx).await;
-        slot.answered = true;
-        r.unwrap_or(Err(CheckoutError::Closed))
-    }
-
-    /// Answers every waiter past its deadline with the reason it got nothing: the
-    /// breaker, a pause, or (counted as a timeout) a pool that stayed full.
-    pub(super) fn expire_waiters(&self, settings: &PoolSettings, now: Instant) {
-        let mut expired = Vec::new();
-        let size = {
-            let mut st = self.state.lock();
-            if st.waiters.iter().all(|w| w.deadline > now) {
-                return;
+        match tokio::time::timeout_at(deadline, &mut slot.rx).await {
+            Ok(Ok(r)) => {
+                slot.answered = true;
+                r
             }
-            let mut i = 0;
-            while i < st.waiters.len() {
-                if st.waiters[i].deadline <= now {
-                    expired.extend(st.waiters.remove(i));
-                } else {
-                    i += 1;
+            Ok(Err(_)) => {
+                slot.answered = true;
+                Err(CheckoutError::Closed)
+            }
+            Err(_) => {
+                // A connection may have been handed over just as the timer fired.
+                slot.rx.close();
+                match slot.rx.try_recv() {
+                    Ok(r) => {
+                        slot.answered = true;
+                        r
+                    }
+                    Err(_) if self.breaker_open() => Err(self.unavailable()),
+                    Err(_) if self.is_paused() => Err(CheckoutError::Paused {
+                        waited: settings.query_wait_timeout,
+                    }),
+                    Err(_) => {
+                        self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
+                        self.m.checkout_timeouts.inc();
+                        let size = Self::limit(&self.state.lock(), settings);
+                        Err(CheckoutError::Timeout {
+                            waited: settings.query_wait_timeout,
+                            size,
+                        })
+                    }
                 }
-            }
-            Self::limit(&st, settings)
-        };
-        let waited = settings.query_wait_timeout;
-        for w in expired {
-            let e = if self.breaker_open() {
-                self.unavailable()
-            } else if self.is_paused() {
-                CheckoutError::Paused { waited }
-            } else {
-                CheckoutError::Timeout { waited, size }
-            };
-            let timeout = matches!(e, CheckoutError::Timeout { .. });
-            // A waiter that already left is not counted.
-            if w.tx.send(Err(e)).is_ok() && timeout {
-                self.stats.wait_timeouts.fetch_add(1, Ordering::Relaxed);
-                self.m.checkout_timeouts.inc();
             }
         }
     }
 
     /// Drops wait-queue entries whose waiter is gone (timed out, or its client left).
     fn forget_abandoned_waiters(&self) {
-        self.state.lock().waiters.retain(|w| !w.tx.is_closed());
+        self.state.lock().waiters.retain(|w| !w.is_closed());
     }
 }

@@ -115,14 +115,14 @@ impl Pool {
     pub(super) fn fail_all_waiters(&self) {
         let waiters = std::mem::take(&mut self.state.lock().waiters);
         for w in waiters {
-            let _ = w.tx.send(Err(self.unavailable()));
+            let _ = w.send(Err(self.unavailable()));
         }
     }
 
     pub(super) fn fail_one_waiter(self: &Arc<Self>, e: &Arc<ConnectError>) {
         let waiter = self.state.lock().waiters.pop_front();
         if let Some(w) = waiter {
-            let _ = w.tx.send(Err(CheckoutError::Connect(e.clone())));
+            let _ = w.send(Err(CheckoutError::Connect(e.clone())));
         }
         self.trim_and_fill();
     }
