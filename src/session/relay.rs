@@ -384,15 +384,16 @@ impl Inbound {
         cx: &mut Context<'_>,
         w: &mut W,
     ) -> Poll<io::Result<usize>> {
-        if self.segs.len() <= STACK_IOV {
-            let mut iov = [io::IoSlice::new(&[]); STACK_IOV];
-            let m = self.gather(&mut iov);
-            Pin::new(w).poll_write_vectored(cx, &iov[..m])
+        let mut stack = [io::IoSlice::new(&[]); STACK_IOV];
+        let mut heap;
+        let iov: &mut [io::IoSlice<'_>] = if self.segs.len() <= STACK_IOV {
+            &mut stack
         } else {
-            let mut iov = vec![io::IoSlice::new(&[]); self.segs.len().min(MAX_IOV)];
-            let m = self.gather(&mut iov);
-            Pin::new(w).poll_write_vectored(cx, &iov[..m])
-        }
+            heap = vec![io::IoSlice::new(&[]); self.segs.len().min(MAX_IOV)];
+            &mut heap
+        };
+        let m = self.gather(iov);
+        Pin::new(w).poll_write_vectored(cx, &iov[..m])
     }
 
     /// Points `iov` at the queued bytes in order, skips left out; returns how many.
